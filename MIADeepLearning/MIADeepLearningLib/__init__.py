@@ -1,0 +1,9 @@
+"""MIADeepLearning's Qt-free library: engine (torch side), worker/runner protocol, MRML bridge and CLI.
+
+Layers and what each may import are listed in Docs/Developers.md; Testing/Python/test_import_layers.py
+enforces them.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+"""Errors a user can act on. Torch-free, so the Slicer side can tell them apart without the engine installed.
+
+The message of each error is one sentence meant for the clinician; tracebacks go to the log, never to the dialog.
+"""
+
+from __future__ import annotations
+
+
+class MIADLError(Exception):
+    """Base of the errors whose message is shown to the user as is."""
+
+
+class InputError(MIADLError):
+    """The input image cannot be processed by the chosen model (wrong dimension, empty, non-finite, ...)."""
+
+
+class ModelError(MIADLError):
+    """The model cannot be used: unknown id, missing or tampered weight file, missing package."""
+
+
+class CancelledError(MIADLError):
+    """The user cancelled the run; nothing was written or added."""
+
+
+class WorkerError(MIADLError):
+    """The worker process failed (crashed, timed out or reported an error)."""

@@ -1,0 +1,115 @@
+"""Task runners shared by the worker and the CLI: model resolution and verification, input checks, inference with
+device fallback, and provenance — everything between "a file and a model id" and "images on the input grid"."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from MIADeepLearningLib import __version__
+from MIADeepLearningLib.engine import imageio, registry
+from MIADeepLearningLib.engine.brain_extraction import BrainExtraction
+from MIADeepLearningLib.engine.devices import choose_device
+from MIADeepLearningLib.engine.errors import ModelError
+
+ProgressCallback = Callable[[str, float, str], None]
+
+# pipeline name in a package's metadata -> class with __init__(weight_paths, device, options), to(device), predict()
+PIPELINES = {"deepbet_brain_extraction": BrainExtraction}
+
+
+def _no_progress(stage: str, fraction: float, message: str) -> None:
+    """Default progress sink."""
+
+
+@dataclass
+class SegmentationOutput:
+    label: sitk.Image
+    masked: sitk.Image | None
+    segments: list[dict[str, Any]]
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def masked_volume(image: sitk.Image, label: sitk.Image) -> sitk.Image:
+    """The input with everything outside the label set to the image minimum, in the input's pixel type."""
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    masked = sitk.Mask(image, label, outsideValue=background)
+    masked.CopyInformation(image)
+    return masked
+
+
+def segment_image(image_path: str | Path, model_id: str, device: str = "auto", options: dict | None = None,
+                  create_masked_volume: bool = False, progress: ProgressCallback = _no_progress,
+                  input_name: str | None = None) -> SegmentationOutput:
+    """Run a segmentation model on one image file; outputs are on the input's grid."""
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    started = time.perf_counter()
+
+    progress("load_model", 0.02, f"Loading model {model_id}")
+    model = registry.get_model(model_id)
+    if model.task != "segmentation":
+        raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a segmentation model.")
+    pipeline_class = PIPELINES.get(model.pipeline)
+    if pipeline_class is None:
+        raise ModelError(f"Model '{model.title}' needs pipeline '{model.pipeline}', which this version does not have.")
+    weight_paths = registry.verified_weight_paths(model)
+    choice = choose_device(device)
+    run_options = {**model.slicer.get("options", {}), **(options or {})}
+    pipeline = pipeline_class(weight_paths, choice.device, run_options)
+    timings["load_model"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    progress("read_input", 0.08, "Reading and checking the input image")
+    image = imageio.read_image(image_path)
+    imageio.check_scalar_volume(image, "The input volume")
+    timings["read_input"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    device_used = choice.device
+    try:
+        outputs = pipeline.predict(image, progress)
+    except RuntimeError as error:
+        if not (choice.is_cuda and _is_out_of_memory(error)):
+            raise
+        torch.cuda.empty_cache()
+        warnings.append("The GPU ran out of memory; the model was run again on the CPU (slower, same result).")
+        progress("inference", 0.1, warnings[-1])
+        device_used = torch.device("cpu")
+        outputs = pipeline.to(device_used).predict(image, progress)
+    timings["inference"] = time.perf_counter() - mark
+
+    masked = None
+    if create_masked_volume:
+        masked = masked_volume(image, outputs["label"])
+
+    provenance = {
+        "model_id": model.id,
+        "model_title": model.title,
+        "model_version": model.version,
+        "weights_sha256": {weight.role: weight.sha256 for weight in model.weights},
+        "device": str(device_used),
+        "device_reason": choice.reason,
+        "parameters": run_options,
+        "input": input_name or Path(image_path).name,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "extension_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "warnings": warnings,
+    }
+    return SegmentationOutput(outputs["label"], masked, model.segments, provenance, warnings, timings)
