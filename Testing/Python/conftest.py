@@ -1,0 +1,31 @@
+"""Shared pytest fixtures: the library on sys.path and one headless Slicer scene per test session.
+
+Module logics and several VTK factories are process-wide singletons, so the scene is created once per session
+and cleared after each test instead of being rebuilt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+LIBRARY_ROOT = Path(__file__).resolve().parents[2] / "MIADeepLearning"
+if str(LIBRARY_ROOT) not in sys.path:
+    sys.path.insert(0, str(LIBRARY_ROOT))
+
+
+@pytest.fixture(scope="session")
+def headless():
+    """The process-wide headless Slicer (real MRML scene + module logics, no Qt)."""
+    from MIADeepLearningLib.mrml import headless as headless_module
+
+    return headless_module.init()
+
+
+@pytest.fixture
+def scene(headless):
+    """The scene, emptied of user nodes after the test."""
+    yield headless.scene
+    headless.clear()

@@ -1,0 +1,175 @@
+"""Offscreen slice and 3D views: the segment colour appears where the segment is, drawn by Slicer's own managers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+SIZE = 256
+SEGMENT_COLOR = (230, 40, 40)
+
+
+def _head_with_segment(tmp_path):
+    """A 64×64×40 'head' (bright ellipsoid) and a red ball-shaped segment in its right posterior part."""
+    import slicer
+
+    from MIADeepLearningLib.mrml import segmentations, volumes
+
+    shape = (40, 64, 64)  # k, j, i
+    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt(((ii - 32) / 28) ** 2 + ((jj - 32) / 30) ** 2 + ((kk - 20) / 18) ** 2)
+    head = np.where(r < 1, 300 + 200 * np.cos(r * 3), -1000).astype(np.float32)
+    matrix = np.diag([1.0, 1.0, 1.5, 1.0])
+    matrix[:3, 3] = [-32.0, -32.0, -30.0]
+    volume = slicer.util.addVolumeFromArray(head, ijkToRAS=matrix, name="head")
+    volume.CreateDefaultDisplayNodes()
+    volume.GetDisplayNode().SetAutoWindowLevel(False)
+    volume.GetDisplayNode().SetWindowLevel(800, 100)
+
+    label = ((((ii - 42) / 8) ** 2 + ((jj - 25) / 7) ** 2 + ((kk - 20) / 5) ** 2) < 1).astype(np.uint8)
+    label_node = slicer.util.addVolumeFromArray(label, ijkToRAS=matrix, name="label")
+    path = volumes.export_volume(label_node, tmp_path / "label.nrrd")
+    slicer.mrmlScene.RemoveNode(label_node)
+    segmentation = segmentations.segmentation_from_label_file(
+        path, volume, [{"value": 1, "name": "Lesion", "color": list(SEGMENT_COLOR), "terminology": ""}], "seg"
+    )
+    return volume, segmentation, label, matrix
+
+
+def _reddish(pixels: np.ndarray) -> np.ndarray:
+    pixels = pixels.astype(int)
+    return (pixels[..., 0] - pixels[..., 1] > 40) & (pixels[..., 0] - pixels[..., 2] > 40)
+
+
+def _read_png(path) -> np.ndarray:
+    import vtk
+    from vtk.util import numpy_support
+
+    reader = vtk.vtkPNGReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    image = reader.GetOutput()
+    width, height, _ = image.GetDimensions()
+    pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)
+    return pixels[::-1, :, :3]
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """Grow a 3D mask by one voxel (26-neighbourhood)."""
+    padded = np.pad(mask, 1)
+    grown = np.zeros_like(mask)
+    k, j, i = mask.shape
+    for dk in range(3):
+        for dj in range(3):
+            for di in range(3):
+                grown |= padded[dk : dk + k, dj : dj + j, di : di + i]
+    return grown
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    return ~_dilate(~mask)
+
+
+def _label_at(mask: np.ndarray, ras: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Mask value at the voxel nearest to each RAS point (False outside the volume)."""
+    ijk = np.rint((np.linalg.inv(matrix) @ np.c_[ras, np.ones(len(ras))].T)[:3]).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(mask.shape[::-1])[:, None]), axis=0)
+    values = np.zeros(len(ras), bool)
+    values[inside] = mask[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
+    return values
+
+
+SEGMENT_CENTRE_RAS = (10.0, -7.0, 0.0)  # voxel (42, 25, 20)
+
+
+@pytest.mark.parametrize("orientation", ["Axial", "Sagittal", "Coronal"])
+def test_slice_overlay_lies_on_the_segment(scene, tmp_path, orientation):
+    from MIADeepLearningLib.mrml import rendering
+
+    volume, _, label, matrix = _head_with_segment(tmp_path)
+    png = tmp_path / f"{orientation}.png"
+    pixels = rendering.render_slice_png(png, volume, orientation, offset_ras=SEGMENT_CENTRE_RAS, size=SIZE)
+    assert pixels.shape == (SIZE, SIZE, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(_read_png(png), pixels)
+
+    rows, cols = np.nonzero(np.ones((SIZE, SIZE), bool))
+    ras = rendering.slice_pixels_to_ras(rows, cols)
+    reddish = _reddish(pixels).ravel()
+    assert reddish.sum() > 200  # a ball of ~8 mm radius covers many 0.25 mm pixels
+    # every overlay pixel lies on the segment or at most one voxel outside it (outline, rounding)
+    assert _label_at(_dilate(label > 0), ras[reddish], matrix).all()
+    # and every pixel well inside the segment shows the overlay
+    deep_inside = _label_at(_erode(label > 0), ras, matrix)
+    assert deep_inside.sum() > 100 and reddish[deep_inside].all()
+    # the fill is translucent over the image (Slicer's look), not over black
+    centre = pixels.reshape(-1, 3)[np.argmin(np.linalg.norm(ras - SEGMENT_CENTRE_RAS, axis=1))].astype(int)
+    assert centre[0] - centre[1] > 40 and centre[1] > 90, centre
+    # the image itself is there: grey head pixels outside the overlay
+    grey = (np.abs(pixels[..., 0].astype(int) - pixels[..., 1]) < 4) & (pixels[..., 0] > 100)
+    assert grey.sum() > 0.2 * SIZE * SIZE
+
+
+def test_slice_xy_to_ras_is_the_pixel_mapping(scene, tmp_path):
+    from MIADeepLearningLib.mrml import rendering
+
+    volume, _, _, _ = _head_with_segment(tmp_path)
+    rendering.render_slice_png(None, volume, "Axial", offset_ras=0.0, size=SIZE)
+    xy_to_ras = rendering.slice_xy_to_ras()
+    assert xy_to_ras.shape == (4, 4)
+    top_left = rendering.slice_pixels_to_ras([0], [0])[0]
+    assert np.allclose(top_left, (xy_to_ras @ [0, SIZE - 1, 0, 1])[:3])
+    assert abs(top_left[2]) < 1e-9  # the axial plane at S = 0
+    # radiological convention: patient right on the left of the screen, anterior at the top
+    bottom_right = rendering.slice_pixels_to_ras([SIZE - 1], [SIZE - 1])[0]
+    assert top_left[0] > bottom_right[0] and top_left[1] > bottom_right[1]
+
+
+def test_3d_view_shows_the_segment_surface(scene, tmp_path):
+    from MIADeepLearningLib.mrml import rendering
+
+    _head_with_segment(tmp_path)
+    png = tmp_path / "3d.png"
+    pixels = rendering.render_3d_png(png, size=SIZE)
+    assert pixels.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(_read_png(png), pixels)
+    row, col = rendering.threed_ras_to_pixel(SEGMENT_CENTRE_RAS)
+    assert 0 <= row < SIZE and 0 <= col < SIZE
+    reddish = _reddish(pixels)
+    assert reddish.sum() > 100
+    rows, cols = np.nonzero(reddish)
+    assert abs(rows.mean() - row) < 8 and abs(cols.mean() - col) < 8
+    r, c = round(row), round(col)
+    assert reddish[r - 2 : r + 3, c - 2 : c + 3].all()
+    # anterior view: the patient's right (the segment is at R = 10) is on the left of the screen
+    assert col < SIZE / 2
+    assert not reddish[:10, :10].any()  # background corner
+
+
+def test_views_are_reused_and_survive_scene_clear(headless, tmp_path):
+    from MIADeepLearningLib.mrml import rendering
+
+    volume, _, _, _ = _head_with_segment(tmp_path)
+    rendering.render_slice_png(None, volume, size=64)
+    rendering.render_3d_png(None, size=64)
+    views = rendering._views_for_scene(64)
+    slice_window, threed_window = views.slice.window, views.threed.window
+    headless.clear()
+    volume, _, _, _ = _head_with_segment(tmp_path)
+    pixels = rendering.render_slice_png(None, volume, offset_ras=SEGMENT_CENTRE_RAS, size=SIZE)
+    assert _reddish(pixels).sum() > 200
+    assert _reddish(rendering.render_3d_png(None, size=SIZE)).sum() > 100
+    views = rendering._views_for_scene(SIZE)
+    assert views.slice.window is slice_window and views.threed.window is threed_window
+    headless.clear()
+
+
+def test_rendering_refuses_inside_slicer(scene, monkeypatch):
+    import slicer
+
+    from MIADeepLearningLib.mrml import rendering
+
+    monkeypatch.setattr(slicer, "app", object(), raising=False)
+    with pytest.raises(RuntimeError, match="headless"):
+        rendering.render_3d_png(None)
+    with pytest.raises(ValueError, match="Orientation"):
+        rendering.render_slice_png(None, None, orientation="Oblique")
