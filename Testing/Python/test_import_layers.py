@@ -1,0 +1,266 @@
+"""One-way imports between the layers (Docs/Developers.md), checked on the source with ast.
+
+Every import counts, including those inside functions and ``importlib.import_module("...")`` with a literal name:
+a lazy ``import torch`` in a Slicer module file breaks the "Slicer without torch" promise just as surely as a
+top-level one. The checker is a pure function of (source, path), so the tests below also prove it catches
+violations in synthetic sources.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE_DIR = ROOT / "MIADeepLearning"
+LIB = "MIADeepLearningLib"
+LIB_DIR = SOURCE_DIR / LIB
+
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What one layer may import. Names are dotted prefixes: "torch" covers "torch.nn"."""
+
+    name: str
+    forbidden: tuple[str, ...] = ()
+    # Library modules this layer may import (prefixes); None = any part of the library not forbidden.
+    allowed_lib: tuple[str, ...] | None = None
+    stdlib_only: bool = False
+    # Forbidden only when executed on import (module level, outside functions and `if TYPE_CHECKING:`).
+    forbidden_at_import: tuple[str, ...] = ()
+    allowed_lib_at_import: tuple[str, ...] | None = None
+
+
+def _lib(*names: str) -> tuple[str, ...]:
+    return tuple(f"{LIB}.{name}" for name in names)
+
+
+MODULE = Layer(
+    name="Slicer module file (MIADeepLearning/*.py)",
+    forbidden=("torch", "monai", "SimpleITK", "sitkUtils"),
+    allowed_lib=_lib("mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "testing"),
+)
+MRML = Layer(
+    name="MRML bridge (mrml/, testing/)",
+    forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils"),
+    allowed_lib=_lib("mrml", "testing", "runner", "jobs", "paths", "engine.errors", "engine.registry"),
+)
+STDLIB_ONLY = Layer(
+    name="stdlib-only layer (runner.py, jobs.py, paths.py, __init__.py)",
+    allowed_lib=_lib("jobs", "paths"),
+    stdlib_only=True,
+)
+_ENGINE_FORBIDDEN = ("slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *_lib("mrml", "testing"))
+ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, engine/, training/)", forbidden=_ENGINE_FORBIDDEN)
+# Imported by the Slicer side, which has no torch: importing them must not pull torch (engine/__init__ runs first).
+ENGINE_TORCH_FREE = Layer(
+    name="torch-free engine part (engine/__init__.py, engine/errors.py, engine/registry.py)",
+    forbidden=_ENGINE_FORBIDDEN,
+    forbidden_at_import=("torch", "monai", "SimpleITK", "numpy", "itk"),
+    allowed_lib_at_import=_lib("engine.errors", "engine.registry", "paths", "jobs"),
+)
+
+
+def layer_of(relpath: str) -> Layer | None:
+    """The layer of a file, by its path relative to MIADeepLearning/ (posix separators)."""
+    parts = relpath.split("/")
+    if len(parts) == 1:
+        return MODULE
+    if parts[0] != LIB:
+        return None
+    inner = parts[1:]
+    if inner[0] in ("mrml", "testing") and len(inner) > 1:
+        return MRML
+    if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["__init__.py"]):
+        return STDLIB_ONLY
+    if inner in (["engine", "__init__.py"], ["engine", "errors.py"], ["engine", "registry.py"]):
+        return ENGINE_TORCH_FREE
+    if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] in ("engine", "training") and len(inner) > 1):
+        return ENGINE
+    return None
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _is_lib_module(dotted: str) -> bool:
+    """Whether a dotted name is a module or package of the library on disk (vs. an attribute of one)."""
+    path = SOURCE_DIR.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+@dataclass(frozen=True)
+class ImportRef:
+    name: str  # the dotted module this statement makes Python import
+    lineno: int
+    at_import: bool  # executed when the file itself is imported
+
+
+def _is_type_checking_guard(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _resolve_from(node: ast.ImportFrom, relpath: str) -> str:
+    if not node.level:
+        return node.module or ""
+    package = relpath.split("/")[:-1]
+    if node.level > 1:
+        package = package[: len(package) - (node.level - 1)]
+    return ".".join([*package, *(node.module.split(".") if node.module else [])])
+
+
+def collect_imports(source: str, relpath: str) -> list[ImportRef]:
+    """Every import in the source: statements anywhere, and importlib.import_module/__import__ with a literal."""
+    tree = ast.parse(source)
+    refs: list[ImportRef] = []
+
+    def visit(node: ast.AST, at_import: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            at_import = False
+        if isinstance(node, ast.If) and _is_type_checking_guard(node):
+            for child in node.body:
+                visit(child, False)
+            for child in node.orelse:
+                visit(child, at_import)
+            return
+        if isinstance(node, ast.Import):
+            refs.extend(ImportRef(alias.name, node.lineno, at_import) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = _resolve_from(node, relpath)
+            for alias in node.names:
+                candidate = f"{module}.{alias.name}"
+                is_submodule = module.split(".")[0] == LIB and alias.name != "*" and _is_lib_module(candidate)
+                refs.append(ImportRef(candidate if is_submodule else module, node.lineno, at_import))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                refs.append(ImportRef(node.args[0].value, node.lineno, at_import))
+        for child in ast.iter_child_nodes(node):
+            visit(child, at_import)
+
+    visit(tree, True)
+    return refs
+
+
+def check_source(source: str, relpath: str) -> list[str]:
+    """Violations of the layer rules in one file; each names the file, line, import and rule."""
+    layer = layer_of(relpath)
+    if layer is None:
+        return [
+            f"MIADeepLearning/{relpath}: not assigned to any layer; add it to layer_of() in "
+            f"Testing/Python/test_import_layers.py and to the table in Docs/Developers.md"
+        ]
+    problems = []
+    for ref in collect_imports(source, relpath):
+        where = f"MIADeepLearning/{relpath}:{ref.lineno}: {layer.name} imports '{ref.name}'"
+        top = ref.name.split(".")[0]
+        if _matches(ref.name, layer.forbidden):
+            problems.append(f"{where}, which it must never import")
+        elif top == LIB:
+            if ref.name != LIB and layer.allowed_lib is not None and not _matches(ref.name, layer.allowed_lib):
+                allowed = ", ".join(layer.allowed_lib)
+                problems.append(f"{where}; from the library it may import only {allowed}")
+            elif (
+                ref.at_import
+                and layer.allowed_lib_at_import is not None
+                and ref.name != LIB
+                and not _matches(ref.name, layer.allowed_lib_at_import)
+            ):
+                allowed = ", ".join(layer.allowed_lib_at_import)
+                problems.append(
+                    f"{where} at import time; only {allowed} may be imported there (import it inside the function)"
+                )
+        elif layer.stdlib_only and top not in STDLIB:
+            problems.append(f"{where}, which is not in the standard library (stdlib only)")
+        elif ref.at_import and _matches(ref.name, layer.forbidden_at_import):
+            problems.append(f"{where} at import time, which the torch-free Slicer side would then need")
+    return problems
+
+
+def _source_files() -> list[Path]:
+    return sorted(path for path in SOURCE_DIR.rglob("*.py") if "__pycache__" not in path.parts)
+
+
+# The real tree
+
+
+def test_there_are_files_to_check() -> None:
+    relpaths = {path.relative_to(SOURCE_DIR).as_posix() for path in _source_files()}
+    assert f"{LIB}/jobs.py" in relpaths and "DLSegmentation.py" in relpaths
+
+
+@pytest.mark.parametrize("path", _source_files(), ids=lambda path: path.relative_to(SOURCE_DIR).as_posix())
+def test_layer_rules(path: Path) -> None:
+    relpath = path.relative_to(SOURCE_DIR).as_posix()
+    problems = check_source(path.read_text(encoding="utf-8"), relpath)
+    assert not problems, "\n".join(problems)
+
+
+# The checker catches what it must (synthetic sources)
+
+VIOLATIONS = [
+    ("DLSegmentation.py", "import torch\n", "torch"),
+    ("DLSegmentation.py", "def f():\n    import monai.networks\n", "monai.networks"),
+    ("DLSegmentation.py", "from SimpleITK import ReadImage\n", "SimpleITK"),
+    ("DLSegmentation.py", "import importlib\nimportlib.import_module('torch')\n", "torch"),
+    ("DLSegmentation.py", "from MIADeepLearningLib.engine import tasks\n", f"{LIB}.engine.tasks"),
+    ("DLSegmentation.py", "from MIADeepLearningLib import engine\n", f"{LIB}.engine"),
+    ("DLSegmentation.py", "from MIADeepLearningLib.worker import main\n", f"{LIB}.worker"),
+    (f"{LIB}/mrml/volumes.py", "import qt\n", "qt"),
+    (f"{LIB}/mrml/volumes.py", "def f():\n    import ctk\n", "ctk"),
+    (f"{LIB}/mrml/volumes.py", "from ..engine import imageio\n", f"{LIB}.engine.imageio"),
+    (f"{LIB}/testing/scenarios.py", "import torch\n", "torch"),
+    (f"{LIB}/runner.py", "import numpy\n", "numpy"),
+    (f"{LIB}/jobs.py", "def f():\n    import slicer\n", "slicer"),
+    (f"{LIB}/paths.py", "from MIADeepLearningLib import runner\n", f"{LIB}.runner"),
+    (f"{LIB}/__init__.py", "from MIADeepLearningLib.engine import registry\n", f"{LIB}.engine.registry"),
+    (f"{LIB}/worker.py", "import slicer\n", "slicer"),
+    (f"{LIB}/cli.py", "def f():\n    import vtk\n", "vtk"),
+    (f"{LIB}/engine/tasks.py", "from MIADeepLearningLib.mrml import volumes\n", f"{LIB}.mrml.volumes"),
+    (f"{LIB}/engine/tasks.py", "from . import errors\nfrom ..mrml.volumes import x\n", f"{LIB}.mrml.volumes"),
+    (f"{LIB}/engine/registry.py", "import torch\n", "torch"),
+    (f"{LIB}/engine/__init__.py", "from .tasks import segment_image\n", f"{LIB}.engine.tasks"),
+    (f"{LIB}/engine/errors.py", "try:\n    import numpy\nexcept ImportError:\n    pass\n", "numpy"),
+]
+
+
+@pytest.mark.parametrize(("relpath", "source", "culprit"), VIOLATIONS)
+def test_checker_catches_violation(relpath: str, source: str, culprit: str) -> None:
+    problems = check_source(source, relpath)
+    assert len(problems) == 1, problems
+    assert f"imports '{culprit}'" in problems[0] and relpath in problems[0]
+
+
+ALLOWED = [
+    ("DLSegmentation.py", "import qt, ctk, vtk, slicer\nfrom MIADeepLearningLib.engine import errors, registry\n"),
+    ("DLSegmentation.py", "from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic\n"),
+    ("DLSegmentation.py", "from MIADeepLearningLib import jobs, runner, paths\nimport MIADeepLearningLib\n"),
+    ("DLSegmentation.py", "def t():\n    from MIADeepLearningLib.testing import scenarios\n"),
+    (f"{LIB}/mrml/volumes.py", "import numpy as np\nimport slicer, vtk\nfrom . import scene_guard\n"),
+    (f"{LIB}/runner.py", "import os, subprocess, queue\nfrom MIADeepLearningLib import jobs\nfrom . import paths\n"),
+    (f"{LIB}/engine/tasks.py", "import torch\nimport SimpleITK as sitk\nfrom . import imageio\n"),
+    (f"{LIB}/engine/registry.py", "def f():\n    import torch\n"),
+    (f"{LIB}/engine/registry.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import numpy\n"),
+    (f"{LIB}/engine/registry.py", "from MIADeepLearningLib.engine.errors import ModelError\nfrom ..paths import x\n"),
+]
+
+
+@pytest.mark.parametrize(("relpath", "source"), ALLOWED)
+def test_checker_accepts_allowed_imports(relpath: str, source: str) -> None:
+    assert check_source(source, relpath) == []
+
+
+def test_checker_refuses_files_outside_every_layer() -> None:
+    problems = check_source("import os\n", f"{LIB}/helpers.py")
+    assert len(problems) == 1 and "not assigned to any layer" in problems[0]
