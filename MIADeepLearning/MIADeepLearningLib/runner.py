@@ -59,7 +59,7 @@ def kill_process_tree(process: subprocess.Popen) -> None:
         # The group outlives its leader: children of a worker that already exited are killed too.
         try:
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # group already gone (or its pid reused by someone else)
             pass
     try:
         process.wait(timeout=10)
