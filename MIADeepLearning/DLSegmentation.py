@@ -644,6 +644,7 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
         outputSegmentation: vtkMRMLSegmentationNode | None = None,
         createMaskedVolume: bool = False,
         timeoutS: float | None = None,
+        onEvent: Callable[[Event], None] | None = None,
     ) -> SegmentationRun:
         """Start a background run and return at once; poll the returned run, then call its finish()."""
         return self.segmentationLogic().start(
@@ -653,6 +654,7 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
             output_segmentation=outputSegmentation,
             create_masked_volume=createMaskedVolume,
             timeout_s=timeoutS,
+            on_event=onEvent,
         )
 
     def process(
@@ -666,15 +668,9 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
         onEvent: Callable[[Event], None] | None = None,
     ) -> SegmentationResult:
         """Blocking run for scripts (the GUI uses start() so Slicer stays responsive)."""
-        return self.segmentationLogic().run(
-            inputVolume,
-            modelId,
-            device=device,
-            output_segmentation=outputSegmentation,
-            create_masked_volume=createMaskedVolume,
-            timeout_s=timeoutS,
-            on_event=onEvent,
-        )
+        run = self.start(inputVolume, modelId, device, outputSegmentation, createMaskedVolume, timeoutS, onEvent)
+        run.wait()
+        return run.finish()
 
 
 #

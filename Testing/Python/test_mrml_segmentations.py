@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import rotation
 
 BRAIN_TERMINOLOGY = (
     "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure~SCT^12738006^Brain~^^~"
@@ -17,19 +18,13 @@ SEGMENTS = [
 ]
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i], rotation[j, j], rotation[i, j], rotation[j, i] = c, c, -s, s
-    return rotation
 
 
 GRIDS = {
-    "oblique": _rotation(1, 30.0) @ _rotation(2, 25.0),
+    "oblique": rotation(1, 30.0) @ rotation(2, 25.0),
     "flipped": np.diag([-1.0, 1.0, 1.0]),  # left-handed
     "permuted": np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),  # i->A, j->S, k->R
-    "permuted_oblique": _rotation(0, 20.0) @ np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]),
+    "permuted_oblique": rotation(0, 20.0) @ np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]),
 }
 
 

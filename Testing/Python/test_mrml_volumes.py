@@ -5,23 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import rotation
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 SPACING = np.array([0.7, 1.3, 3.0])
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rotation = np.eye(3)
-    rotation[i, i], rotation[j, j], rotation[i, j], rotation[j, i] = c, c, -s, s
-    return rotation
 
 
 # Direction cosines (columns = where the i, j, k axes point in RAS) for the grids the engine must survive.
 DIRECTIONS = {
     "anisotropic": np.eye(3),
-    "oblique": _rotation(0, 30.0) @ _rotation(2, 30.0),  # ~30 degrees about two axes
+    "oblique": rotation(0, 30.0) @ rotation(2, 30.0),  # ~30 degrees about two axes
     "flipped": np.diag([-1.0, 1.0, 1.0]),  # left-handed: Slicer's reader reverses the slices of such grids
     "flipped_two": np.diag([1.0, -1.0, -1.0]),
     "permuted": np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),  # i->A, j->S, k->R

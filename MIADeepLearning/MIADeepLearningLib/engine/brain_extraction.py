@@ -11,6 +11,7 @@ own voxels instead of being a blocky nearest-neighbour copy of a coarse grid.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,8 +73,10 @@ class BrainExtraction:
         self.threshold = float(options.get("threshold", 0.5))
         self.margin = float(options.get("bbox_margin", 0.1))
         self.spacing_mm = float(options.get("working_spacing_mm", 1.0))
-        self.bbox_model = torch.jit.load(str(weight_paths["bbox_model"]), map_location=device).eval()
-        self.mask_model = torch.jit.load(str(weight_paths["mask_model"]), map_location=device).eval()
+        with warnings.catch_warnings():  # deepbet ships TorchScript; torch 2.13 deprecates torch.jit.load itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.bbox_model = torch.jit.load(str(weight_paths["bbox_model"]), map_location=device).eval()
+            self.mask_model = torch.jit.load(str(weight_paths["mask_model"]), map_location=device).eval()
 
     def to(self, device: torch.device) -> BrainExtraction:
         self.device = device

@@ -1,0 +1,21 @@
+"""Small helpers shared by the pytest suites (pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """3x3 rotation about coordinate axis 0, 1 or 2, for oblique test grids."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    matrix = np.eye(3)
+    matrix[i, i], matrix[j, j], matrix[i, j], matrix[j, i] = c, c, -s, s
+    return matrix
+
+
+def dice(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice overlap of two masks (anything > 0 is inside)."""
+    first, second = np.asarray(first) > 0, np.asarray(second) > 0
+    total = np.count_nonzero(first) + np.count_nonzero(second)
+    return 2.0 * np.count_nonzero(first & second) / total if total else 1.0
