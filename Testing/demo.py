@@ -75,7 +75,8 @@ def main(output: Path) -> int:
     print(f"| Dice vs ROBEX brain mask | {dice:.4f} |")
     print(f"| brain volume | {brain_ml:.0f} mL |")
     print(f"| device | {result.provenance['device']} ({result.provenance['device_reason']}) |")
-    for stage in ("export", "load_model", "read_input", "inference", "worker_total", "import", "total"):
+    stages = ("export", "engine_import", "load_model", "read_input", "inference", "worker_total", "import", "total")
+    for stage in stages:
         print(f"| {stage} | {result.timings.get(stage, float('nan')):.2f} s |")
     print(f"| peak memory, Slicer side (this process) | {peak_self:.0f} MiB |")
     print(f"| peak memory, worker process | {peak_worker:.0f} MiB |")

@@ -52,9 +52,11 @@ class Reporter:
 
 def run_segment_job(job: jobs.Job, reporter: Reporter) -> dict[str, Any]:
     """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs."""
+    started = time.perf_counter()
     from MIADeepLearningLib.engine import imageio
     from MIADeepLearningLib.engine.tasks import segment_image
 
+    engine_import_s = time.perf_counter() - started  # torch, SimpleITK: most of a worker's start-up
     output = segment_image(
         job.inputs["image"], job.model, device=job.device, options=job.options.get("model_options"),
         create_masked_volume="masked" in job.outputs, progress=reporter.progress,
@@ -73,7 +75,8 @@ def run_segment_job(job: jobs.Job, reporter: Reporter) -> dict[str, Any]:
         "outputs": {role: str(job.outputs_dir / path.name) for role, path in written.items()},
         "segments": output.segments,
         "provenance": output.provenance,
-        "timings": {stage: round(seconds, 3) for stage, seconds in output.timings.items()},
+        "timings": {"engine_import": round(engine_import_s, 3),
+                    **{stage: round(seconds, 3) for stage, seconds in output.timings.items()}},
         "warnings": output.warnings,
     }
     (Path(job.folder) / jobs.RESULT_FILE_NAME).write_text(json.dumps(result, indent=2), encoding="utf-8")

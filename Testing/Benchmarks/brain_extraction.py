@@ -73,8 +73,8 @@ def main() -> int:
     print()
     print(f"| stage (median of {args.runs} runs) | seconds |")
     print("|---|---|")
-    stages = ["export", "worker start (to first event)", "load_model", "read_input", "inference", "worker_total",
-              "import", "total"]
+    stages = ["export", "worker start (to first event)", "engine_import", "load_model", "read_input", "inference",
+              "worker_total", "import", "total"]
     for stage in stages:
         print(f"| {stage} | {statistics.median(row[stage] for row in rows):.2f} |")
     print()
