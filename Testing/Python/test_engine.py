@@ -386,7 +386,7 @@ def _fake_pipeline(first_error: BaseException):
     class FakePipeline:
         created: ClassVar[list] = []
 
-        def __init__(self, weight_paths, device, options):
+        def __init__(self, model, weight_paths, device, options):
             self.weight_paths, self.device, self.options = weight_paths, device, options
             self.to_calls: list = []
             self.predict_calls = 0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from MIADeepLearningLib.engine import geometry
 from MIADeepLearningLib.engine.errors import InputError
+from MIADeepLearningLib.engine.registry import ModelInfo
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -67,7 +68,8 @@ def largest_component(mask: sitk.Image) -> sitk.Image:
 class BrainExtraction:
     """Runs the two deepbet networks; weights are loaded only from verified paths."""
 
-    def __init__(self, weight_paths: dict[str, Path], device: torch.device, options: dict | None = None):
+    def __init__(self, model: ModelInfo, weight_paths: dict[str, Path], device: torch.device,
+                 options: dict | None = None):
         options = options or {}
         self.device = device
         self.threshold = float(options.get("threshold", 0.5))

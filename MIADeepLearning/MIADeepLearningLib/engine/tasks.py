@@ -4,6 +4,7 @@ device fallback, and provenance — everything between "a file and a model id" a
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from MIADeepLearningLib.engine.errors import ModelError
 
 ProgressCallback = Callable[[str, float, str], None]
 
-# pipeline name in a package's metadata -> class with __init__(weight_paths, device, options), to(device), predict()
+# pipeline name in a package's metadata -> class with __init__(model, weight_paths, device, options), to(device),
+# predict(image, progress) -> {"label": sitk.Image on the input grid, ...}
 PIPELINES = {"deepbet_brain_extraction": BrainExtraction}
+PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
 
 
 def _no_progress(stage: str, fraction: float, message: str) -> None:
@@ -54,8 +57,11 @@ def masked_volume(image: sitk.Image, label: sitk.Image) -> sitk.Image:
 
 def segment_image(image_path: str | Path, model_id: str, device: str = "auto", options: dict | None = None,
                   create_masked_volume: bool = False, progress: ProgressCallback = _no_progress,
-                  input_name: str | None = None) -> SegmentationOutput:
-    """Run a segmentation model on one image file; outputs are on the input's grid."""
+                  input_name: str | None = None, pipeline_cache: PipelineCache | None = None) -> SegmentationOutput:
+    """Run a segmentation model on one image file; outputs are on the input's grid.
+
+    With a `pipeline_cache`, a model loaded (and verified) by an earlier call on the same device is reused.
+    """
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -67,10 +73,15 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
     pipeline_class = PIPELINES.get(model.pipeline)
     if pipeline_class is None:
         raise ModelError(f"Model '{model.title}' needs pipeline '{model.pipeline}', which this version does not have.")
-    weight_paths = registry.verified_weight_paths(model)
     choice = choose_device(device)
     run_options = {**model.slicer.get("options", {}), **(options or {})}
-    pipeline = pipeline_class(weight_paths, choice.device, run_options)
+    cache_key = (model.id, str(choice.device), json.dumps(run_options, sort_keys=True, default=str))
+    pipeline = pipeline_cache.get(cache_key) if pipeline_cache is not None else None
+    if pipeline is None:
+        weight_paths = registry.verified_weight_paths(model)
+        pipeline = pipeline_class(model, weight_paths, choice.device, run_options)
+        if pipeline_cache is not None:
+            pipeline_cache[cache_key] = pipeline
     timings["load_model"] = time.perf_counter() - started
 
     mark = time.perf_counter()
@@ -90,6 +101,8 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
         warnings.append("The GPU ran out of memory; the model was run again on the CPU (slower, same result).")
         progress("inference", 0.1, warnings[-1])
         device_used = torch.device("cpu")
+        if pipeline_cache is not None:  # the cached entry is for the GPU; this one now lives on the CPU
+            pipeline_cache.pop(cache_key, None)
         outputs = pipeline.to(device_used).predict(image, progress)
     timings["inference"] = time.perf_counter() - mark
 
