@@ -45,3 +45,8 @@ def cache_dir() -> Path:
         return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "MIADeepLearning"
+
+
+def models_cache_dir() -> Path:
+    """Downloaded and imported model packages (<id>-<version>/) and partial downloads: <cache_dir()>/models."""
+    return cache_dir() / "models"

@@ -6,13 +6,19 @@ and cleared after each test instead of being rebuilt.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 LIBRARY_ROOT = Path(__file__).resolve().parents[2] / "MIADeepLearning"
+# Downloaded/imported models and job folders of the tests go to a throw-away cache, never the developer's own.
+os.environ["MIADL_CACHE_DIR"] = tempfile.mkdtemp(prefix="miadl-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MIADL_CACHE_DIR"], ignore_errors=True)
 if str(LIBRARY_ROOT) not in sys.path:
     sys.path.insert(0, str(LIBRARY_ROOT))
 

@@ -44,12 +44,18 @@ def _lib(*names: str) -> tuple[str, ...]:
 MODULE = Layer(
     name="Slicer module file (MIADeepLearning/*.py)",
     forbidden=("torch", "monai", "SimpleITK", "sitkUtils"),
-    allowed_lib=_lib("mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "testing"),
+    allowed_lib=_lib(
+        "mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads",
+        "engine.model_store", "testing",
+    ),
 )
 MRML = Layer(
     name="MRML bridge (mrml/, testing/)",
     forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils"),
-    allowed_lib=_lib("mrml", "testing", "runner", "jobs", "paths", "engine.errors", "engine.registry"),
+    allowed_lib=_lib(
+        "mrml", "testing", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads",
+        "engine.model_store",
+    ),
 )
 STDLIB_ONLY = Layer(
     name="stdlib-only layer (runner.py, jobs.py, paths.py, __init__.py)",
@@ -60,10 +66,12 @@ _ENGINE_FORBIDDEN = ("slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUt
 ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, engine/, training/)", forbidden=_ENGINE_FORBIDDEN)
 # Imported by the Slicer side, which has no torch: importing them must not pull torch (engine/__init__ runs first).
 ENGINE_TORCH_FREE = Layer(
-    name="torch-free engine part (engine/__init__.py, engine/errors.py, engine/registry.py)",
+    name="torch-free engine part (engine/__init__.py, errors.py, registry.py, downloads.py, model_store.py)",
     forbidden=_ENGINE_FORBIDDEN,
     forbidden_at_import=("torch", "monai", "SimpleITK", "numpy", "itk"),
-    allowed_lib_at_import=_lib("engine.errors", "engine.registry", "paths", "jobs"),
+    allowed_lib_at_import=_lib(
+        "engine.errors", "engine.registry", "engine.downloads", "engine.model_store", "paths", "jobs"
+    ),
 )
 
 
@@ -79,7 +87,9 @@ def layer_of(relpath: str) -> Layer | None:
         return MRML
     if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["__init__.py"]):
         return STDLIB_ONLY
-    if inner in (["engine", "__init__.py"], ["engine", "errors.py"], ["engine", "registry.py"]):
+    if inner[0] == "engine" and inner[1:] in (
+        ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"]
+    ):
         return ENGINE_TORCH_FREE
     if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] in ("engine", "training") and len(inner) > 1):
         return ENGINE
@@ -230,6 +240,8 @@ VIOLATIONS = [
     (f"{LIB}/engine/tasks.py", "from MIADeepLearningLib.mrml import volumes\n", f"{LIB}.mrml.volumes"),
     (f"{LIB}/engine/tasks.py", "from . import errors\nfrom ..mrml.volumes import x\n", f"{LIB}.mrml.volumes"),
     (f"{LIB}/engine/registry.py", "import torch\n", "torch"),
+    (f"{LIB}/engine/downloads.py", "import numpy\n", "numpy"),
+    (f"{LIB}/engine/model_store.py", "from MIADeepLearningLib.engine import tasks\n", f"{LIB}.engine.tasks"),
     (f"{LIB}/engine/__init__.py", "from .tasks import segment_image\n", f"{LIB}.engine.tasks"),
     (f"{LIB}/engine/errors.py", "try:\n    import numpy\nexcept ImportError:\n    pass\n", "numpy"),
 ]
