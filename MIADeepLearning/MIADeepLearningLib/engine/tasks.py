@@ -16,8 +16,10 @@ import SimpleITK as sitk
 import torch
 
 from MIADeepLearningLib import __version__
-from MIADeepLearningLib.engine import imageio, registry
+from MIADeepLearningLib.engine import checks, imageio, registry
 from MIADeepLearningLib.engine.brain_extraction import BrainExtraction
+from MIADeepLearningLib.engine.bundles import PIPELINE_NAME as BUNDLE_PIPELINE
+from MIADeepLearningLib.engine.bundles import MonaiBundle
 from MIADeepLearningLib.engine.devices import choose_device
 from MIADeepLearningLib.engine.errors import ModelError
 
@@ -25,7 +27,9 @@ ProgressCallback = Callable[[str, float, str], None]
 
 # pipeline name in a package's metadata -> class with __init__(model, weight_paths, device, options), to(device),
 # predict(image, progress) -> {"label": sitk.Image on the input grid, ...}
-PIPELINES = {"deepbet_brain_extraction": BrainExtraction}
+# A pipeline may also have `segments` (the labels it found in its package) and return "warnings" (one sentence each)
+# and "provenance" (a JSON-able dict of what it decided) from predict.
+PIPELINES = {"deepbet_brain_extraction": BrainExtraction, BUNDLE_PIPELINE: MonaiBundle}
 PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
 
 
@@ -85,10 +89,16 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
     timings["load_model"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    progress("read_input", 0.08, "Reading and checking the input image")
+    progress("read_input", 0.08, "Reading the input image")
     image = imageio.read_image(image_path)
-    imageio.check_scalar_volume(image, "The input volume")
     timings["read_input"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    progress("checks", 0.1, "Checking the input against what the model expects")
+    for warning in checks.check_input(image, model.metadata):
+        warnings.append(warning)
+        progress("checks", 0.1, f"Warning: {warning}")
+    timings["checks"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     device_used = choice.device
@@ -104,6 +114,7 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
         if pipeline_cache is not None:  # the cached entry is for the GPU; this one now lives on the CPU
             pipeline_cache.pop(cache_key, None)
         outputs = pipeline.to(device_used).predict(image, progress)
+    warnings.extend(outputs.get("warnings", []))
     timings["inference"] = time.perf_counter() - mark
 
     masked = None
@@ -125,4 +136,7 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
         "python_version": platform.python_version(),
         "warnings": warnings,
     }
-    return SegmentationOutput(outputs["label"], masked, model.segments, provenance, warnings, timings)
+    if outputs.get("provenance"):  # what the pipeline decided (e.g. a bundle's windows and inference report)
+        provenance["pipeline"] = outputs["provenance"]
+    segments = getattr(pipeline, "segments", None) or model.segments
+    return SegmentationOutput(outputs["label"], masked, segments, provenance, warnings, timings)
