@@ -1,18 +1,51 @@
 """Batch use without Slicer: `python -m MIADeepLearningLib segment|models|device ...`.
 
 Runs the same engine code as the Slicer worker, in-process; outputs land exactly on the input's grid.
-Exit codes: 0 success, 2 a problem with the input, model or device (one sentence on stderr), 1 unexpected failure.
+
+`segment -i` takes one image file or a folder of them. A folder is a batch: every NIfTI (.nii, .nii.gz), NRRD
+(.nrrd, .nhdr) and MetaImage (.mha, .mhd) file directly in it is one case, in name order (other files, hidden files
+and subfolders are ignored); the model is loaded once for all cases; a case that fails is recorded and the batch
+goes on. Each case's label is written as `<output folder>/<case>_<suffix><ext>`, where `<case>` is the input's
+name without its image extension and `<ext>` is, by default, the input's own extension (`--format` picks one for all),
+so a NRRD stays a NRRD and nothing about the input's grid or format is lost in the round trip. A CSV report (case,
+input, status, seconds, output, masked_output, warnings, error) is written row by row, by default to
+`<output folder>/report.csv`.
+
+Exit codes: 0 success; 2 a problem with the command line, the input, the model or the device before any case ran,
+or a model that cannot be loaded (one sentence on stderr; in a batch the report lists what ran); 3 one or more cases
+of a folder failed (the others were written; see the report); 1 unexpected failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import shutil
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
-from MIADeepLearningLib.engine.errors import MIADLError
+from MIADeepLearningLib.engine.errors import InputError, MIADLError, ModelError
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_SOME_CASES_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # longest match first
+OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
+REPORT_COLUMNS = ["case", "input", "status", "seconds", "output", "masked_output", "warnings", "error"]
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+
+
+class UsageError(MIADLError):
+    """Options that contradict each other or the input (exit code 2, like argparse's own errors)."""
 
 
 def _progress_printer(quiet: bool):
@@ -25,33 +58,369 @@ def _progress_printer(quiet: bool):
     return report
 
 
+def image_suffix(name: str) -> str | None:
+    """The image extension of a file name (lower case, e.g. ``.nii.gz``), or None for a file that is no image."""
+    lower = name.lower()
+    return next((suffix for suffix in IMAGE_SUFFIXES if lower.endswith(suffix) and len(lower) > len(suffix)), None)
+
+
+def find_cases(folder: Path) -> list[tuple[str, Path]]:
+    """(case name, file) for every image file directly in `folder`, sorted by file name.
+
+    Two files that differ only by extension (head.nii.gz, head.nrrd) keep their extension in the case name so
+    their outputs cannot overwrite each other.
+    """
+    files = sorted((path for path in folder.iterdir()
+                    if not path.name.startswith(".") and path.is_file() and image_suffix(path.name)),
+                   key=lambda path: path.name)
+    stems = [case_name(path) for path in files]
+    return [(path.name if stems.count(stem) > 1 else stem, path) for stem, path in zip(stems, files)]
+
+
+def case_name(path: Path) -> str:
+    """``head.nii.gz`` -> ``head``: the file name without its image extension."""
+    suffix = image_suffix(path.name)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def output_extension(input_path: Path, output_format: str) -> str:
+    if output_format == "same":
+        return image_suffix(input_path.name) or ".nii.gz"
+    return f".{output_format}"
+
+
+def check_model(model_id: str, device: str):
+    """Everything about the model and device that can fail, checked once before the first case (exit code 2)."""
+    from MIADeepLearningLib.engine import registry
+    from MIADeepLearningLib.engine.devices import choose_device
+
+    model = registry.get_model(model_id)
+    if model.task != "segmentation":
+        raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a segmentation model.")
+    choose_device(device)
+    registry.verified_weight_paths(model)
+    return model
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class BatchProgress:
+    """Case i/N, its name, elapsed time and ETA on stderr.
+
+    On a terminal one line is redrawn as the stages advance and every finished case leaves a line above it; when
+    stderr is a file or a pipe (logs, CI) only plain lines are written: one when a case starts, one when it ends.
+    """
+
+    BAR_WIDTH = 20
+
+    def __init__(self, total: int, stream: TextIO | None = None, quiet: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.tty = not quiet and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.clock = clock
+        self.started = clock()
+        self.finished = 0
+        self.index = 0
+        self.name = ""
+        self._last_draw = 0.0
+
+    def eta(self) -> str:
+        if not self.finished:
+            return "--"
+        per_case = (self.clock() - self.started) / self.finished
+        return _format_duration(per_case * (self.total - self.finished))
+
+    def _times(self) -> str:
+        return f"elapsed {_format_duration(self.clock() - self.started)}, ETA {self.eta()}"
+
+    def case_started(self, index: int, name: str) -> None:
+        self.index, self.name = index, name
+        if self.quiet:
+            return
+        if self.tty:
+            self._draw("starting", 0.0, force=True)
+        else:
+            self.line(f"[{index}/{self.total}] {name} ...")
+
+    def stage(self, stage: str, fraction: float, message: str) -> None:
+        """segment_image's progress callback: redraws the bar on a terminal (at most 10 times a second)."""
+        if self.tty:
+            self._draw(stage, fraction)
+
+    def case_finished(self, status: str, seconds: float, detail: str) -> None:
+        self.finished += 1
+        if self.quiet:
+            return
+        word = "ok" if status == STATUS_OK else status.upper()
+        self.line(f"[{self.index}/{self.total}] {self.name}: {word} in {seconds:.1f} s{detail} | {self._times()}")
+
+    def _draw(self, stage: str, fraction: float, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        done = (self.finished + max(0.0, min(1.0, fraction))) / max(1, self.total)
+        filled = round(self.BAR_WIDTH * done)
+        text = (f"[{'#' * filled}{'-' * (self.BAR_WIDTH - filled)}] {self.index}/{self.total} {self.name} "
+                f"{stage} {100 * fraction:3.0f}% | {self._times()}")
+        width = shutil.get_terminal_size((100, 20)).columns - 1
+        self.stream.write("\r\x1b[K" + text[:width])
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        """A line that stays (above the redrawn bar on a terminal)."""
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+class CsvReport:
+    """The batch report, written and flushed row by row: an interrupted batch still leaves what it did."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file = path.open("w", encoding="utf-8", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+        self._writer.writeheader()
+        self._file.flush()
+        self.rows: list[dict[str, str]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        clean = {column: "" if row.get(column) is None else str(row[column]) for column in REPORT_COLUMNS}
+        self.rows.append(clean)
+        self._writer.writerow(clean)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _write_outputs(images: dict[Path, Any], staging: Path) -> None:
+    """Write into `staging`, then move into place: a case that fails while writing leaves no half-written file.
+
+    Everything the writer produced is moved (a .mhd/.nhdr header and its detached data file stay together).
+    """
+    from MIADeepLearningLib.engine import imageio
+
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for target, image in images.items():
+            imageio.write_image(image, staging / target.name)
+        destination = next(iter(images)).parent
+        for written in sorted(staging.iterdir()):
+            os.replace(written, destination / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale(paths: list[Path]) -> None:
+    """A failed case must not leave an older output of the same name that the report would contradict."""
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+
+
 def command_segment(args: argparse.Namespace) -> int:
+    if Path(args.input).is_dir():
+        return segment_folder(args)
+    if args.report:
+        raise UsageError("--report is for a folder input (-i FOLDER); a single file reports on stderr.")
+    output = Path(args.output)
+    masked = Path(args.masked) if args.masked else None
+    if output.is_dir():  # -o FOLDER for one file: named like the cases of a batch
+        model = check_model(args.model, args.device)
+        suffix, masked_suffix = _suffixes(args, model)
+        stem, extension = case_name(Path(args.input)), output_extension(Path(args.input), args.format)
+        output = output / f"{stem}_{suffix}{extension}"
+        if masked is None and masked_suffix is not None:
+            masked = output.parent / f"{stem}_{masked_suffix}{extension}"
+    elif args.masked_suffix is not None:
+        raise UsageError("--masked-suffix names outputs in an output folder; for one output file use --masked FILE.")
+    return segment_file(args, output, masked)
+
+
+def segment_file(args: argparse.Namespace, output: Path, masked: Path | None) -> int:
     from MIADeepLearningLib.engine import imageio
     from MIADeepLearningLib.engine.tasks import segment_image
 
-    output = segment_image(args.input, args.model, device=args.device, create_masked_volume=bool(args.masked),
+    result = segment_image(args.input, args.model, device=args.device, create_masked_volume=masked is not None,
                            progress=_progress_printer(args.quiet))
-    imageio.write_image(output.label, args.output)
-    if args.masked:
-        imageio.write_image(output.masked, args.masked)
-    for warning in output.warnings:
+    imageio.write_image(result.label, output)
+    if masked is not None:
+        imageio.write_image(result.masked, masked)
+    for warning in result.warnings:
         sys.stderr.write(f"warning: {warning}\n")
     if args.provenance:
-        Path(args.provenance).write_text(json.dumps({"segments": output.segments, **output.provenance}, indent=2))
+        Path(args.provenance).write_text(json.dumps({"segments": result.segments, **result.provenance}, indent=2))
     if not args.quiet:
-        sys.stderr.write(f"wrote {args.output}\n")
-    return 0
+        sys.stderr.write(f"wrote {output}\n")
+    return EXIT_OK
+
+
+def _suffixes(args: argparse.Namespace, model) -> tuple[str, str | None]:
+    """(label suffix, masked suffix or None): the model's own names unless given."""
+    suffix = args.suffix or model.slicer.get("output_name_suffix") or model.id
+    masked_suffix = None
+    if args.masked_suffix is not None:
+        masked_suffix = args.masked_suffix or model.slicer.get("masked_name_suffix") or "masked"
+    for name in filter(None, [suffix, masked_suffix]):
+        if any(character in name for character in "/\\") or name.startswith("."):
+            raise UsageError(f"The suffix '{name}' must be a plain name (no folders, not starting with a dot).")
+    if suffix == masked_suffix:
+        raise UsageError(f"The label and the masked volume cannot both use the suffix '{suffix}'.")
+    return suffix, masked_suffix
+
+
+def segment_folder(args: argparse.Namespace) -> int:
+    """Run every image of a folder; returns 0 when all cases succeeded, 3 when some failed."""
+    from MIADeepLearningLib.engine.tasks import segment_image
+
+    input_dir, output_dir = Path(args.input), Path(args.output)
+    if args.masked:
+        raise UsageError("--masked FILE is for a single input file; for a folder use --masked-suffix.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"The output {output_dir} is a file; for a folder input, -o must be a folder.")
+    if output_dir.resolve() == input_dir.resolve():
+        raise UsageError("Choose an output folder other than the input folder, so outputs are never taken as inputs.")
+    cases = find_cases(input_dir)
+    if not cases:
+        raise InputError(f"The folder {input_dir} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    model = check_model(args.model, args.device)
+    suffix, masked_suffix = _suffixes(args, model)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv")
+    progress = BatchProgress(len(cases), quiet=args.quiet)
+    pipeline_cache: dict = {}
+    provenance: dict[str, Any] = {}
+    staging = output_dir / ".partial"
+    model_problem: MIADLError | None = None
+    try:
+        for index, (case, path) in enumerate(cases, start=1):
+            if model_problem is not None:
+                report.add({"case": case, "input": path, "status": STATUS_SKIPPED,
+                            "error": f"Not run: {model_problem}"})
+                continue
+            progress.case_started(index, case)
+            extension = output_extension(path, args.format)
+            label_path = output_dir / f"{case}_{suffix}{extension}"
+            masked_path = output_dir / f"{case}_{masked_suffix}{extension}" if masked_suffix else None
+            row: dict[str, Any] = {"case": case, "input": path}
+            started = time.perf_counter()
+            cached_before = set(pipeline_cache)
+            load_seconds = None
+            try:
+                result = segment_image(path, model.id, device=args.device,
+                                       create_masked_volume=masked_path is not None, progress=progress.stage,
+                                       input_name=path.name, pipeline_cache=pipeline_cache)
+                images = {label_path: result.label}
+                if masked_path is not None:
+                    images[masked_path] = result.masked
+                load_seconds = result.timings.get("load_model")
+                _write_outputs(images, staging)
+                row.update(status=STATUS_OK, output=label_path, masked_output=masked_path,
+                           warnings="; ".join(result.warnings))
+                provenance[case] = {"segments": result.segments, **result.provenance}
+            except MIADLError as error:
+                row.update(status=STATUS_FAILED, error=str(error))
+                if isinstance(error, ModelError):  # every later case would fail the same way
+                    model_problem = error
+            except Exception as error:  # a bad case must not end the batch
+                row.update(status=STATUS_FAILED, error=f"Unexpected error ({type(error).__name__}: {error}).")
+                if not args.quiet:
+                    progress.line(traceback.format_exc().rstrip())
+            seconds = time.perf_counter() - started
+            row["seconds"] = f"{seconds:.2f}"
+            if row["status"] != STATUS_OK:
+                _remove_stale([label_path, *filter(None, [masked_path])])
+            detail = ""
+            if set(pipeline_cache) - cached_before:  # shows in the log that the model is loaded once per batch
+                took = f" in {load_seconds:.1f} s" if load_seconds is not None else ""
+                detail = f" (model {model.id} loaded{took})"
+            if row["status"] != STATUS_OK:
+                detail += f": {row['error']}"
+            elif row.get("warnings"):
+                detail += f" (warnings: {row['warnings']})"
+            progress.case_finished(row["status"], seconds, detail)
+            report.add(row)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ninterrupted; the report so far is in {report.path}\n")
+        return EXIT_INTERRUPTED
+    finally:
+        report.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        if args.provenance:
+            Path(args.provenance).write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+
+    failed = [row for row in report.rows if row["status"] != STATUS_OK]
+    if model_problem is not None:
+        sys.stderr.write(f"error: {model_problem}\n")
+        return EXIT_USAGE
+    if failed or not args.quiet:
+        summary = f"{len(cases) - len(failed)} of {len(cases)} cases succeeded"
+        if failed:
+            summary += f", {len(failed)} failed ({', '.join(row['case'] for row in failed)})"
+        sys.stderr.write(f"{summary} in {_format_duration(time.perf_counter() - progress.started)}; "
+                         f"report: {report.path}\n")
+    return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
+
+
+def _download_printer(model_id: str, quiet: bool, stream: TextIO | None = None) -> Callable[[int, int | None], None]:
+    """Download progress on stderr: redrawn on a terminal, a line per 10 % (or 10 MiB) otherwise."""
+    stream = stream or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    last = [-1.0]
+
+    def report(done: int, total: int | None) -> None:
+        if quiet:
+            return
+        mib = done / (1 << 20)
+        step = 100 * done / total // 10 if total else mib // 10
+        text = f"downloading {model_id}: {mib:.1f}" + (f" / {total / (1 << 20):.1f} MiB ({100 * done / total:3.0f}%)"
+                                                        if total else " MiB")
+        if tty:
+            stream.write("\r\x1b[K" + text + ("\n" if total and done >= total else ""))
+        elif step != last[0] or (total and done >= total):
+            stream.write(text + "\n")
+        last[0] = step
+        stream.flush()
+
+    return report
+
+
+def _describe(model) -> str:
+    return f"{model.id}\t{model.task}\t{model.title} (v{model.version}, {model.license})"
 
 
 def command_models(args: argparse.Namespace) -> int:
     from MIADeepLearningLib.engine.registry import list_models
 
+    if args.download or args.import_path:
+        from MIADeepLearningLib.engine import model_store
+
+        if args.download:
+            model = model_store.download_model(args.download, progress=_download_printer(args.download, args.quiet))
+        else:
+            model = model_store.import_model(args.import_path)
+        if args.json:
+            print(json.dumps(model.summary(), indent=2))
+        else:
+            print(_describe(model))
+        if not args.quiet:
+            sys.stderr.write(f"installed {model.id} v{model.version} in {model.package_dir}\n")
+        return EXIT_OK
     models = list_models(task=args.task)
     if args.json:
         print(json.dumps([model.summary() for model in models], indent=2))
     else:
         for model in models:
-            print(f"{model.id}\t{model.task}\t{model.title} (v{model.version}, {model.license})")
+            print(_describe(model))
     return 0
 
 
@@ -67,23 +436,57 @@ def command_device(args: argparse.Namespace) -> int:
     return 0
 
 
+SEGMENT_EPILOG = """\
+input and output:
+  -i FILE -o FILE       one image; the label is written to FILE (format from its extension)
+  -i FILE -o FOLDER     one image; the label is written as FOLDER/<case>_<suffix><ext>
+  -i FOLDER -o FOLDER   a batch: every .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd file directly in the input folder,
+                        in name order; outputs FOLDER/<case>_<suffix><ext>, where <ext> is the input's own extension
+                        unless --format says otherwise; the model is loaded once; a failing case is reported and the
+                        batch goes on; a CSV report is written (default FOLDER/report.csv)
+
+exit codes:
+  0  every image was segmented
+  2  bad command line, input, model or device (nothing was segmented; one line on stderr)
+  3  some cases of a folder failed; the others were written and the report says which and why
+  1  unexpected failure
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MIADeepLearningLib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    segment = commands.add_parser("segment", help="segment one image file (NIfTI, NRRD, MHA)")
+    segment = commands.add_parser("segment", help="segment one image file or a folder of them (NIfTI, NRRD, MHA)",
+                                  epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("--model", required=True, help="model id (see `models`)")
-    segment.add_argument("-i", "--input", required=True, help="input image file")
-    segment.add_argument("-o", "--output", required=True, help="output label file (same grid as the input)")
-    segment.add_argument("--masked", help="also write the input with everything outside the segmentation removed")
+    segment.add_argument("-i", "--input", required=True, help="input image file, or a folder of image files")
+    segment.add_argument("-o", "--output", required=True,
+                         help="output label file (same grid as the input), or a folder")
+    segment.add_argument("--masked", help="one input file: also write the input with everything outside the "
+                                          "segmentation removed, to this file")
+    segment.add_argument("--masked-suffix", nargs="?", const="", default=None, metavar="SUFFIX",
+                         help="output folder: also write the masked input as <case>_<SUFFIX><ext> "
+                              "(without a value: the model's name for it, e.g. skull-stripped)")
+    segment.add_argument("--suffix", help="output folder: the label's suffix (default: the model's, e.g. brain)")
+    segment.add_argument("--format", choices=OUTPUT_FORMATS, default="same",
+                         help="output folder: file format of the outputs (default: the input's own)")
+    segment.add_argument("--report", help="folder input: the CSV report (default <output folder>/report.csv)")
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    segment.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
+    segment.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here "
+                                              "(a folder input: one entry per successful case)")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     segment.set_defaults(handler=command_segment)
 
-    models = commands.add_parser("models", help="list the available models")
+    models = commands.add_parser("models", help="list, download or import models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.add_argument("--task", help="only models of this task (e.g. segmentation)")
+    install = models.add_mutually_exclusive_group()
+    install.add_argument("--download", metavar="ID",
+                         help="download a registered model into the user cache (sha256-verified before use)")
+    install.add_argument("--import", dest="import_path", metavar="PATH",
+                         help="install a model package from a local folder or .zip (sites without internet)")
+    models.add_argument("-q", "--quiet", action="store_true", help="no download progress")
     models.set_defaults(handler=command_models)
 
     device = commands.add_parser("device", help="report the compute device and why a GPU is or is not used")
@@ -98,4 +501,4 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except MIADLError as error:
         sys.stderr.write(f"error: {error}\n")
-        return 2
+        return EXIT_USAGE

@@ -8,6 +8,12 @@ object with a ``"stage"`` key is an :class:`Event`; any other line is plain log 
 
 Outputs are written under ``<folder>/.partial`` and moved into ``<folder>/outputs`` only when the whole job
 succeeded, so a cancelled or crashed job never leaves a half-written result that could be mistaken for one.
+
+A warm worker (``python -m MIADeepLearningLib.worker --serve``) runs many jobs in one process, keeping models loaded:
+it reads one ``job.json`` path per stdin line (``shutdown`` or end of input stops it) and stamps every event of a job
+with ``job`` = that line, so a client never attributes an event to the wrong job. Events without ``job`` are about
+the server itself: ``ready`` (engine imported, waiting for jobs) and ``stopping`` (sent *before* the final error of a
+job that failed unexpectedly: the server exits after it, since torch or CUDA may be left in a bad state).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ OUTPUTS_DIR_NAME = "outputs"
 STAGE_DONE = "done"
 STAGE_ERROR = "error"
 FINAL_STAGES = (STAGE_DONE, STAGE_ERROR)
+STAGE_READY = "ready"  # warm worker only, no job: engine imported, reading jobs from stdin
+STAGE_STOPPING = "stopping"  # warm worker only, no job: exits after the job that is ending now
+SHUTDOWN_COMMAND = "shutdown"  # stdin line that ends a warm worker cleanly (so does the end of stdin)
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Event:
     result: dict[str, Any] | None = None
     traceback: str | None = None
     error_type: str | None = None
+    job: str | None = None  # warm worker: the job.json path the event belongs to, exactly as the client sent it
 
     @property
     def is_final(self) -> bool:

@@ -3,12 +3,18 @@
 Runs in its own process (PythonSlicer inside Slicer) so that Slicer stays responsive, Cancel can kill it, and a
 CUDA crash or out-of-memory cannot take the application down. Protocol: see jobs.py and Docs/Developers.md.
 
+`python -m MIADeepLearningLib.worker --serve [--max-models N]` is the warm worker: the same jobs and events, many
+jobs per process, one job.json path per stdin line, loaded models kept between jobs (the N most recent, default 1,
+so GPU memory holds one model at a time). Each event carries ``job``; see jobs.py for the server events.
+
 For the tests only, ``MIADL_WORKER_FAULT=<kind>:<stage>`` makes the worker misbehave when it reaches a stage:
 ``crash`` (hard exit without a word, like a segfault), ``raise`` (an unexpected exception) or ``hang`` (sleep).
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import shutil
@@ -22,16 +28,23 @@ from MIADeepLearningLib import jobs
 from MIADeepLearningLib.engine.errors import MIADLError
 
 FAULT_ENV = "MIADL_WORKER_FAULT"
+DEFAULT_MAX_MODELS = 1
 
 
 class Reporter:
-    """Writes protocol events to stdout (one JSON object per line, flushed at once)."""
+    """Writes protocol events to stdout (one JSON object per line, flushed at once).
+
+    `job` (warm worker) is stamped on every event emitted while it is set, so the client can match events to jobs.
+    """
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
         self.fault_kind, _, self.fault_stage = os.environ.get(FAULT_ENV, "").partition(":")
+        self.job: str | None = None
 
     def emit(self, event: jobs.Event) -> None:
+        if self.job is not None and event.job is None:
+            event.job = self.job
         self.stream.write(event.to_line() + "\n")
         self.stream.flush()
 
@@ -50,18 +63,32 @@ class Reporter:
             raise RuntimeError(f"injected fault at stage {stage}")
 
 
-def run_segment_job(job: jobs.Job, reporter: Reporter) -> dict[str, Any]:
-    """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs."""
+def import_engine() -> float:
+    """Import torch, SimpleITK and the engine (most of a worker's start-up); returns the seconds it took."""
     started = time.perf_counter()
+    from MIADeepLearningLib.engine import imageio, tasks  # noqa: F401
+
+    return time.perf_counter() - started
+
+
+def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs.
+
+    With a `pipeline_cache` (warm worker) a model loaded by an earlier job is reused; ``model_cached`` in the
+    result says whether that happened.
+    """
+    engine_import_s = import_engine()
     from MIADeepLearningLib.engine import imageio
     from MIADeepLearningLib.engine.tasks import segment_image
 
-    engine_import_s = time.perf_counter() - started  # torch, SimpleITK: most of a worker's start-up
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
     output = segment_image(
         job.inputs["image"], job.model, device=job.device, options=job.options.get("model_options"),
         create_masked_volume="masked" in job.outputs, progress=reporter.progress,
-        input_name=job.options.get("input_name"),
+        input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache,
     )
+    # No new cache entry although the cache had one: segment_image found this model already loaded.
+    model_cached = pipeline_cache is not None and bool(cached_before) and set(pipeline_cache) <= cached_before
     reporter.progress("write", 0.95, "Writing results")
     partial = job.partial_dir
     shutil.rmtree(partial, ignore_errors=True)
@@ -78,6 +105,7 @@ def run_segment_job(job: jobs.Job, reporter: Reporter) -> dict[str, Any]:
         "timings": {"engine_import": round(engine_import_s, 3),
                     **{stage: round(seconds, 3) for stage, seconds in output.timings.items()}},
         "warnings": output.warnings,
+        "model_cached": model_cached,
     }
     (Path(job.folder) / jobs.RESULT_FILE_NAME).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
@@ -86,18 +114,24 @@ def run_segment_job(job: jobs.Job, reporter: Reporter) -> dict[str, Any]:
 TASKS = {"segment": run_segment_job}
 
 
-def run(job_path: str | Path, reporter: Reporter | None = None) -> int:
-    """Run the job; returns the process exit code (0 done, 2 user-facing error, 1 unexpected error)."""
+def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,
+        serving: bool = False) -> int:
+    """Run the job; returns the process exit code (0 done, 2 user-facing error, 1 unexpected error).
+
+    `serving` (warm worker): an unexpected error is announced with a ``stopping`` event before its final event,
+    because the server exits after it rather than run the next job in a possibly broken torch/CUDA state.
+    """
     reporter = reporter or Reporter()
     started = time.perf_counter()
     job = None
     try:
         job = jobs.Job.read(job_path)
-        reporter.progress("start", 0.0, f"Worker started (Python {sys.version.split()[0]}, pid {os.getpid()})")
+        who = "Warm worker took the job" if serving else "Worker started"
+        reporter.progress("start", 0.0, f"{who} (Python {sys.version.split()[0]}, pid {os.getpid()})")
         task = TASKS.get(job.task)
         if task is None:
             raise MIADLError(f"Unknown task '{job.task}' (known: {', '.join(TASKS)}).")
-        result = task(job, reporter)
+        result = task(job, reporter, pipeline_cache=pipeline_cache)
         result["timings"]["worker_total"] = round(time.perf_counter() - started, 3)
         reporter.emit(jobs.Event(stage=jobs.STAGE_DONE, progress=1.0, message="Finished", result=result))
         return 0
@@ -106,14 +140,83 @@ def run(job_path: str | Path, reporter: Reporter | None = None) -> int:
             shutil.rmtree(job.partial_dir, ignore_errors=True)
         user_facing = isinstance(error, MIADLError)
         message = str(error) if user_facing else f"The worker failed unexpectedly ({type(error).__name__}: {error})."
+        if serving and not user_facing:
+            announce_stopping(reporter, "The warm worker stops after this unexpected error; the next job starts a "
+                                        "new one.")
         reporter.emit(jobs.Event(stage=jobs.STAGE_ERROR, message=message, error_type=type(error).__name__,
                                  traceback=traceback.format_exc()))
         return 2 if user_facing else 1
 
 
+def announce_stopping(reporter: Reporter, message: str) -> None:
+    """A server event (no job): the client must not send this process another job."""
+    job, reporter.job = reporter.job, None
+    reporter.emit(jobs.Event(stage=jobs.STAGE_STOPPING, message=message))
+    reporter.job = job
+
+
+def trim_pipeline_cache(pipeline_cache: dict, max_models: int) -> None:
+    """After a warm job: keep only the most recently loaded pipelines (never more models than asked for) and give
+    the GPU memory of the job's activations back, so a warm worker holds its weights and nothing else."""
+    evicted = False
+    while len(pipeline_cache) > max(0, max_models):
+        pipeline_cache.pop(next(iter(pipeline_cache)))
+        evicted = True
+    if evicted:
+        gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def serve(stdin=None, reporter: Reporter | None = None, max_models: int = DEFAULT_MAX_MODELS) -> int:
+    """The warm worker loop: one job.json path per stdin line until ``shutdown`` or end of input.
+
+    The engine is imported before ``ready`` so that a server started ahead of time (when a module opens) takes its
+    first job without the torch import. Returns 0 after a clean stop, 1 after an unexpected job error.
+    """
+    if stdin is None:
+        stdin = sys.stdin
+        if hasattr(stdin, "reconfigure"):
+            stdin.reconfigure(encoding="utf-8")  # the runner writes UTF-8 paths, whatever this system's locale
+    reporter = reporter or Reporter()
+    try:
+        import_s = import_engine()
+        ready = f"Warm worker ready (pid {os.getpid()}, engine imported in {import_s:.1f} s)"
+    except Exception:  # the first job reports the same error as an error event, with its traceback
+        traceback.print_exc()
+        ready = f"Warm worker ready (pid {os.getpid()}); the engine could not be imported"
+    reporter.emit(jobs.Event(stage=jobs.STAGE_READY, message=ready))
+    pipeline_cache: dict = {}
+    while True:
+        line = stdin.readline()
+        if not line:
+            return 0  # the client went away (or closed our stdin): nobody is left to send jobs
+        request = line.rstrip("\r\n")  # exactly what the client sent: events echo it as their "job"
+        if not request.strip():
+            continue
+        if request.strip() == jobs.SHUTDOWN_COMMAND:
+            return 0
+        reporter.job = request
+        try:
+            code = run(request, reporter, pipeline_cache=pipeline_cache, serving=True)
+        finally:
+            reporter.job = None
+        if code == 1:
+            return 1
+        trim_pipeline_cache(pipeline_cache, max_models)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+    if "--serve" in argv:
+        parser = argparse.ArgumentParser(prog="python -m MIADeepLearningLib.worker --serve")
+        parser.add_argument("--serve", action="store_true")
+        parser.add_argument("--max-models", type=int, default=DEFAULT_MAX_MODELS,
+                            help="loaded models kept between jobs (default %(default)s)")
+        args = parser.parse_args(argv)
+        return serve(max_models=args.max_models)
+    if len(argv) != 1 or argv[0].startswith("-"):
         sys.stderr.write("usage: python -m MIADeepLearningLib.worker <job.json>\n")
         return 64
     return run(argv[0])

@@ -4,6 +4,10 @@ One Apply: check the input node -> export it to NRRD in a job folder -> worker p
 a segmentation node (names, colours, terminology, closed surface) and, optionally, the skull-stripped volume ->
 provenance on every output. Nothing touches the scene before the worker has succeeded, and the import runs inside
 a SceneGuard, so a failed or cancelled run leaves the scene exactly as it was.
+
+By default every run starts its own worker process (clean state, all memory freed afterwards). With a
+`runner.WarmWorker` the runs go through one long-lived worker that keeps the model loaded, which saves the worker
+start-up and the model load on every run after the first; the files, events and results are the same.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ class SegmentationResult:
     provenance: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    model_cached: bool = False  # a warm worker reused the model it had loaded for an earlier run
 
 
 class SegmentationRun:
     """A started run: poll it (non-blocking) until it stops, then `finish()` imports the results."""
 
-    def __init__(self, worker: runner.WorkerProcess, input_volume, model: registry.ModelInfo,
+    def __init__(self, worker: runner.WorkerProcess | runner.WarmJob, input_volume, model: registry.ModelInfo,
                  output_segmentation, create_masked_volume: bool, started_at: float, export_seconds: float):
         self.worker = worker
         self.input_volume = input_volume
@@ -114,7 +119,8 @@ class SegmentationRun:
             provenance["input_node"] = input_name
             for node in filter(None, [segmentation, masked_node]):
                 set_provenance(node, provenance)
-        return SegmentationResult(segmentation, masked_node, provenance, list(result.get("warnings", [])), timings)
+        return SegmentationResult(segmentation, masked_node, provenance, list(result.get("warnings", [])), timings,
+                                  bool(result.get("model_cached", False)))
 
     def _copy_display(self, volume_node) -> None:
         """Show the skull-stripped volume like its input (same window/level), not with an automatic window."""
@@ -128,11 +134,17 @@ class SegmentationRun:
 
 
 class SegmentationLogic:
-    """Starts segmentation runs for volume nodes. `python_executable` is PythonSlicer inside Slicer."""
+    """Starts segmentation runs for volume nodes. `python_executable` is PythonSlicer inside Slicer.
 
-    def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None):
+    With `warm_worker`, runs go through that long-lived worker (its own python and environment apply); without,
+    each run starts a worker process of its own.
+    """
+
+    def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None,
+                 warm_worker: runner.WarmWorker | None = None):
         self.python_executable = python_executable
         self.jobs_root = Path(jobs_root) if jobs_root else None
+        self.warm_worker = warm_worker
 
     @staticmethod
     def models() -> list[registry.ModelInfo]:
@@ -141,8 +153,13 @@ class SegmentationLogic:
     def start(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
               create_masked_volume: bool = False, timeout_s: float | None = None,
               on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None) -> SegmentationRun:
-        """Validate, export and launch; raises InputError/ModelError before anything is started or created."""
+        """Validate, export and launch; raises InputError/ModelError before anything is started or created.
+
+        `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
+        """
         started_at = time.perf_counter()
+        if worker_env and self.warm_worker is not None:
+            raise ValueError("worker_env applies to a new worker process; give the WarmWorker its env instead.")
         check_input_volume(input_volume)
         model = registry.get_model(model_id)
         if model.task != "segmentation":
@@ -160,8 +177,11 @@ class SegmentationLogic:
             job = jobs.Job(task="segment", model=model.id, inputs={"image": str(image_path)}, folder=str(folder),
                            outputs=outputs, device=device, options={"input_name": input_volume.GetName()})
             export_seconds = time.perf_counter() - started_at
-            worker = runner.start(job, python_executable=self.python_executable, on_event=on_event,
-                                  timeout_s=timeout_s, env=worker_env)
+            if self.warm_worker is not None:
+                worker = self.warm_worker.submit(job, on_event=on_event, timeout_s=timeout_s)
+            else:
+                worker = runner.start(job, python_executable=self.python_executable, on_event=on_event,
+                                      timeout_s=timeout_s, env=worker_env)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
