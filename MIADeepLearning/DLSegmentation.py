@@ -98,6 +98,7 @@ class DLSegmentationParameterNode:
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
     createMaskedVolume: bool = False
+    keepModelLoaded: bool = True
 
 
 #
@@ -140,6 +141,9 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # modelId is bound by hand, not with SlicerParameterName: the combo shows titles and keeps ids as item data.
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelComboBoxChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
+        self.ui.importModelZipButton.connect("clicked(bool)", lambda: self.onImportModel(folder=False))
+        self.ui.importModelFolderButton.connect("clicked(bool)", lambda: self.onImportModel(folder=True))
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -151,6 +155,8 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._abandonRun()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        if self.logic is not None:
+            self.logic.shutdownWarmWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -309,6 +315,7 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=params.device,
                 outputSegmentation=params.outputSegmentation,
                 createMaskedVolume=params.createMaskedVolume,
+                keepModelLoaded=params.keepModelLoaded,
             )
         except Exception as error:
             self._run = None
@@ -432,6 +439,40 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if hasattr(self, "ui"):
             self._setStatus(_("Cancelled; nothing was added to the scene."))
             self._updateButtons()
+
+
+    # Advanced: device report, model import
+
+    def onDeviceReportButton(self) -> None:
+        """Run the engine's device report in PythonSlicer (torch stays out of Slicer's own process)."""
+        with slicer.util.tryWithErrorDisplay(_("The device report could not be made."), waitCursor=True):
+            report = self.logic.deviceReport()
+            lines = [f"{key}: {value}" for key, value in report.items()]
+            self._log(_("Device report:"))
+            for line in lines:
+                self._log(f"  {line}")
+            slicer.util.infoDisplay(report.get("auto_choice", ""), windowTitle=_("Device report"),
+                                    detailedText="\n".join(lines))
+
+    def onImportModel(self, folder: bool) -> None:
+        """Add a model package from a .zip or a folder (air-gapped sites); it is verified before it is listed."""
+        if folder:
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model package folder"))
+        else:
+            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Model package"), "",
+                                                  _("Model package (*.zip)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
+            model = DLSegmentationLogic.importModel(path)
+            self._populateModelComboBox()
+            if self._parameterNode and model.task == "segmentation":
+                self._parameterNode.modelId = model.id
+            self._onParameterNodeModified()
+            message = _("Imported model '{title}' (version {version}).").format(title=model.title,
+                                                                                 version=model.version)
+            self._setStatus(message)
+            self._log(message)
 
 
 def _describeModel(model) -> str:
@@ -617,6 +658,8 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._segmentationLogic: SegmentationLogic | None = None
+        self._warmSegmentationLogic: SegmentationLogic | None = None
+        self._warmWorker = None
 
     def getParameterNode(self) -> DLSegmentationParameterNode:
         return DLSegmentationParameterNode(super().getParameterNode())
@@ -628,13 +671,53 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
 
         return registry.list_models(task="segmentation")
 
-    def segmentationLogic(self) -> SegmentationLogic:
-        """Created on first use, so loading the module imports no MRML bridge code."""
-        if self._segmentationLogic is None:
-            from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
+    def segmentationLogic(self, keepModelLoaded: bool = False) -> SegmentationLogic:
+        """Created on first use, so loading the module imports no MRML bridge code. With keepModelLoaded, runs go
+        through one worker process kept alive between runs (model loaded once per session)."""
+        from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
 
-            self._segmentationLogic = SegmentationLogic(python_executable=pythonSlicerExecutable())
-        return self._segmentationLogic
+        if not keepModelLoaded:
+            if self._segmentationLogic is None:
+                self._segmentationLogic = SegmentationLogic(python_executable=pythonSlicerExecutable())
+            return self._segmentationLogic
+        if self._warmSegmentationLogic is None:
+            from MIADeepLearningLib.runner import WarmWorker
+
+            self._warmWorker = WarmWorker(python_executable=pythonSlicerExecutable())
+            self._warmSegmentationLogic = SegmentationLogic(python_executable=pythonSlicerExecutable(),
+                                                            warm_worker=self._warmWorker)
+        return self._warmSegmentationLogic
+
+    def shutdownWarmWorker(self) -> None:
+        """End the kept-alive worker process (module cleanup, application exit)."""
+        if self._warmWorker is not None:
+            self._warmWorker.shutdown()
+        self._warmWorker = None
+        self._warmSegmentationLogic = None
+
+    @staticmethod
+    def deviceReport() -> dict:
+        """`python -m MIADeepLearningLib device --json` in PythonSlicer: torch version and CUDA build, GPUs, free
+        memory and the reason CUDA is not used."""
+        import json
+        import subprocess
+
+        from MIADeepLearningLib.runner import worker_environment
+
+        python = pythonSlicerExecutable() or sys.executable
+        completed = subprocess.run([python, "-m", "MIADeepLearningLib", "device", "--json"], capture_output=True,
+                                   text=True, timeout=120, env=worker_environment(), check=False)
+        if completed.returncode != 0:
+            lastLine = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(_("The device report failed: {error}").format(error=lastLine))
+        return json.loads(completed.stdout)
+
+    @staticmethod
+    def importModel(path: str):
+        """Verify and add a model package from a folder or .zip to the user's model cache (torch-free)."""
+        from MIADeepLearningLib.engine import model_store
+
+        return model_store.import_model(path)
 
     def start(
         self,
@@ -645,9 +728,10 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
         createMaskedVolume: bool = False,
         timeoutS: float | None = None,
         onEvent: Callable[[Event], None] | None = None,
+        keepModelLoaded: bool = False,
     ) -> SegmentationRun:
         """Start a background run and return at once; poll the returned run, then call its finish()."""
-        return self.segmentationLogic().start(
+        return self.segmentationLogic(keepModelLoaded).start(
             inputVolume,
             modelId,
             device=device,
