@@ -607,10 +607,22 @@ def _ensureRequirementsFile(requirementsPath: str) -> None:
 
 
 def _ensureModelPackages(modelId: str) -> None:
-    """The model's weights ship inside a wheel (e.g. deepbet==1.0.2); install it alone, with --no-deps."""
+    """What the model itself needs: packages with dependencies (e.g. MONAI for bundles), and wheels that carry its
+    weights (e.g. deepbet==1.0.2), installed alone with --no-deps."""
     from MIADeepLearningLib.engine import registry
 
     model = registry.get_model(modelId)
+    withDependencies = [requirement for requirement in model.pip_requirements if not _requirementSatisfied(requirement)]
+    if withDependencies:
+        question = _(
+            "The model '{title}' needs the Python package(s) {packages}, which will be downloaded and installed now "
+            "with their dependencies. Continue?"
+        ).format(title=model.title, packages=", ".join(withDependencies))
+        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MIADeepLearning - install packages")):
+            raise DependenciesNotInstalled(_(
+                "The packages '{title}' needs were not installed, so the model cannot run. Nothing was changed."
+            ).format(title=model.title))
+        slicer.util.pip_install(withDependencies)
     missing = [requirement for requirement in model.pip_requirements_no_deps if not _requirementSatisfied(requirement)]
     if not missing:
         return

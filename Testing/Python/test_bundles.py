@@ -316,6 +316,8 @@ def test_bundle_is_listed_from_the_extra_models_dir(registered):
     model = registry.get_model(MODEL_ID)
     assert model.pipeline == bundles.PIPELINE_NAME and model.task == "segmentation"
     assert [weight.path for weight in model.weights] == ["models/model.pt"]
+    assert model.pip_requirements == [registry.MONAI_REQUIREMENT]  # the Slicer module installs MONAI for bundles
+    assert registry.get_model("deepbet").pip_requirements == []
     for relative in ("configs/inference.json", "configs/metadata.json", "docs/README.md", "LICENSE",
                      "models/model.pt"):
         assert (model.package_dir / relative).is_file(), relative

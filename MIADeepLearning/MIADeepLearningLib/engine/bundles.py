@@ -39,11 +39,11 @@ import torch
 
 from MIADeepLearningLib.engine import inference
 from MIADeepLearningLib.engine.errors import InputError, ModelError
-from MIADeepLearningLib.engine.registry import METADATA_RELATIVE_PATH, ModelInfo
+from MIADeepLearningLib.engine.registry import METADATA_RELATIVE_PATH, MONAI_BUNDLE_PIPELINE, ModelInfo
 
 ProgressCallback = Callable[[str, float, str], None]
 
-PIPELINE_NAME = "monai_bundle"
+PIPELINE_NAME = MONAI_BUNDLE_PIPELINE
 INFERENCE_CONFIG_RELATIVE_PATH = Path("configs") / "inference.json"
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 TORCHSCRIPT_SUFFIXES = (".ts",)

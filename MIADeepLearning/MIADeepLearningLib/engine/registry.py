@@ -33,6 +33,8 @@ from MIADeepLearningLib.engine.errors import ModelError
 from MIADeepLearningLib.paths import models_cache_dir, models_dir
 
 EXTRA_MODELS_ENV = "MIADL_EXTRA_MODELS_DIRS"
+MONAI_BUNDLE_PIPELINE = "monai_bundle"
+MONAI_REQUIREMENT = "monai>=1.3"
 REGISTRY_FILE_NAME = "models.json"
 SCHEMA_FILE_NAME = "models.schema.json"
 METADATA_RELATIVE_PATH = Path("configs") / "metadata.json"
@@ -101,7 +103,11 @@ class ModelInfo:
 
     @property
     def pipeline(self) -> str:
-        return self.slicer.get("pipeline", "")
+        """The engine pipeline; a package without one but with a MONAI config runs as a MONAI bundle."""
+        declared = self.slicer.get("pipeline", "")
+        if not declared and (self.package_dir / "configs" / "inference.json").is_file():
+            return MONAI_BUNDLE_PIPELINE
+        return declared
 
     @property
     def segments(self) -> list[dict[str, Any]]:
@@ -122,6 +128,14 @@ class ModelInfo:
                 requirements.append(requirement)
         return requirements
 
+    @property
+    def pip_requirements(self) -> list[str]:
+        """Python packages the worker needs for this model, installed with their dependencies (MONAI for bundles)."""
+        requirements = list(self.slicer.get("requirements", []))
+        if self.pipeline == MONAI_BUNDLE_PIPELINE and not any(r.lower().startswith("monai") for r in requirements):
+            requirements.append(MONAI_REQUIREMENT)
+        return requirements
+
     def summary(self) -> dict[str, Any]:
         """Machine-readable description for `models --json` and the module's model list."""
         return {
@@ -134,6 +148,7 @@ class ModelInfo:
             "citation": self.citation,
             "description": self.description,
             "segments": [segment["name"] for segment in self.segments],
+            "requirements": self.pip_requirements,
             "requirements_no_deps": self.pip_requirements_no_deps,
             "package_dir": str(self.package_dir),
             "origin": self.origin,
