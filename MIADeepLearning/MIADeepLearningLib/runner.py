@@ -90,26 +90,108 @@ def kill_process_tree(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-class WorkerProcess:
-    """One running job. Create with `start()`; drive with `poll()` (non-blocking) or `wait()` (blocking)."""
+class _JobHandle:
+    """What every running job offers its caller (SegmentationRun drives either kind): state, events, cancel, wait.
 
-    def __init__(self, job: jobs.Job, python_executable: str | None = None, on_event: EventCallback | None = None,
-                 on_log: LogCallback | None = None, timeout_s: float | None = None,
-                 env: dict[str, str] | None = None):
+    Subclasses read their process's output in `poll()` and end the job with `_stop()` (cancel, time limit),
+    `_crashed()` (the process died without a final event) or by receiving the worker's own done/error event.
+    """
+
+    def __init__(self, job: jobs.Job, on_event: EventCallback | None, on_log: LogCallback | None,
+                 timeout_s: float | None):
         self.job = job
-        self.python_executable = python_executable or sys.executable
         self.on_event = on_event
         self.on_log = on_log
         self.timeout_s = timeout_s
-        self.extra_env = env
         self.state = STATE_RUNNING
         self.final_event: jobs.Event | None = None
         self.log_lines: list[str] = []
         self.returncode: int | None = None
+        self._started_at = time.monotonic()
+
+    def is_running(self) -> bool:
+        return self.state == STATE_RUNNING
+
+    def poll(self) -> list[jobs.Event]:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Kill the process running the job now; the job leaves no output files behind."""
+        if self.state == STATE_RUNNING:
+            self._stop(STATE_CANCELLED, "CancelledError", "Cancelled by the user.")
+
+    def wait(self, poll_interval_s: float = 0.05) -> jobs.Event:
+        """Block until the job ends; returns the final event."""
+        while self.is_running():
+            self.poll()
+            time.sleep(poll_interval_s)
+        self.poll()
+        assert self.final_event is not None
+        return self.final_event
+
+    def _kill(self) -> int | None:
+        """End the process that runs the job; returns its exit code."""
+        raise NotImplementedError
+
+    def _past_time_limit(self) -> bool:
+        return self.timeout_s is not None and time.monotonic() - self._started_at > self.timeout_s
+
+    def _stop_for_time_limit(self) -> None:
+        self._stop(STATE_TIMEOUT, "TimeoutError",
+                   f"The run took longer than its time limit of {self.timeout_s:g} s and was stopped.")
+
+    def _stop(self, state: str, error_type: str, message: str) -> None:
+        self.returncode = self._kill()
+        self.state = state
+        remove_job_outputs(self.job)
+        self._log(message)
+        self._finish_with(jobs.Event(stage=jobs.STAGE_ERROR, error_type=error_type, message=message))
+
+    def _crashed(self, returncode: int | None) -> None:
+        self.returncode = returncode
+        self.state = STATE_CRASHED
+        remove_job_outputs(self.job)
+        self._finish_with(jobs.Event(
+            stage=jobs.STAGE_ERROR, error_type="WorkerCrash",
+            message=f"The worker stopped unexpectedly (exit code {returncode}) before finishing; "
+                    "the log has the details."))
+
+    def _protocol_event(self, event: jobs.Event, events: list[jobs.Event]) -> None:
+        """Keep one of this job's events; its traceback (if any) goes to the log."""
+        if event.traceback:
+            self._log(event.traceback.rstrip())
+        events.append(event)
+        if event.is_final and self.final_event is None:
+            self.final_event = event
+
+    def _deliver(self, events: list[jobs.Event]) -> None:
+        for event in events:
+            if self.on_event:
+                self.on_event(event)
+
+    def _finish_with(self, event: jobs.Event) -> None:
+        self.final_event = event
+        if self.on_event:
+            self.on_event(event)
+
+    def _log(self, line: str) -> None:
+        self.log_lines.append(line)
+        if self.on_log:
+            self.on_log(line)
+
+
+class WorkerProcess(_JobHandle):
+    """One running job in its own process. Create with `start()`; drive with `poll()` or `wait()`."""
+
+    def __init__(self, job: jobs.Job, python_executable: str | None = None, on_event: EventCallback | None = None,
+                 on_log: LogCallback | None = None, timeout_s: float | None = None,
+                 env: dict[str, str] | None = None):
+        super().__init__(job, on_event, on_log, timeout_s)
+        self.python_executable = python_executable or sys.executable
+        self.extra_env = env
         self._queue: queue.Queue = queue.Queue()
         self._open_streams = 2
         self._process: subprocess.Popen | None = None
-        self._started_at = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -129,12 +211,9 @@ class WorkerProcess:
             threading.Thread(target=_pump, args=(stream, kind, self._queue), daemon=True).start()
         return self
 
-    def is_running(self) -> bool:
-        return self.state == STATE_RUNNING
-
     def poll(self) -> list[jobs.Event]:
         """Hand out what arrived since the last call; detect the end, a crash or the time limit."""
-        events = []
+        events: list[jobs.Event] = []
         while True:
             try:
                 kind, line = self._queue.get_nowait()
@@ -146,15 +225,9 @@ class WorkerProcess:
             event = jobs.Event.from_line(line) if kind == "stdout" else None
             if event is None:
                 self._log(line)
-                continue
-            if event.traceback:
-                self._log(event.traceback.rstrip())
-            events.append(event)
-            if event.is_final and self.final_event is None:
-                self.final_event = event
-        for event in events:
-            if self.on_event:
-                self.on_event(event)
+            else:
+                self._protocol_event(event, events)
+        self._deliver(events)
         if self.state == STATE_RUNNING:
             self._check_finished()
         return events
@@ -166,9 +239,8 @@ class WorkerProcess:
             # The worker is gone but something it started still holds its output pipes open: end that too.
             kill_process_tree(self._process)
         finished_in_time = exited and self.final_event is not None  # even if nobody polled before the deadline
-        if not finished_in_time and self.timeout_s is not None and time.monotonic() - self._started_at > self.timeout_s:
-            self._stop(STATE_TIMEOUT, "TimeoutError",
-                       f"The run took longer than its time limit of {self.timeout_s:g} s and was stopped.")
+        if not finished_in_time and self._past_time_limit():
+            self._stop_for_time_limit()
             return
         if not exited or self._open_streams > 0:
             return
@@ -177,50 +249,14 @@ class WorkerProcess:
             self.state = STATE_DONE
         elif self.final_event is not None and self.final_event.stage == jobs.STAGE_ERROR:
             self.state = STATE_ERROR
-            self._remove_outputs()
+            remove_job_outputs(self.job)
         else:
-            self.state = STATE_CRASHED
-            self._remove_outputs()
-            self._finish_with(jobs.Event(
-                stage=jobs.STAGE_ERROR, error_type="WorkerCrash",
-                message=f"The worker stopped unexpectedly (exit code {self.returncode}) before finishing; "
-                        "the log has the details."))
+            self._crashed(self.returncode)
 
-    def cancel(self) -> None:
-        """Kill the worker tree now; the job leaves no output files behind."""
-        if self.state == STATE_RUNNING:
-            self._stop(STATE_CANCELLED, "CancelledError", "Cancelled by the user.")
-
-    def wait(self, poll_interval_s: float = 0.05) -> jobs.Event:
-        """Block until the job ends; returns the final event."""
-        while self.is_running():
-            self.poll()
-            time.sleep(poll_interval_s)
-        self.poll()
-        assert self.final_event is not None
-        return self.final_event
-
-    def _stop(self, state: str, error_type: str, message: str) -> None:
+    def _kill(self) -> int | None:
         assert self._process is not None
         kill_process_tree(self._process)
-        self.returncode = self._process.returncode
-        self.state = state
-        self._remove_outputs()
-        self._log(message)
-        self._finish_with(jobs.Event(stage=jobs.STAGE_ERROR, error_type=error_type, message=message))
-
-    def _finish_with(self, event: jobs.Event) -> None:
-        self.final_event = event
-        if self.on_event:
-            self.on_event(event)
-
-    def _remove_outputs(self) -> None:
-        remove_job_outputs(self.job)
-
-    def _log(self, line: str) -> None:
-        self.log_lines.append(line)
-        if self.on_log:
-            self.on_log(line)
+        return self._process.returncode
 
 
 class _ServerProcess:
@@ -250,7 +286,7 @@ class _ServerProcess:
         return not self.stopping and self.popen.poll() is None
 
 
-class WarmJob:
+class WarmJob(_JobHandle):
     """One job run by a `WarmWorker`: the interface of `WorkerProcess`, so `SegmentationRun` drives either.
 
     A job that ends with done or error leaves the server running (warm) for the next one; cancel and time-out kill
@@ -260,18 +296,10 @@ class WarmJob:
     def __init__(self, owner: WarmWorker, server: _ServerProcess, job: jobs.Job, key: str,
                  on_event: EventCallback | None, on_log: LogCallback | None, timeout_s: float | None,
                  notes: list[str]):
-        self.job = job
-        self.on_event = on_event
-        self.on_log = on_log
-        self.timeout_s = timeout_s
-        self.state = STATE_RUNNING
-        self.final_event: jobs.Event | None = None
-        self.log_lines: list[str] = []
-        self.returncode: int | None = None  # the server's exit code, when the job ended it
+        super().__init__(job, on_event, on_log, timeout_s)  # returncode: the server's, when the job ended it
         self._owner = owner
         self._server = server
         self._key = key
-        self._started_at = time.monotonic()
         for note in notes:
             self._log(note)
 
@@ -279,14 +307,11 @@ class WarmJob:
     def pid(self) -> int | None:
         return self._server.popen.pid
 
-    def is_running(self) -> bool:
-        return self.state == STATE_RUNNING
-
     def poll(self) -> list[jobs.Event]:
         """Hand out this job's events that arrived since the last call; detect its end, a crash or the time limit."""
         if self.state != STATE_RUNNING:
             return []
-        events = []
+        events: list[jobs.Event] = []
         while self.final_event is None:  # what comes after the final event belongs to the server or the next job
             item = self._server.next_line()
             if item is None:
@@ -298,14 +323,8 @@ class WarmJob:
             elif event.job != self._key:
                 self._owner._server_event(self._server, event, self._log)
             else:
-                if event.traceback:
-                    self._log(event.traceback.rstrip())
-                events.append(event)
-                if event.is_final:
-                    self.final_event = event
-        for event in events:
-            if self.on_event:
-                self.on_event(event)
+                self._protocol_event(event, events)
+        self._deliver(events)
         if self.state == STATE_RUNNING:
             self._check_finished()
         return events
@@ -322,51 +341,18 @@ class WarmJob:
         exited = popen.poll() is not None
         if exited and self._server.open_streams > 0:
             kill_process_tree(popen)  # something the server started still holds its pipes: end that too
-        if self.timeout_s is not None and time.monotonic() - self._started_at > self.timeout_s:
-            self._stop(STATE_TIMEOUT, "TimeoutError",
-                       f"The run took longer than its time limit of {self.timeout_s:g} s and was stopped.")
+        if self._past_time_limit():
+            self._stop_for_time_limit()
             return
         if not exited or self._server.open_streams > 0:
             return
-        self.returncode = popen.returncode
-        self.state = STATE_CRASHED
-        remove_job_outputs(self.job)
         self._owner._end_server(self._server)
-        self._finish_with(jobs.Event(
-            stage=jobs.STAGE_ERROR, error_type="WorkerCrash",
-            message=f"The worker stopped unexpectedly (exit code {self.returncode}) before finishing; "
-                    "the log has the details."))
+        self._crashed(popen.returncode)
 
-    def cancel(self) -> None:
-        """Kill the server (the only way to stop a running model); the job leaves no output files behind."""
-        if self.state == STATE_RUNNING:
-            self._stop(STATE_CANCELLED, "CancelledError", "Cancelled by the user.")
-
-    def wait(self, poll_interval_s: float = 0.05) -> jobs.Event:
-        """Block until the job ends; returns the final event."""
-        while self.is_running():
-            self.poll()
-            time.sleep(poll_interval_s)
-        assert self.final_event is not None
-        return self.final_event
-
-    def _stop(self, state: str, error_type: str, message: str) -> None:
+    def _kill(self) -> int | None:
+        """Kill the server: the only way to stop a model that is running."""
         self._owner._end_server(self._server)
-        self.returncode = self._server.popen.returncode
-        self.state = state
-        remove_job_outputs(self.job)
-        self._log(message)
-        self._finish_with(jobs.Event(stage=jobs.STAGE_ERROR, error_type=error_type, message=message))
-
-    def _finish_with(self, event: jobs.Event) -> None:
-        self.final_event = event
-        if self.on_event:
-            self.on_event(event)
-
-    def _log(self, line: str) -> None:
-        self.log_lines.append(line)
-        if self.on_log:
-            self.on_log(line)
+        return self._server.popen.returncode
 
 
 class WarmWorker:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import numpy as np
 
 
@@ -33,3 +36,22 @@ def small_head(head_path, spacing_mm: float = 2.4):
     reference.SetDirection(head.GetDirection())
     smooth = sitk.SmoothingRecursiveGaussian(sitk.Cast(head, sitk.sitkFloat32), spacing_mm / 2)
     return sitk.Resample(smooth, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def process_gone(pid: int) -> bool:
+    """True when the process no longer exists or is a zombie waiting to be reaped (it runs no code any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    """Poll `condition` every 50 ms until it holds or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import process_gone, wait_until
 
 from MIADeepLearningLib import jobs, runner, worker
 from MIADeepLearningLib.testing import sample_data
@@ -57,24 +58,6 @@ def _assert_nothing_left(job: jobs.Job) -> None:
     assert not (Path(job.folder) / jobs.RESULT_FILE_NAME).exists()
 
 
-def _process_gone(pid: int) -> bool:
-    """True when the process no longer exists or is a zombie waiting to be reaped (it runs no code any more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def _wait_until(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def _poll_until(process: runner.WorkerProcess, condition, timeout_s: float) -> bool:
     """Drive the job with poll() (as the Slicer module's timer does) until the condition holds."""
 
@@ -82,7 +65,7 @@ def _poll_until(process: runner.WorkerProcess, condition, timeout_s: float) -> b
         process.poll()
         return condition()
 
-    return _wait_until(check, timeout_s)
+    return wait_until(check, timeout_s)
 
 
 def _wrapper_with_child(tmp_path: Path) -> tuple[Path, Path]:
@@ -235,7 +218,7 @@ def test_time_limit_stops_a_hanging_worker(tmp_path, phantom_file):
     assert run.state == runner.STATE_TIMEOUT
     assert "inference" in [event.stage for event in events], "the limit expired before the worker reached the hang"
     assert 5 <= elapsed < 20
-    assert _process_gone(run.pid) and run.returncode == -9
+    assert process_gone(run.pid) and run.returncode == -9
     final = run.final_event
     assert final.error_type == "TimeoutError" and "time limit of 5 s" in final.message and _one_sentence(final.message)
     _assert_nothing_left(job)
@@ -256,11 +239,11 @@ def test_cancel_kills_the_whole_process_tree(tmp_path, phantom_file):
     assert _poll_until(process, lambda: any(e.stage == "inference" for e in events), 120), process.log_lines
     _plant_leftovers(job)  # as if the worker had started writing
     child_pid = int(pid_file.read_text())
-    assert not _process_gone(process.pid) and not _process_gone(child_pid)
+    assert not process_gone(process.pid) and not process_gone(child_pid)
     process.cancel()
     assert process.state == runner.STATE_CANCELLED
-    assert _process_gone(process.pid)
-    assert _wait_until(lambda: _process_gone(child_pid), 5), "the worker's child survived the cancel"
+    assert process_gone(process.pid)
+    assert wait_until(lambda: process_gone(child_pid), 5), "the worker's child survived the cancel"
     assert process.final_event.message == "Cancelled by the user."
     assert process.final_event.error_type == "CancelledError"
     assert events[-1] is process.final_event
@@ -283,10 +266,10 @@ def test_crashed_worker_does_not_leave_its_children_or_hang_the_job(tmp_path, ph
     try:
         assert finished, "the job never ended after its worker crashed"
         assert process.state == runner.STATE_CRASHED and process.returncode == 139
-        assert _wait_until(lambda: _process_gone(child_pid), 5), "the crashed worker's child is still running"
+        assert wait_until(lambda: process_gone(child_pid), 5), "the crashed worker's child is still running"
     finally:
         process.cancel()
-        if not _process_gone(child_pid):
+        if not process_gone(child_pid):
             os.kill(child_pid, 9)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import small_head
+from helpers import process_gone, small_head, wait_until
 
 from MIADeepLearningLib import jobs, runner, worker
 
@@ -43,30 +43,12 @@ def _job(root: Path, name: str, image: Path) -> jobs.Job:
                     options={"input_name": name})
 
 
-def _process_gone(pid: int) -> bool:
-    """True when the process no longer exists or is a zombie (it runs no code any more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def _wait_until(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def _poll_until_stage(handle, events: list, stage: str, timeout_s: float = 120) -> None:
     def reached():
         handle.poll()
         return any(event.stage == stage for event in events) or not handle.is_running()
 
-    assert _wait_until(reached, timeout_s), handle.log_lines
+    assert wait_until(reached, timeout_s), handle.log_lines
     assert handle.is_running(), (handle.final_event, handle.log_lines)
 
 
@@ -131,7 +113,7 @@ def test_input_error_keeps_the_server_warm_and_a_server_that_died_idle_is_restar
 
     os.kill(pid, signal.SIGKILL)  # dies between jobs (out of memory killer, a user with `kill`)
     # not only a zombie leader (torch's threads may still be exiting) but reapable: the runner can see it is gone
-    assert _wait_until(lambda: not warm.is_alive(), 10)
+    assert wait_until(lambda: not warm.is_alive(), 10)
     restarted, _ = _run_ok(warm, _job(tmp_path, "restarted", head_file))
     assert warm.starts == 2 and warm.pid != pid
     assert any("had stopped" in line for line in restarted.log_lines)
@@ -152,7 +134,7 @@ def test_cancel_and_time_out_kill_the_server_and_the_next_job_restarts_it(head_f
         handle.cancel()
         assert handle.state == runner.STATE_CANCELLED and handle.final_event.error_type == "CancelledError"
         assert events[-1] is handle.final_event and handle.final_event.message == "Cancelled by the user."
-        assert _process_gone(server_pid) and not warm.is_alive()
+        assert process_gone(server_pid) and not warm.is_alive()
         _assert_nothing_left(job)
 
         events = []
@@ -163,7 +145,7 @@ def test_cancel_and_time_out_kill_the_server_and_the_next_job_restarts_it(head_f
         assert handle.state == runner.STATE_TIMEOUT and final.error_type == "TimeoutError", handle.log_lines
         assert "inference" in [event.stage for event in events], "the limit expired before the job reached the hang"
         assert 8 <= time.monotonic() - started < 30 and "time limit of 8 s" in final.message
-        assert warm.starts == 2 and _process_gone(handle.pid)
+        assert warm.starts == 2 and process_gone(handle.pid)
         _assert_nothing_left(timed)
 
         warm.env = {}  # the next start runs without the injected hang
@@ -215,14 +197,14 @@ def test_an_unexpected_error_restarts_the_server_for_the_next_job(head_file, tmp
 def test_shutdown_leaves_no_process(head_file, tmp_path):
     warm = runner.WarmWorker().start()
     pid = warm.pid
-    assert warm.is_alive() and not _process_gone(pid)
+    assert warm.is_alive() and not process_gone(pid)
     warm.shutdown()
-    assert _process_gone(pid) and not warm.is_alive() and warm.pid is None
+    assert process_gone(pid) and not warm.is_alive() and warm.pid is None
     warm.shutdown()  # a second shutdown does nothing
     with runner.WarmWorker() as scoped:  # a context manager shuts down too, also mid-job
         handle = scoped.submit(_job(tmp_path, "scoped", head_file))
         pid = scoped.pid
-    assert _process_gone(pid) and handle.state == runner.STATE_CANCELLED
+    assert process_gone(pid) and handle.state == runner.STATE_CANCELLED
 
 
 # ------------------------------------------------------------------------------------- the serve loop itself
