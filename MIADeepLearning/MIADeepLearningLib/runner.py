@@ -481,12 +481,11 @@ class WarmWorker:
     def _end_server(self, server: _ServerProcess) -> None:
         """Kill the server's process tree (if anything is left of it) and forget it."""
         kill_process_tree(server.popen)
-        for stream in (server.popen.stdin,):
-            try:
-                if stream is not None:
-                    stream.close()
-            except (OSError, ValueError):
-                pass
+        try:
+            if server.popen.stdin is not None:
+                server.popen.stdin.close()
+        except (OSError, ValueError):
+            pass
         if self._server is server:
             self._server = None
 

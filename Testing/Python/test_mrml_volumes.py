@@ -117,27 +117,16 @@ def test_export_leaves_the_node_and_scene_untouched(scene, tmp_path):
     saved = headless.save_node(original, tmp_path / "original.nrrd")
     node = headless.load_volume(saved, name="loaded")  # a node with its own storage node and file name
     storage = node.GetStorageNode()
-    state = (
-        node.GetMTime(),
-        node.GetImageData().GetMTime(),
-        node.GetStorageNodeID(),
-        storage.GetFileName(),
-        storage.GetMTime(),
-        node.GetModifiedSinceRead(),
-        node.GetName(),
-    )
+
+    def state():
+        return (node.GetMTime(), node.GetImageData().GetMTime(), node.GetStorageNodeID(), storage.GetFileName(),
+                storage.GetMTime(), node.GetModifiedSinceRead(), node.GetName())
+
+    before = state()
     ids = _node_ids(scene)
     volumes.export_volume(node, tmp_path / "job" / "input.nrrd")
     assert (tmp_path / "job" / "input.nrrd").is_file()
-    assert state == (
-        node.GetMTime(),
-        node.GetImageData().GetMTime(),
-        node.GetStorageNodeID(),
-        storage.GetFileName(),
-        storage.GetMTime(),
-        node.GetModifiedSinceRead(),
-        node.GetName(),
-    )
+    assert state() == before
     assert _node_ids(scene) == ids
 
 
