@@ -71,36 +71,26 @@ def import_engine() -> float:
     return time.perf_counter() - started
 
 
-def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
-    """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs.
-
-    With a `pipeline_cache` (warm worker) a model loaded by an earlier job is reused; ``model_cached`` in the
-    result says whether that happened.
-    """
-    engine_import_s = import_engine()
+def _write_outputs(job: jobs.Job, reporter: Reporter, images: dict[str, Any], defaults: dict[str, str]) -> dict:
+    """Write the output images into job.partial_dir, then rename it to job.outputs_dir (all or nothing)."""
     from MIADeepLearningLib.engine import imageio
-    from MIADeepLearningLib.engine.tasks import segment_image
 
-    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
-    output = segment_image(
-        job.inputs["image"], job.model, device=job.device, options=job.options.get("model_options"),
-        create_masked_volume="masked" in job.outputs, progress=reporter.progress,
-        input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache,
-    )
-    # No new cache entry although the cache had one: segment_image found this model already loaded.
-    model_cached = pipeline_cache is not None and bool(cached_before) and set(pipeline_cache) <= cached_before
     reporter.progress("write", 0.95, "Writing results")
     partial = job.partial_dir
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    written = {"label": imageio.write_image(output.label, partial / job.outputs.get("label", "label.nrrd"))}
-    if output.masked is not None:
-        written["masked"] = imageio.write_image(output.masked, partial / job.outputs["masked"])
+    written = {role: imageio.write_image(image, partial / job.outputs.get(role, defaults.get(role, f"{role}.nrrd")))
+               for role, image in images.items() if image is not None}
     shutil.rmtree(job.outputs_dir, ignore_errors=True)
     partial.rename(job.outputs_dir)
+    return {role: str(job.outputs_dir / path.name) for role, path in written.items()}
+
+
+def _finish_result(job: jobs.Job, output: Any, outputs: dict[str, str], engine_import_s: float,
+                   model_cached: bool, **extra: Any) -> dict[str, Any]:
     result = {
-        "outputs": {role: str(job.outputs_dir / path.name) for role, path in written.items()},
-        "segments": output.segments,
+        "outputs": outputs,
+        **extra,
         "provenance": output.provenance,
         "timings": {"engine_import": round(engine_import_s, 3),
                     **{stage: round(seconds, 3) for stage, seconds in output.timings.items()}},
@@ -111,7 +101,50 @@ def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | No
     return result
 
 
-TASKS = {"segment": run_segment_job}
+def _model_was_cached(pipeline_cache: dict | None, cached_before: set) -> bool:
+    """No new cache entry although the cache had one: the task found this model already loaded."""
+    return pipeline_cache is not None and bool(cached_before) and set(pipeline_cache) <= cached_before
+
+
+def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs.
+
+    With a `pipeline_cache` (warm worker) a model loaded by an earlier job is reused; ``model_cached`` in the
+    result says whether that happened.
+    """
+    engine_import_s = import_engine()
+    from MIADeepLearningLib.engine.tasks import segment_image
+
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    output = segment_image(
+        job.inputs["image"], job.model, device=job.device, options=job.options.get("model_options"),
+        create_masked_volume="masked" in job.outputs, progress=reporter.progress,
+        input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache,
+    )
+    outputs = _write_outputs(job, reporter, {"label": output.label, "masked": output.masked},
+                             {"label": "label.nrrd"})
+    return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
+                          segments=output.segments)
+
+
+def run_synthesize_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Synthesize from ``job.inputs['image']``; writes ``image`` and, when job.outputs asks for them, the
+    ``uncertainty`` and ``difference`` volumes."""
+    engine_import_s = import_engine()
+    from MIADeepLearningLib.engine.tasks import synthesize_image
+
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    options = {**job.options.get("model_options", {}), "uncertainty": "uncertainty" in job.outputs,
+               "difference": "difference" in job.outputs}
+    output = synthesize_image(job.inputs["image"], job.model, device=job.device, options=options,
+                              progress=reporter.progress, input_name=job.options.get("input_name"),
+                              pipeline_cache=pipeline_cache)
+    images = {"image": output.image, "uncertainty": output.uncertainty, "difference": output.difference}
+    outputs = _write_outputs(job, reporter, images, {"image": "synthesized.nrrd"})
+    return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before))
+
+
+TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,

@@ -29,6 +29,7 @@ from MIADeepLearningLib.engine.errors import ModelError
 
 SOURCE_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 TINY_ID, TINY_VERSION = "tinybet", "0.1.0"
+SHIPPED_IDS = ("deepbet", "thick-slice-sr")  # Resources/Models/models.json, in order
 
 
 def _one_sentence(message: str) -> bool:
@@ -255,7 +256,7 @@ def test_shipped_registry_and_schema_are_valid():
     schema = json.loads((SOURCE_MODELS / registry.SCHEMA_FILE_NAME).read_text(encoding="utf-8"))
     jsonschema.validators.validator_for(schema).check_schema(schema)
     data = registry.load_registry(strict=True)
-    assert [entry["id"] for entry in data["models"]] == ["deepbet"]
+    assert [entry["id"] for entry in data["models"]] == list(SHIPPED_IDS)
     for model in registry.list_models():
         registry.validate(model.metadata, "packageMetadata", str(model.package_dir), strict=True)
 
@@ -304,7 +305,8 @@ def test_url_source_without_sha256_is_refused(tiny, with_registry):
     _package, _archive, entry = tiny
     del entry["source"]["sha256"]
     with_registry(entry)
-    with pytest.raises(ModelError, match=r"at \$\.models\[1\]\.source: 'sha256' is a required property"):
+    index = len(SHIPPED_IDS)  # the added entry comes after the shipped ones
+    with pytest.raises(ModelError, match=rf"at \$\.models\[{index}\]\.source: 'sha256' is a required property"):
         registry.list_models()
 
 
@@ -494,7 +496,7 @@ def test_url_model_must_be_downloaded_first_then_installs_verified(tiny, server,
     target = cache / f"{TINY_ID}-{TINY_VERSION}"
     assert model.id == TINY_ID and model.origin == "url" and model.package_dir == target
     assert calls[-1] == (entry["source"]["size"], entry["source"]["size"])
-    assert [m.id for m in registry.list_models()] == ["deepbet", TINY_ID]
+    assert [m.id for m in registry.list_models()] == [*SHIPPED_IDS, TINY_ID]
     assert registry.get_model(TINY_ID).title == "Tiny brain extraction (test package)"
     weights = registry.verified_weight_paths(model)
     assert set(weights) == {"bbox_model", "mask_model"}
@@ -563,7 +565,7 @@ def test_import_from_a_folder(tmp_path, cache):
     model = model_store.import_model(package)
     target = cache / f"{TINY_ID}-{TINY_VERSION}"
     assert model.id == TINY_ID and model.origin == "import" and model.package_dir == target
-    assert [m.id for m in registry.list_models()] == ["deepbet", TINY_ID]
+    assert [m.id for m in registry.list_models()] == [*SHIPPED_IDS, TINY_ID]
     assert registry.get_model(TINY_ID).package_dir == target
     weights = registry.verified_weight_paths(model)
     assert weights["mask_model"].read_bytes() == (package / "models" / "model.pt").read_bytes()
@@ -577,7 +579,7 @@ def test_import_from_a_zip_with_or_without_a_top_folder(tmp_path, cache):
     nested = make_zip(package, tmp_path / "whatever.zip", top_folder=True)
     assert model_store.import_model(flat).id == "flatbet"
     assert model_store.import_model(nested).id == "unnamed-package"
-    assert {m.id for m in registry.list_models()} == {"deepbet", "flatbet", "unnamed-package"}
+    assert {m.id for m in registry.list_models()} == {*SHIPPED_IDS, "flatbet", "unnamed-package"}
 
 
 def test_import_and_extra_models_dirs_are_listed_together(tmp_path, monkeypatch):
@@ -585,7 +587,7 @@ def test_import_and_extra_models_dirs_are_listed_together(tmp_path, monkeypatch)
     extra = tmp_path / "extra"
     make_package(extra, model_id="extrabet")
     monkeypatch.setenv(registry.EXTRA_MODELS_ENV, str(extra))
-    assert [m.id for m in registry.list_models()] == ["deepbet", TINY_ID, "extrabet"]
+    assert [m.id for m in registry.list_models()] == [*SHIPPED_IDS, TINY_ID, "extrabet"]
 
 
 @pytest.mark.parametrize(

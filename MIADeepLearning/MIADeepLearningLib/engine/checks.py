@@ -17,6 +17,7 @@ an optional ``slicer.expected_input`` section of the metadata::
         "spacing_mm": [0.5, 2.5],           # every voxel side should lie in this range
         "field_of_view_mm": [100, 400],     # every axis' extent (size × spacing) should lie in this range
         "max_anisotropy": 3.0,              # largest / smallest voxel side (default 4)
+        "channels": 1,                      # image channels, when the pipeline builds the network's channels
         "intensity_range": [-57, 164],      # where the values that matter lie (e.g. a CT model's window) ...
         "min_fraction_in_range": 0.05       # ... and the share of voxels expected in it (default 5 %)
     }
@@ -64,9 +65,11 @@ class ExpectedInput:
         slicer = metadata.get("slicer", {})
         expected = slicer.get("expected_input", {})
         channel_def = image.get("channel_def", {})
+        if "channels" in expected:  # the pipeline derives the network's channels from fewer image channels
+            channel_def = {}
         return cls(
             modality=normalized_modality(expected.get("modality", image.get("modality", slicer.get("modality", "")))),
-            num_channels=int(image.get("num_channels", 1)),
+            num_channels=int(expected.get("channels", image.get("num_channels", 1))),
             channel_names=tuple(str(channel_def[key]) for key in sorted(channel_def, key=int)),
             spacing_mm=_range(expected.get("spacing_mm")),
             field_of_view_mm=_range(expected.get("field_of_view_mm")),

@@ -12,28 +12,18 @@ start-up and the model load on every run after the first; the files, events and 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from MIADeepLearningLib import jobs, runner
+from MIADeepLearningLib import runner
 from MIADeepLearningLib.engine import errors, registry
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file
-from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume, read_volume_file
-
-EventCallback = Callable[[jobs.Event], None]
-
-_ERRORS_BY_TYPE = {
-    "InputError": errors.InputError,
-    "ModelError": errors.ModelError,
-    "CancelledError": errors.CancelledError,
-}
+from MIADeepLearningLib.mrml.task_run import EventCallback, TaskRun, launch
+from MIADeepLearningLib.mrml.volumes import check_input_volume, read_volume_file
 
 
 @dataclass
@@ -46,52 +36,14 @@ class SegmentationResult:
     model_cached: bool = False  # a warm worker reused the model it had loaded for an earlier run
 
 
-class SegmentationRun:
-    """A started run: poll it (non-blocking) until it stops, then `finish()` imports the results."""
+class SegmentationRun(TaskRun):
+    """A started segmentation run (see TaskRun): the import makes the segmentation and the masked volume."""
 
     def __init__(self, worker: runner.WorkerProcess | runner.WarmJob, input_volume, model: registry.ModelInfo,
                  output_segmentation, create_masked_volume: bool, started_at: float, export_seconds: float):
-        self.worker = worker
-        self.input_volume = input_volume
-        self.model = model
+        super().__init__(worker, input_volume, model, started_at, export_seconds)
         self.output_segmentation = output_segmentation
         self.create_masked_volume = create_masked_volume
-        self._started_at = started_at
-        self._export_seconds = export_seconds
-        self._finished = False
-
-    @property
-    def log_lines(self) -> list[str]:
-        return self.worker.log_lines
-
-    def poll(self) -> list[jobs.Event]:
-        return self.worker.poll()
-
-    def is_running(self) -> bool:
-        return self.worker.is_running()
-
-    def cancel(self) -> None:
-        self.worker.cancel()
-
-    def wait(self) -> None:
-        self.worker.wait()
-
-    def finish(self) -> SegmentationResult:
-        """Import the outputs of a successful run; raise the worker's error (one sentence) otherwise."""
-        if self.is_running():
-            raise RuntimeError("finish() called while the worker is still running")
-        if self._finished:
-            raise RuntimeError("finish() called twice")
-        self._finished = True
-        try:
-            final = self.worker.final_event
-            if self.worker.state != runner.STATE_DONE or final is None or final.result is None:
-                message = final.message if final else "The worker ended without a result."
-                error_class = _ERRORS_BY_TYPE.get(final.error_type if final else "", errors.WorkerError)
-                raise error_class(message)
-            return self._import(final.result)
-        finally:
-            shutil.rmtree(self.worker.job.folder, ignore_errors=True)
 
     def _import(self, result: dict[str, Any]) -> SegmentationResult:
         import_started = time.perf_counter()
@@ -111,26 +63,13 @@ class SegmentationRun:
                     reference=self.input_volume,
                 )
                 self._copy_display(masked_node)
-            timings = dict(result.get("timings", {}))
-            timings["export"] = round(self._export_seconds, 3)
-            timings["import"] = round(time.perf_counter() - import_started, 3)
-            timings["total"] = round(time.perf_counter() - self._started_at, 3)
+            timings = self._timings(result, import_started)
             provenance["timings_s"] = timings
             provenance["input_node"] = input_name
             for node in filter(None, [segmentation, masked_node]):
                 set_provenance(node, provenance)
         return SegmentationResult(segmentation, masked_node, provenance, list(result.get("warnings", [])), timings,
                                   bool(result.get("model_cached", False)))
-
-    def _copy_display(self, volume_node) -> None:
-        """Show the skull-stripped volume like its input (same window/level), not with an automatic window."""
-        source = self.input_volume.GetDisplayNode()
-        volume_node.CreateDefaultDisplayNodes()
-        target = volume_node.GetDisplayNode()
-        if source is not None and target is not None:
-            target.SetAndObserveColorNodeID(source.GetColorNodeID())
-            target.SetAutoWindowLevel(False)
-            target.SetWindowLevel(source.GetWindow(), source.GetLevel())
 
 
 class SegmentationLogic:
@@ -158,33 +97,17 @@ class SegmentationLogic:
         `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
         """
         started_at = time.perf_counter()
-        if worker_env and self.warm_worker is not None:
-            raise ValueError("worker_env applies to a new worker process; give the WarmWorker its env instead.")
         check_input_volume(input_volume)
         model = registry.get_model(model_id)
         if model.task != "segmentation":
             raise errors.ModelError(f"Model '{model.title}' is not a segmentation model.")
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
             raise errors.InputError(f"Output node '{output_segmentation.GetName()}' is not a segmentation node.")
-        if self.jobs_root:
-            self.jobs_root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="miadl-job-", dir=self.jobs_root))
-        try:
-            image_path = export_volume(input_volume, folder / "input.nrrd")
-            outputs = {"label": "label.nrrd"}
-            if create_masked_volume:
-                outputs["masked"] = "masked.nrrd"
-            job = jobs.Job(task="segment", model=model.id, inputs={"image": str(image_path)}, folder=str(folder),
-                           outputs=outputs, device=device, options={"input_name": input_volume.GetName()})
-            export_seconds = time.perf_counter() - started_at
-            if self.warm_worker is not None:
-                worker = self.warm_worker.submit(job, on_event=on_event, timeout_s=timeout_s)
-            else:
-                worker = runner.start(job, python_executable=self.python_executable, on_event=on_event,
-                                      timeout_s=timeout_s, env=worker_env)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        outputs = {"label": "label.nrrd"}
+        if create_masked_volume:
+            outputs["masked"] = "masked.nrrd"
+        worker, export_seconds = launch("segment", input_volume, model, outputs, device, {}, self.jobs_root,
+                                        self.python_executable, self.warm_worker, timeout_s, on_event, worker_env)
         return SegmentationRun(worker, input_volume, model, output_segmentation, create_masked_volume,
                                started_at, export_seconds)
 

@@ -1,0 +1,60 @@
+"""Network architectures of the models this project trains itself (the weights live in model packages)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
+        nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv3d(out_channels, out_channels, 3, padding=1),
+        nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+class ResidualUNet3D(nn.Module):
+    """A small 3D U-Net that predicts a correction added to its first input channel.
+
+    Used for super-resolution: channel 0 is the thick-slice image already interpolated onto the 1 mm grid, so the
+    network only has to learn what interpolation misses. No normalisation layers, because intensities carry the
+    signal; the residual is added in float32 so bf16 autocast does not quantise the image itself.
+    Spatial sizes must be divisible by 2 ** (len(features) - 1).
+    """
+
+    def __init__(self, in_channels: int = 3, features: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        features = [int(value) for value in features]
+        self.in_channels = in_channels
+        self.features = features
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for level, width in enumerate(features):
+            self.encoders.append(_conv_block(previous, width, stride=1 if level == 0 else 2))
+            previous = width
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for width in reversed(features[:-1]):
+            self.upsamplers.append(nn.ConvTranspose3d(previous, width, 2, stride=2))
+            self.decoders.append(_conv_block(2 * width, width))
+            previous = width
+        self.head = nn.Conv3d(previous, 1, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        skips = []
+        hidden = inputs
+        for encoder in self.encoders:
+            hidden = encoder(hidden)
+            skips.append(hidden)
+        skips.pop()
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
+        return inputs[:, :1].float() + self.head(hidden).float()

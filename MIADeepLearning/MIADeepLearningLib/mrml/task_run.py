@@ -1,0 +1,123 @@
+"""What every module's logic shares: export the input volume into a job folder, start the worker (a process of its
+own or the warm worker), poll it, and on success hand the result to the task's import; the job folder is removed
+whatever happens. Qt-free so the headless tests and the demo run exactly what the modules run."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from MIADeepLearningLib import jobs, runner
+from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib.mrml.volumes import export_volume
+
+EventCallback = Callable[[jobs.Event], None]
+
+_ERRORS_BY_TYPE = {
+    "InputError": errors.InputError,
+    "ModelError": errors.ModelError,
+    "CancelledError": errors.CancelledError,
+}
+
+
+class TaskRun:
+    """A started run: poll it (non-blocking) until it stops, then `finish()` imports the results.
+
+    Subclasses implement `_import(result)`, which runs only after the worker succeeded.
+    """
+
+    def __init__(self, worker: runner.WorkerProcess | runner.WarmJob, input_volume, model: registry.ModelInfo,
+                 started_at: float, export_seconds: float):
+        self.worker = worker
+        self.input_volume = input_volume
+        self.model = model
+        self._started_at = started_at
+        self._export_seconds = export_seconds
+        self._finished = False
+
+    @property
+    def log_lines(self) -> list[str]:
+        return self.worker.log_lines
+
+    def poll(self) -> list[jobs.Event]:
+        return self.worker.poll()
+
+    def is_running(self) -> bool:
+        return self.worker.is_running()
+
+    def cancel(self) -> None:
+        self.worker.cancel()
+
+    def wait(self) -> None:
+        self.worker.wait()
+
+    def finish(self) -> Any:
+        """Import the outputs of a successful run; raise the worker's error (one sentence) otherwise."""
+        if self.is_running():
+            raise RuntimeError("finish() called while the worker is still running")
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        self._finished = True
+        try:
+            final = self.worker.final_event
+            if self.worker.state != runner.STATE_DONE or final is None or final.result is None:
+                message = final.message if final else "The worker ended without a result."
+                error_class = _ERRORS_BY_TYPE.get(final.error_type if final else "", errors.WorkerError)
+                raise error_class(message)
+            return self._import(final.result)
+        finally:
+            shutil.rmtree(self.worker.job.folder, ignore_errors=True)
+
+    def _import(self, result: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _timings(self, result: dict[str, Any], import_started: float) -> dict[str, float]:
+        timings = dict(result.get("timings", {}))
+        timings["export"] = round(self._export_seconds, 3)
+        timings["import"] = round(time.perf_counter() - import_started, 3)
+        timings["total"] = round(time.perf_counter() - self._started_at, 3)
+        return timings
+
+    def _copy_display(self, volume_node) -> None:
+        """Show an output volume like its input (same colours and window/level), not with an automatic window."""
+        source = self.input_volume.GetDisplayNode()
+        volume_node.CreateDefaultDisplayNodes()
+        target = volume_node.GetDisplayNode()
+        if source is not None and target is not None:
+            target.SetAndObserveColorNodeID(source.GetColorNodeID())
+            target.SetAutoWindowLevel(False)
+            target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+
+
+def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str, str], device: str,
+           options: dict[str, Any], jobs_root: Path | None, python_executable: str | None,
+           warm_worker: runner.WarmWorker | None, timeout_s: float | None, on_event: EventCallback | None,
+           worker_env: dict[str, str] | None) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
+    """Export the input and start the job; (worker handle, export seconds). Nothing is left behind on failure.
+
+    `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
+    """
+    started_at = time.perf_counter()
+    if worker_env and warm_worker is not None:
+        raise ValueError("worker_env applies to a new worker process; give the WarmWorker its env instead.")
+    if jobs_root:
+        jobs_root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="miadl-job-", dir=jobs_root))
+    try:
+        image_path = export_volume(input_volume, folder / "input.nrrd")
+        job = jobs.Job(task=task, model=model.id, inputs={"image": str(image_path)}, folder=str(folder),
+                       outputs=outputs, device=device, options={"input_name": input_volume.GetName(), **options})
+        export_seconds = time.perf_counter() - started_at
+        if warm_worker is not None:
+            worker = warm_worker.submit(job, on_event=on_event, timeout_s=timeout_s)
+        else:
+            worker = runner.start(job, python_executable=python_executable, on_event=on_event, timeout_s=timeout_s,
+                                  env=worker_env)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return worker, export_seconds

@@ -1,0 +1,88 @@
+"""Label maps to train on: a folder of NIfTI label maps, or (fresh machine) the MNI tissue maps shipped in nilearn."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from MIADeepLearningLib.training.generator import compact_labels
+
+NILEARN_FILES = {
+    "t1": "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+@dataclass
+class LabelMap:
+    name: str
+    indices: np.ndarray  # int16 compact label indices, cropped to the labelled region plus a margin
+    values: np.ndarray  # the label value of each index
+
+
+def crop_to_foreground(array: np.ndarray, margin: int) -> np.ndarray:
+    foreground = np.argwhere(array > 0)
+    if foreground.size == 0:
+        raise ValueError("The label map has no labelled voxel.")
+    low = np.maximum(foreground.min(axis=0) - margin, 0)
+    high = np.minimum(foreground.max(axis=0) + margin + 1, array.shape)
+    return array[tuple(slice(a, b) for a, b in zip(low, high))]
+
+
+def load_label_map(path: Path, margin: int = 8) -> LabelMap:
+    image = sitk.ReadImage(str(path))
+    spacing = np.asarray(image.GetSpacing())
+    if np.any(np.abs(spacing - 1.0) > 0.05):
+        image = sitk.Resample(image, [round(n * s) for n, s in zip(image.GetSize(), spacing)], sitk.Transform(),
+                              sitk.sitkNearestNeighbor, image.GetOrigin(), (1.0, 1.0, 1.0), image.GetDirection())
+    array = sitk.GetArrayFromImage(image)
+    indices, values = compact_labels(crop_to_foreground(np.rint(array).astype(np.int32), margin))
+    return LabelMap(Path(path).name.split(".")[0], indices, values)
+
+
+def nilearn_file(key: str) -> Path:
+    """A file of the MNI template shipped inside the nilearn wheel (installed with --no-deps; never imported)."""
+    try:
+        files = importlib.metadata.files("nilearn") or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise FileNotFoundError("nilearn is not installed (pip install --no-deps nilearn) — it carries the MNI "
+                                "template used when no label maps are given.") from error
+    wanted = NILEARN_FILES[key]
+    for item in files:
+        if str(item).replace("\\", "/") == wanted:
+            return Path(item.locate())
+    raise FileNotFoundError(f"nilearn does not contain {wanted}.")
+
+
+def mni_tissue_label_map() -> LabelMap:
+    """CSF / GM / WM labels (FreeSurfer values 24 / 3 / 2) from nilearn's MNI probability maps and T1 brain."""
+    t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("t1")))).astype(np.float32)
+    gm = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("gm")))).astype(np.float32) / 255.0
+    wm = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("wm")))).astype(np.float32) / 255.0
+    brain = t1 > 0.05 * t1.max()
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    labels = np.array([24, 3, 2], dtype=np.int32)[np.argmax(np.stack([csf, gm, wm]), axis=0)]
+    labels[~brain] = 0
+    indices, values = compact_labels(crop_to_foreground(labels, 8))
+    return LabelMap("mni152_2009a_tissue", indices, values)
+
+
+def load_label_maps(folder: Path | None, held_out: list[str]) -> tuple[list[LabelMap], list[LabelMap]]:
+    """(training maps, held-out maps). Without a folder: the MNI tissue map for both (a fallback for smoke runs)."""
+    if folder is None:
+        mni = mni_tissue_label_map()
+        return [mni], [mni]
+    paths = sorted(Path(folder).glob("*.nii*"))
+    if not paths:
+        raise FileNotFoundError(f"No NIfTI label maps in {folder}.")
+    maps = [load_label_map(path) for path in paths]
+    training = [item for item in maps if item.name not in held_out]
+    validation = [item for item in maps if item.name in held_out]
+    if not training:
+        raise ValueError("Every label map is held out; nothing is left to train on.")
+    return training, validation
