@@ -1,4 +1,4 @@
-"""Batch use without Slicer: `python -m MIADeepLearningLib segment|models|device ...`.
+"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|models|device ...`.
 
 Runs the same engine code as the Slicer worker, in-process; outputs land exactly on the input's grid.
 
@@ -10,6 +10,10 @@ name without its image extension and `<ext>` is, by default, the input's own ext
 so a NRRD stays a NRRD and nothing about the input's grid or format is lost in the round trip. A CSV report (case,
 input, status, seconds, output, masked_output, warnings, error) is written row by row, by default to
 `<output folder>/report.csv`.
+
+`synthesize --model ID -i in.nii.gz -o out.nii.gz [--uncertainty U] [--difference D]` runs a synthesis model on one
+file (e.g. thick-slice MRI to a 1 mm volume over the input's extent, same orientation); all outputs are written, or
+none.
 
 Exit codes: 0 success; 2 a problem with the command line, the input, the model or the device before any case ran,
 or a model that cannot be loaded (one sentence on stderr; in a batch the report lists what ran); 3 one or more cases
@@ -89,14 +93,14 @@ def output_extension(input_path: Path, output_format: str) -> str:
     return f".{output_format}"
 
 
-def check_model(model_id: str, device: str):
+def check_model(model_id: str, device: str, task: str = "segmentation"):
     """Everything about the model and device that can fail, checked once before the first case (exit code 2)."""
     from MIADeepLearningLib.engine import registry
     from MIADeepLearningLib.engine.devices import choose_device
 
     model = registry.get_model(model_id)
-    if model.task != "segmentation":
-        raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a segmentation model.")
+    if model.task != task:
+        raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a {task} model.")
     choose_device(device)
     registry.verified_weight_paths(model)
     return model
@@ -220,6 +224,26 @@ def _write_outputs(images: dict[Path, Any], staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_all(images: dict[Path, Any]) -> None:
+    """Write every image into a staging folder beside its destination, then move them all into place: a failure
+    while writing leaves none of the outputs (a .mhd/.nhdr header and its data file move together)."""
+    from MIADeepLearningLib.engine import imageio
+
+    stagings: dict[Path, Path] = {}
+    try:
+        for target, image in images.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = stagings.setdefault(target.parent, target.parent / f".miadl-staging-{os.getpid()}")
+            staging.mkdir(exist_ok=True)
+            imageio.write_image(image, staging / target.name)
+        for destination, staging in stagings.items():
+            for written in sorted(staging.iterdir()):
+                os.replace(written, destination / written.name)
+    finally:
+        for staging in stagings.values():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _remove_stale(paths: list[Path]) -> None:
     """A failed case must not leave an older output of the same name that the report would contradict."""
     for path in paths:
@@ -261,6 +285,42 @@ def segment_file(args: argparse.Namespace, output: Path, masked: Path | None) ->
         Path(args.provenance).write_text(json.dumps({"segments": result.segments, **result.provenance}, indent=2))
     if not args.quiet:
         sys.stderr.write(f"wrote {output}\n")
+    return EXIT_OK
+
+
+def command_synthesize(args: argparse.Namespace) -> int:
+    """One file in, a synthesized volume (and the optional maps) out; nothing is written unless all succeed."""
+    from MIADeepLearningLib.engine.tasks import synthesize_image
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise InputError(f"The input {source} is not a file (synthesize takes one image file).")
+    targets = {"output": Path(args.output), "uncertainty": args.uncertainty, "difference": args.difference}
+    targets = {role: Path(path) for role, path in targets.items() if path}
+    for role, path in targets.items():
+        if image_suffix(path.name) is None:
+            raise UsageError(f"--{role} {path} needs an image extension ({', '.join(IMAGE_SUFFIXES)}).")
+        if path.resolve() == source.resolve():
+            raise UsageError(f"--{role} would overwrite the input {source}; choose another file.")
+    if len({path.resolve() for path in targets.values()}) != len(targets):
+        raise UsageError("The output, uncertainty and difference files must be different files.")
+    for path in targets.values():  # before the model runs: a folder that cannot be made fails now, in one line
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"Cannot create the folder for {path} ({error.strerror or error}).") from error
+    check_model(args.model, args.device, task="synthesis")
+    options = {"uncertainty": "uncertainty" in targets, "difference": "difference" in targets}
+    result = synthesize_image(source, args.model, device=args.device, options=options,
+                              progress=_progress_printer(args.quiet))
+    images = {"output": result.image, "uncertainty": result.uncertainty, "difference": result.difference}
+    _write_all({path: images[role] for role, path in targets.items()})
+    for warning in result.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    if args.provenance:
+        Path(args.provenance).write_text(json.dumps(result.provenance, indent=2))
+    if not args.quiet:
+        sys.stderr.write(f"wrote {', '.join(str(path) for path in targets.values())}\n")
     return EXIT_OK
 
 
@@ -477,6 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(a folder input: one entry per successful case)")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     segment.set_defaults(handler=command_segment)
+
+    synthesize = commands.add_parser("synthesize", help="run a synthesis model (e.g. thick slices -> 1 mm) on one file",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synthesize.add_argument("--model", required=True, help="model id (see `models --task synthesis`)")
+    synthesize.add_argument("-i", "--input", required=True, help="input image file (NIfTI, NRRD, MHA)")
+    synthesize.add_argument("-o", "--output", required=True, help="output image file")
+    synthesize.add_argument("--uncertainty", help="also write the voxel-wise std over 4 in-plane flips (4x slower)")
+    synthesize.add_argument("--difference", help="also write output minus B-spline interpolation of the input")
+    synthesize.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    synthesize.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
+    synthesize.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    synthesize.set_defaults(handler=command_synthesize)
 
     models = commands.add_parser("models", help="list, download or import models")
     models.add_argument("--json", action="store_true", help="machine-readable output")

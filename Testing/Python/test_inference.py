@@ -265,6 +265,24 @@ def test_fp32_is_kept_when_bf16_changes_labels(net, monkeypatch):
     assert report.notes[0].startswith("fp32 on the CPU")
 
 
+def test_intensity_outputs_judge_bf16_by_their_error_not_by_labels(net, monkeypatch):
+    """A regression network (e.g. synthesis) has no labels: bf16 is kept only while its largest difference from fp32
+    stays within INTENSITY_TOLERANCE of the output range, and the note says so in those terms."""
+    monkeypatch.setattr(devices, "autocast_dtype", lambda device: torch.bfloat16)
+    image = _image((2, 40, 37, 30))
+    for name, bf16_version, expected in (
+        ("tiny error", lambda batch: net(batch) * 1.001, "bfloat16"),
+        ("5 % error", lambda batch: net(batch) + 0.05 * (net(batch).max() - net(batch).min()), "float32"),
+    ):
+        wrapped = _PrecisionAware(net, bf16_version, fp32_delay=0.05)
+        _, report = sliding_window_predict(wrapped, image, _config((16, 16, 16), autocast=True,
+                                                                   output_kind="intensities"), CPU)
+        assert report.precision == expected, (name, report.notes)
+        assert "of the output range" in report.notes[0], report.notes
+    with pytest.raises(ValueError, match="output_kind"):
+        _config((16, 16, 16), output_kind="probabilities")
+
+
 def test_fp32_is_kept_when_bf16_is_clearly_slower(net, monkeypatch):
     monkeypatch.setattr(devices, "autocast_dtype", lambda device: torch.bfloat16)
 

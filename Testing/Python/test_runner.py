@@ -120,7 +120,7 @@ def test_worker_main_usage_and_unknown_task(tmp_path, capsys, monkeypatch):
     events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
     assert [event.stage for event in events] == ["start", "error"]
     assert events[-1].error_type == "MIADLError"
-    assert events[-1].message == "Unknown task 'register' (known: segment)."
+    assert events[-1].message == "Unknown task 'register' (known: segment, synthesize)."
     assert "Traceback" in events[-1].traceback
 
 
@@ -176,7 +176,7 @@ def test_unknown_model_is_an_error_event(tmp_path, phantom_file):
     assert run.state == runner.STATE_ERROR and run.returncode == 2
     final = run.final_event
     assert final.stage == "error" and final.error_type == "ModelError"
-    assert final.message == "Unknown model 'nope' (available: deepbet)." and _one_sentence(final.message)
+    assert final.message == "Unknown model 'nope' (available: deepbet, thick-slice-sr)." and _one_sentence(final.message)
     assert any("Traceback (most recent call last)" in line for line in run.log_lines)
     assert any("ModelError: Unknown model 'nope'" in line for line in run.log_lines)
     _assert_nothing_left(job)
@@ -282,5 +282,5 @@ def test_a_job_that_ended_in_time_is_not_reported_as_timed_out(tmp_path):
     process.timeout_s = 0.001
     final = process.wait()
     assert process.state == runner.STATE_ERROR, process.log_lines
-    assert final.error_type == "MIADLError" and final.message == "Unknown task 'register' (known: segment)."
+    assert final.error_type == "MIADLError" and final.message == "Unknown task 'register' (known: segment, synthesize)."
     assert process.returncode == 2

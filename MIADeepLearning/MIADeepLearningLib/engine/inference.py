@@ -38,6 +38,8 @@ PAD_VALUE = 0.0  # MONAI pads images smaller than the window with cval=0
 # Only a veto: on a busy machine one timing is noise (contention squeezed a real 2-4x to 1.0-1.2x here).
 BF16_VETO_SPEEDUP = 0.8
 LABEL_AGREEMENT = 0.999  # share of probe voxels that must keep their label under bf16
+INTENSITY_TOLERANCE = 0.01  # intensity outputs: largest bf16 - fp32 difference allowed, as a share of the fp32 range
+OUTPUT_KINDS = ("labels", "intensities")
 FP16_SUM_LIMIT = 32768.0  # half of fp16's largest value: no weighted sum in an fp16 buffer may go beyond
 FP16_MAX_OVERLAPPING = 27  # more windows per voxel (overlap > 0.5; 3 per axis where the last window is shifted
 # back to fit the image) and an fp16 sum gets too coarse
@@ -59,6 +61,7 @@ class WindowedInferenceConfig:
     output_dtype: torch.dtype = torch.float16  # stitching buffer dtype for probabilities/logits where exact enough
     stitch_on_device: str = "auto"  # "auto" | "cpu" | "device"
     autocast: bool = True  # bf16/fp16 autocast on CUDA; on the CPU bf16 only where a probe shows it pays off
+    output_kind: str = "labels"  # what the CPU bf16 probe protects: "labels" (argmax/thresholds) or "intensities"
 
     def __post_init__(self) -> None:
         """Refuse settings that would fail deep inside the run, with the setting's name."""
@@ -76,6 +79,8 @@ class WindowedInferenceConfig:
             raise ValueError(f"sw_batch_size must be >= 1 or None, got {self.sw_batch_size}.")
         if self.stitch_on_device not in STITCH_PLACES:
             raise ValueError(f"stitch_on_device must be one of {STITCH_PLACES}, got {self.stitch_on_device!r}.")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}.")
         if not self.output_dtype.is_floating_point:
             raise ValueError(f"output_dtype must be a floating-point dtype, got {self.output_dtype}.")
 
@@ -305,6 +310,12 @@ def _labels_kept(low: torch.Tensor, full: torch.Tensor) -> float:
     return same.float().mean().item()
 
 
+def _intensity_error(low: torch.Tensor, full: torch.Tensor) -> float:
+    """Largest |bf16 - fp32| difference as a share of the fp32 output's range (regression outputs have no labels)."""
+    spread = float(full.max() - full.min())
+    return float((low - full).abs().max()) / max(spread, 1e-12)
+
+
 def _precision_name(precision: torch.dtype | None) -> str:
     return "float32" if precision is None else str(precision).replace("torch.", "")
 
@@ -468,16 +479,25 @@ class _WindowedRun:
         started = time.process_time()
         low = _forward(self.network, batch, torch.bfloat16, self.roi)
         low_seconds = time.process_time() - started
-        kept = _labels_kept(low, full)
         speedup = full_seconds / max(low_seconds, 1e-6)
-        del low
-        if speedup >= BF16_VETO_SPEEDUP and kept >= LABEL_AGREEMENT:
-            self.precision = torch.bfloat16
-            note = (f"bf16 autocast on the CPU (native bf16): {kept:.3%} of the first windows' voxels keep their "
-                    f"label; {speedup:.1f}x as fast as fp32 there in CPU time, first call included")
+        if self.config.output_kind == "intensities":
+            error = _intensity_error(low, full)
+            accurate = error <= INTENSITY_TOLERANCE
+            accuracy = f"its largest difference from fp32 on the first windows is {error:.2%} of the output range"
+            needed = f"needs <= {INTENSITY_TOLERANCE:.0%}"
         else:
-            note = (f"fp32 on the CPU: bf16 autocast kept {kept:.3%} of the labels on the first windows (needs "
-                    f"{LABEL_AGREEMENT:.1%}) at {speedup:.1f}x the speed of fp32 (needs {BF16_VETO_SPEEDUP}x)")
+            kept = _labels_kept(low, full)
+            accurate = kept >= LABEL_AGREEMENT
+            accuracy = f"{kept:.3%} of the first windows' voxels keep their label"
+            needed = f"needs {LABEL_AGREEMENT:.1%}"
+        del low
+        if speedup >= BF16_VETO_SPEEDUP and accurate:
+            self.precision = torch.bfloat16
+            note = (f"bf16 autocast on the CPU (native bf16): {accuracy}; {speedup:.1f}x as fast as fp32 there in "
+                    "CPU time, first call included")
+        else:
+            note = (f"fp32 on the CPU: under bf16 autocast {accuracy} ({needed}) at {speedup:.1f}x the speed of fp32 "
+                    f"(needs {BF16_VETO_SPEEDUP}x)")
         self.notes.append(note)
         if _cacheable(self.network):
             _PRECISION_DECISIONS.setdefault(self.network, {})[key] = (self.precision, note)

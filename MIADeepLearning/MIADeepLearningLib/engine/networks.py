@@ -43,6 +43,8 @@ class ResidualUNet3D(nn.Module):
             self.decoders.append(_conv_block(2 * width, width))
             previous = width
         self.head = nn.Conv3d(previous, 1, 1)
+        nn.init.zeros_(self.head.weight)  # an untrained network returns its input: training starts from interpolation
+        nn.init.zeros_(self.head.bias)
 
     @property
     def size_multiple(self) -> int:

@@ -108,7 +108,8 @@ class ThickSliceSuperResolution:
         padded, size = _pad_to_multiple(inputs, 4)
         roi = tuple(min(int(self.options["roi_size"]), n) for n in padded.shape[1:])
         config = WindowedInferenceConfig(roi_size=roi, overlap=float(self.options["overlap"]), mode="gaussian",
-                                         skip_background=False, output_dtype=torch.float32)
+                                         skip_background=False, output_dtype=torch.float32,
+                                         output_kind="intensities")
 
         def report(fraction: float) -> None:
             progress("inference", low + (high - low) * fraction, f"{label}: {fraction:.0%}")

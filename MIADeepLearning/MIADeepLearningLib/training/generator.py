@@ -147,10 +147,12 @@ def slice_profile(thickness: float, softness: float = 0.15) -> torch.Tensor:
     """
     edge = max(softness * thickness, 0.2)
     radius = math.ceil(thickness / 2.0 + 3.0 * edge)
-    fine = torch.linspace(-radius - 0.5, radius + 0.5, (2 * radius + 1) * 20 + 1, dtype=torch.float64)
+    taps, samples = 2 * radius + 1, 20
+    # midpoints of `samples` equal sub-intervals of each 1 mm voxel: symmetric about the centre tap
+    fine = (torch.arange(taps * samples, dtype=torch.float64) + 0.5) / samples - (radius + 0.5)
     scale = math.sqrt(2.0) * edge
     profile = 0.5 * (torch.erf((fine + thickness / 2.0) / scale) - torch.erf((fine - thickness / 2.0) / scale))
-    weights = profile[:-1].reshape(2 * radius + 1, 20).mean(dim=1)
+    weights = profile.reshape(taps, samples).mean(dim=1)
     return (weights / weights.sum()).float()
 
 
