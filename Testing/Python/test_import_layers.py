@@ -3,7 +3,8 @@
 Every import counts, including those inside functions and ``importlib.import_module("...")`` with a literal name:
 a lazy ``import torch`` in a Slicer module file breaks the "Slicer without torch" promise just as surely as a
 top-level one. The checker is a pure function of (source, path), so the tests below also prove it catches
-violations in synthetic sources.
+violations in synthetic sources. The shared Slicer GUI code (gui/) is its own layer: only the module files import
+it, and importing it does nothing but import and define (import_time_work).
 """
 
 from __future__ import annotations
@@ -41,17 +42,30 @@ def _lib(*names: str) -> tuple[str, ...]:
     return tuple(f"{LIB}.{name}" for name in names)
 
 
+# The task module files (DLSegmentation, DLSynthesis, ...): neither a module file nor gui/ may import one. Slicer
+# would have to load that module first, and what two modules share belongs in MIADeepLearningLib/gui/.
+MODULE_FILES = tuple(sorted(path.stem for path in SOURCE_DIR.glob("*.py")))
+_SLICER_SIDE_LIB = (
+    "mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads", "engine.model_store",
+    "testing",
+)
+
 MODULE = Layer(
     name="Slicer module file (MIADeepLearning/*.py)",
-    forbidden=("torch", "monai", "SimpleITK", "sitkUtils"),
-    allowed_lib=_lib(
-        "mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads",
-        "engine.model_store", "testing",
-    ),
+    forbidden=("torch", "monai", "SimpleITK", "sitkUtils", *MODULE_FILES),
+    allowed_lib=_lib("gui", *_SLICER_SIDE_LIB),
+)
+# The Qt code the modules share. On import it pulls only the light parts of the library (the MRML bridge is imported
+# inside the functions that use it), so loading a module still imports no MRML bridge code.
+GUI = Layer(
+    name="shared Slicer GUI code (gui/)",
+    forbidden=("torch", "monai", "SimpleITK", "sitkUtils", *MODULE_FILES),
+    allowed_lib=_lib("gui", *_SLICER_SIDE_LIB),
+    allowed_lib_at_import=_lib("gui", "engine.errors", "jobs", "paths", "runner"),
 )
 MRML = Layer(
     name="MRML bridge (mrml/, testing/)",
-    forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils"),
+    forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils", *_lib("gui")),
     allowed_lib=_lib(
         "mrml", "testing", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads",
         "engine.model_store",
@@ -59,10 +73,13 @@ MRML = Layer(
 )
 STDLIB_ONLY = Layer(
     name="stdlib-only layer (runner.py, jobs.py, paths.py, __init__.py)",
+    forbidden=_lib("gui"),
     allowed_lib=_lib("jobs", "paths"),
     stdlib_only=True,
 )
-_ENGINE_FORBIDDEN = ("slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *_lib("mrml", "testing"))
+_ENGINE_FORBIDDEN = (
+    "slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *_lib("mrml", "testing", "gui")
+)
 ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, engine/, training/)", forbidden=_ENGINE_FORBIDDEN)
 # Imported by the Slicer side, which has no torch: importing them must not pull torch (engine/__init__ runs first).
 ENGINE_TORCH_FREE = Layer(
@@ -85,6 +102,8 @@ def layer_of(relpath: str) -> Layer | None:
     inner = parts[1:]
     if inner[0] in ("mrml", "testing") and len(inner) > 1:
         return MRML
+    if inner[0] == "gui" and len(inner) > 1:
+        return GUI
     if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["__init__.py"]):
         return STDLIB_ONLY
     if inner[0] == "engine" and inner[1:] in (
@@ -244,6 +263,28 @@ VIOLATIONS = [
     (f"{LIB}/engine/model_store.py", "from MIADeepLearningLib.engine import tasks\n", f"{LIB}.engine.tasks"),
     (f"{LIB}/engine/__init__.py", "from .tasks import segment_image\n", f"{LIB}.engine.tasks"),
     (f"{LIB}/engine/errors.py", "try:\n    import numpy\nexcept ImportError:\n    pass\n", "numpy"),
+    # module files share code through gui/, never by importing each other
+    ("DLSynthesis.py", "from DLSegmentation import ensureDependencies\n", "DLSegmentation"),
+    ("DLSegmentation.py", "def f():\n    import DLSynthesis\n", "DLSynthesis"),
+    # gui/: Slicer side, so never torch; light on import; no module files
+    (f"{LIB}/gui/task_widget.py", "import torch\n", "torch"),
+    (f"{LIB}/gui/dependencies.py", "def f():\n    import SimpleITK\n", "SimpleITK"),
+    (f"{LIB}/gui/task_widget.py", "def f():\n    from MIADeepLearningLib.engine import tasks\n", f"{LIB}.engine.tasks"),
+    (f"{LIB}/gui/task_logic.py", "from ..worker import main\n", f"{LIB}.worker"),
+    (f"{LIB}/gui/task_logic.py", "from MIADeepLearningLib.mrml import segmentation_logic\n",
+     f"{LIB}.mrml.segmentation_logic"),
+    (f"{LIB}/gui/task_widget.py", "from DLSegmentation import DEVICE_CHOICES\n", "DLSegmentation"),
+    # nothing else in the library imports gui/
+    (f"{LIB}/mrml/volumes.py", "from MIADeepLearningLib.gui import task_widget\n", f"{LIB}.gui.task_widget"),
+    (f"{LIB}/testing/scenarios.py", "def f():\n    from ..gui.dependencies import pythonSlicerExecutable\n",
+     f"{LIB}.gui.dependencies"),
+    (f"{LIB}/runner.py", "from . import gui\n", f"{LIB}.gui"),
+    (f"{LIB}/jobs.py", "def f():\n    import MIADeepLearningLib.gui.task_logic\n", f"{LIB}.gui.task_logic"),
+    (f"{LIB}/worker.py", "from MIADeepLearningLib.gui.task_logic import TaskLogicMixin\n", f"{LIB}.gui.task_logic"),
+    (f"{LIB}/cli.py", "def f():\n    from MIADeepLearningLib.gui import dependencies\n", f"{LIB}.gui.dependencies"),
+    (f"{LIB}/engine/tasks.py", "from ..gui.task_widget import describeModel\n", f"{LIB}.gui.task_widget"),
+    (f"{LIB}/engine/registry.py", "def f():\n    from MIADeepLearningLib import gui\n", f"{LIB}.gui"),
+    (f"{LIB}/training/generator.py", "import MIADeepLearningLib.gui\n", f"{LIB}.gui"),
 ]
 
 
@@ -265,6 +306,14 @@ ALLOWED = [
     (f"{LIB}/engine/registry.py", "def f():\n    import torch\n"),
     (f"{LIB}/engine/registry.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import numpy\n"),
     (f"{LIB}/engine/registry.py", "from MIADeepLearningLib.engine.errors import ModelError\nfrom ..paths import x\n"),
+    ("DLSynthesis.py", "from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin\n"),
+    (f"{LIB}/gui/task_widget.py", "import qt, ctk, vtk, slicer\nfrom slicer.i18n import tr as _\n"
+     "from MIADeepLearningLib.engine.errors import MIADLError\nfrom MIADeepLearningLib.gui.dependencies import x\n"
+     "from . import task_logic\nfrom .. import runner, jobs, paths\n"),
+    (f"{LIB}/gui/task_logic.py", "def f():\n    from MIADeepLearningLib.mrml.segmentation_logic import Logic\n"
+     "    from MIADeepLearningLib.engine import registry, model_store\n    import PyTorchUtils\n"),
+    (f"{LIB}/gui/task_widget.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+     "    from MIADeepLearningLib.mrml.task_run import TaskRun\n"),
 ]
 
 
@@ -276,3 +325,89 @@ def test_checker_accepts_allowed_imports(relpath: str, source: str) -> None:
 def test_checker_refuses_files_outside_every_layer() -> None:
     problems = check_source("import os\n", f"{LIB}/helpers.py")
     assert len(problems) == 1 and "not assigned to any layer" in problems[0]
+
+
+# gui/ does no work when it is imported (the module files import it while Slicer loads them)
+
+
+def _literal(node: ast.AST | None) -> bool:
+    try:
+        ast.literal_eval(node)
+    except ValueError:
+        return False
+    return True
+
+
+def import_time_work(source: str) -> list[str]:
+    """Statements that run code when the file is imported, beyond importing: anything at module or class level
+    other than imports, ``def``/``class`` (without decorators, with literal defaults), docstrings, literal
+    constants and ``if TYPE_CHECKING:``. gui/ must not touch slicer.app, the scene or Qt objects before setup()."""
+    problems = []
+
+    def check(body: list[ast.stmt], where: str) -> None:
+        for node in body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)) or _is_type_checking_guard(node):
+                continue
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # docstring
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
+                if any(name not in ("staticmethod", "classmethod", "property") for name in decorators):
+                    problems.append(f"line {node.lineno}: decorator {decorators} of {node.name} runs on import")
+                if isinstance(node, ast.ClassDef):
+                    if node.keywords:
+                        problems.append(f"line {node.lineno}: class keywords of {node.name} run on import")
+                    check(node.body, f"class {node.name}")
+                    continue
+                defaults = [*node.args.defaults, *filter(None, node.args.kw_defaults)]
+                if not all(_literal(default) for default in defaults):
+                    problems.append(f"line {node.lineno}: a default of {node.name}() is computed on import")
+                continue
+            if isinstance(node, ast.Assign) and _literal(node.value):
+                continue
+            if isinstance(node, ast.AnnAssign) and (node.value is None or _literal(node.value)):
+                continue
+            problems.append(f"line {node.lineno}: {where} runs {type(node).__name__} on import")
+
+    check(ast.parse(source).body, "module level")
+    return problems
+
+
+def _gui_files() -> list[Path]:
+    return sorted((LIB_DIR / "gui").glob("*.py"))
+
+
+def test_there_are_gui_files() -> None:
+    assert {path.name for path in _gui_files()} >= {"__init__.py", "dependencies.py", "task_widget.py"}
+
+
+@pytest.mark.parametrize("path", _gui_files(), ids=lambda path: path.name)
+def test_gui_does_no_work_on_import(path: Path) -> None:
+    problems = import_time_work(path.read_text(encoding="utf-8"))
+    assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import slicer\nTIMER = slicer.app.processEvents()\n",
+        "import qt\nclass A:\n    timer = qt.QTimer()\n",
+        "import slicer\ndef f(scene=slicer.mrmlScene):\n    pass\n",
+        "import functools\n@functools.lru_cache\ndef f():\n    pass\n",
+        "import logging\nlogging.basicConfig()\n",
+        "for x in range(3):\n    pass\n",
+    ],
+)
+def test_import_time_checker_sees_work(source: str) -> None:
+    assert len(import_time_work(source)) == 1
+
+
+def test_import_time_checker_accepts_definitions() -> None:
+    source = (
+        '"""Doc."""\nfrom __future__ import annotations\nimport qt\nfrom typing import TYPE_CHECKING\n'
+        "if TYPE_CHECKING:\n    import slicer\nCHOICES = ['a', 'b']\nLIMIT: int = 3\nVERSION = (2, 1)\n"
+        "class A(qt.QObject):\n    'Doc.'\n    x: int\n    def f(self, y: slicer.X = None, z=-1) -> None:\n"
+        "        qt.QTimer()\n    @staticmethod\n    def g():\n        pass\n"
+        "def h(a=(1, 2), *, b='x'):\n    return slicer.app\n"
+    )
+    assert import_time_work(source) == []

@@ -1,24 +1,37 @@
-"""The end-to-end scenarios of the Slicer self-test (DLSegmentationTest), run here on a headless MRML scene.
+"""The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest), run here on a headless
+MRML scene.
 
-Same functions, same SegmentationLogic, real worker processes and the real deepbet networks; in CI every
-prerequisite is installed, so a skip here is a failure of the setup, not a pass.
+Same functions, same SegmentationLogic / SynthesisLogic, real worker processes and the real networks (deepbet,
+thick-slice-sr); in CI every prerequisite is installed, so a skip here is a failure of the setup, not a pass.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import pytest
 
-from MIADeepLearningLib.testing import scenarios
+from MIADeepLearningLib.testing import scenarios, synthesis_scenarios
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,scenario", scenarios.SCENARIOS, ids=[name for name, _ in scenarios.SCENARIOS])
-def test_scenario(scene, name, scenario):
+def _run(scenario: Callable[[], None]) -> None:
     try:
         scenario()
     except scenarios.ScenarioSkipped as reason:
         if os.environ.get("MIADL_REQUIRE_ALL"):
             pytest.fail(f"prerequisite missing in CI: {reason}")
         pytest.skip(str(reason))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scenario", scenarios.SCENARIOS, ids=[name for name, _ in scenarios.SCENARIOS])
+def test_scenario(scene, name, scenario):
+    _run(scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scenario", synthesis_scenarios.SCENARIOS,
+                         ids=[name for name, _ in synthesis_scenarios.SCENARIOS])
+def test_synthesis_scenario(scene, name, scenario):
+    _run(scenario)

@@ -1,11 +1,17 @@
 """Static checks for what cannot run here (no Slicer GUI, no Slicer build).
 
 - CMakeLists lists every library script, module and resource that exists, and nothing that does not.
-- Every ``self.ui.<name>`` a module uses exists in its .ui file; every SlicerParameterName there is a parameter of
-  the module's @parameterNodeWrapper class, bound to a widget type that can represent it.
+- Every ``self.ui.<name>`` a module uses (itself or through the gui/ mixin its widget inherits) exists in its .ui
+  file; every SlicerParameterName there is a parameter of the module's @parameterNodeWrapper class, bound to a widget
+  type that can represent it.
 - The .s4ext description agrees with the EXTENSION_* values of CMakeLists.
-- ``setup()`` (run by Slicer's generic tests on factory machines) installs, downloads and imports nothing heavy.
+- ``setup()`` (run by Slicer's generic tests on factory machines) installs, downloads and imports nothing heavy,
+  followed into the shared Slicer-side code of MIADeepLearningLib/gui/ (mixins, installer).
 - The sources run on Slicer 5.8's Python 3.9: 3.9 grammar, postponed annotations, no 3.10+ runtime idioms.
+- Each module's self-test runs a scenario list that test_scenarios.py also runs; a module that imports another
+  module file declares it as a dependency (test_import_layers.py forbids such imports; shared code is in gui/).
+
+Every per-module check is parametrized over the module files (DLSegmentation, DLSynthesis, ...).
 
 Nothing here imports slicer, qt or the module files; they are read as text, XML and ast.
 """
@@ -158,7 +164,7 @@ def _ui_parameter_bindings(ui_path: Path) -> list[tuple[str, str, str]]:
     return bindings
 
 
-def _ui_attributes_used(tree: ast.Module) -> dict[str, int]:
+def _ui_attributes_used(tree: ast.AST) -> dict[str, int]:
     """Names used as ``self.ui.<name>`` or ``ui.<name>`` -> first line."""
     used: dict[str, int] = {}
     for node in ast.walk(tree):
@@ -256,15 +262,41 @@ def test_resources_are_copied_beside_the_modules() -> None:
 # (2) widget names and parameter bindings
 
 
+def _inherited_gui_classes(tree: ast.Module, cls: ast.ClassDef) -> list[tuple[str, ast.ClassDef]]:
+    """(gui module name, class) for every base of `cls` imported by name from MIADeepLearningLib/gui/."""
+    gui = _gui_trees()
+    imported = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module in gui:
+            for alias in node.names:
+                found = _classes(gui[node.module]).get(alias.name)
+                if found is not None:
+                    imported[alias.asname or alias.name] = (node.module, found)
+    return [imported[base.id] for base in cls.bases if isinstance(base, ast.Name) and base.id in imported]
+
+
 @pytest.mark.parametrize("module", _module_files(), ids=lambda path: path.stem)
 def test_ui_names_used_by_the_module_exist(module: Path) -> None:
-    used = _ui_attributes_used(_parse(module))
-    names = _ui_names(_ui_file(module))
+    """Also the names the shared gui/ mixins the widget inherits use (e.g. applyButton, progressBar)."""
+    tree = _parse(module)
+    used = {name: f"line {line}" for name, line in _ui_attributes_used(tree).items()}
     assert used, f"{module.name}: no self.ui.<name> found (is the checker still seeing the code?)"
-    unknown = {name: line for name, line in used.items() if name not in names}
+    for gui_module, gui_class in _inherited_gui_classes(tree, _classes(tree)[f"{module.stem}Widget"]):
+        for name, line in _ui_attributes_used(gui_class).items():
+            used.setdefault(name, f"{gui_module}.{gui_class.name}, line {line}")
+    names = _ui_names(_ui_file(module))
+    unknown = {name: where for name, where in used.items() if name not in names}
     assert not unknown, f"{module.name} uses widgets missing from {_ui_file(module).name}: " + ", ".join(
-        f"{name} (line {line})" for name, line in sorted(unknown.items())
+        f"{name} ({where})" for name, where in sorted(unknown.items())
     )
+
+
+def test_ui_checker_sees_the_names_the_gui_mixin_uses() -> None:
+    tree = _parse(SOURCE_DIR / "DLSynthesis.py")
+    inherited = _inherited_gui_classes(tree, _classes(tree)["DLSynthesisWidget"])
+    assert [cls.name for _, cls in inherited] == ["TaskWidgetMixin"]
+    used = _ui_attributes_used(inherited[0][1])
+    assert {"applyButton", "progressBar", "logTextEdit", "statusLabel", "modelComboBox"} <= set(used)
 
 
 # Which widget classes can represent which field types (slicer/parameterNodeWrapper/guiConnectors.py).
@@ -374,44 +406,168 @@ def _call_name(node: ast.Call) -> str:
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
 
 
-def _reachable_from_setup(tree: ast.Module, widget: ast.ClassDef) -> list[tuple[str, ast.AST]]:
-    """setup() and every method (self.x()) or module function (x()) it calls, transitively."""
-    methods = {node.name: node for node in widget.body if isinstance(node, ast.FunctionDef)}
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    classes = _classes(tree)
-    todo, seen, reached = [("setup", methods["setup"])], set(), []
+class _Namespace:
+    """What a file can refer to by name: its top-level functions and classes, those it imports by name from the other
+    files in `trees` (``from DLSegmentation import x``, ``from MIADeepLearningLib.gui.task_widget import Mixin``,
+    ``from .dependencies import x``), and those files themselves (``from MIADeepLearningLib.gui import task_widget``),
+    each function or class with the tree it lives in."""
+
+    def __init__(self, tree: ast.Module, name: str, trees: dict[str, ast.Module]) -> None:
+        self.functions = {node.name: (node, tree) for node in tree.body if isinstance(node, ast.FunctionDef)}
+        self.classes = {cls_name: (node, tree) for cls_name, node in _classes(tree).items()}
+        self.modules: dict[str, ast.Module] = {}
+        package = name.split(".")[:-1]
+        for node in tree.body:
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            for alias in node.names:
+                local = alias.asname or alias.name
+                if f"{module}.{alias.name}" in trees:
+                    self.modules[local] = trees[f"{module}.{alias.name}"]
+                    continue
+                other = trees.get(module)
+                for item in other.body if other is not None else []:
+                    if isinstance(item, ast.FunctionDef) and item.name == alias.name:
+                        self.functions[local] = (item, other)
+                    elif isinstance(item, ast.ClassDef) and item.name == alias.name:
+                        self.classes[local] = (item, other)
+
+    def resolve(self, node: ast.expr, kind: str) -> tuple | None:
+        """`kind` ("functions" or "classes") named by ``x`` or ``module.x``, or None when it is not ours."""
+        if isinstance(node, ast.Name):
+            return getattr(self, kind).get(node.id)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in self.modules:
+            tree = self.modules[node.value.id]
+            for item in tree.body:
+                wanted = ast.FunctionDef if kind == "functions" else ast.ClassDef
+                if isinstance(item, wanted) and item.name == node.attr:
+                    return item, tree
+        return None
+
+
+def _methods(cls: ast.ClassDef) -> dict[str, ast.FunctionDef]:
+    return {node.name: node for node in cls.body if isinstance(node, ast.FunctionDef)}
+
+
+def _reachable_from_setup(
+    tree: ast.Module, widget: ast.ClassDef, siblings: dict[str, ast.Module] | None = None
+) -> list[tuple[str, ast.AST]]:
+    """setup() and every method (self.x(), Class.x(), self.logic.x()), constructor (Class()) or function (x(),
+    module.x()) it calls, transitively, also into the functions and classes the files in `siblings` (the other module
+    files and MIADeepLearningLib/gui/, by module name) define, and into methods inherited from classes defined there
+    (``class XWidget(TaskWidgetMixin, ...)``). ``self.logic`` is taken to be the module's Logic class
+    (``XWidget`` -> ``XLogic``), as in every module."""
+    siblings = siblings or {}
+    names = {id(sibling): name for name, sibling in siblings.items()}
+    namespaces: dict[int, _Namespace] = {}
+
+    def namespace(module_tree: ast.Module) -> _Namespace:
+        if id(module_tree) not in namespaces:
+            namespaces[id(module_tree)] = _Namespace(module_tree, names.get(id(module_tree), ""), siblings)
+        return namespaces[id(module_tree)]
+
+    def all_methods(cls: ast.ClassDef, cls_tree: ast.Module, seen_classes: frozenset = frozenset()) -> dict:
+        """name -> (method, its tree), own methods first, then the bases' left to right (as the MRO would)."""
+        methods = {name: (method, cls_tree) for name, method in _methods(cls).items()}
+        for base in cls.bases:
+            found = namespace(cls_tree).resolve(base, "classes")
+            if found is not None and id(found[0]) not in seen_classes:
+                for name, item in all_methods(found[0], found[1], seen_classes | {id(cls)}).items():
+                    methods.setdefault(name, item)
+        return methods
+
+    widget_methods = all_methods(widget, tree)
+    logic_name = widget.name[: -len("Widget")] + "Logic" if widget.name.endswith("Widget") else None
+    logic_class = _classes(tree).get(logic_name) if logic_name else None
+    logic_methods = all_methods(logic_class, tree) if logic_class is not None else {}
+
+    # (label, function, the tree it lives in, the methods `self.` refers to there)
+    setup, setup_tree = widget_methods["setup"]
+    todo = [("setup", setup, setup_tree, widget_methods)]
+    seen, reached = set(), []
     while todo:
-        name, function = todo.pop()
+        name, function, module_tree, methods = todo.pop()
         if id(function) in seen:
             continue
         seen.add(id(function))
         reached.append((name, function))
+        scope = namespace(module_tree)
         for node in ast.walk(function):
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
-            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "self":
+            owner = func.value if isinstance(func, ast.Attribute) else None
+            if isinstance(owner, ast.Name) and owner.id == "self":
                 if func.attr in methods:
-                    todo.append((func.attr, methods[func.attr]))
-            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in classes:
-                for item in classes[func.value.id].body:  # e.g. DLSegmentationLogic.availableModels()
-                    if isinstance(item, ast.FunctionDef) and item.name == func.attr:
-                        todo.append((f"{func.value.id}.{func.attr}", item))
-            elif isinstance(func, ast.Name) and func.id in functions:
-                todo.append((func.id, functions[func.id]))
-            elif isinstance(func, ast.Name) and func.id in classes:  # constructor: e.g. DLSegmentationLogic()
-                for item in classes[func.id].body:
-                    if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                        todo.append((f"{func.id}.__init__", item))
+                    target, target_tree = methods[func.attr]
+                    todo.append((func.attr, target, target_tree, methods))
+            elif (
+                isinstance(owner, ast.Attribute) and owner.attr == "logic"
+                and isinstance(owner.value, ast.Name) and owner.value.id == "self"
+            ):
+                if func.attr in logic_methods:  # e.g. self.logic.availableModels() in a shared mixin
+                    target, target_tree = logic_methods[func.attr]
+                    todo.append((f"{logic_class.name}.{func.attr}", target, target_tree, logic_methods))
+            elif owner is not None and scope.resolve(owner, "classes") is not None:
+                cls, cls_tree = scope.resolve(owner, "classes")  # e.g. DLSegmentationLogic.availableModels()
+                cls_methods = all_methods(cls, cls_tree)
+                if func.attr in cls_methods:
+                    target, target_tree = cls_methods[func.attr]
+                    # Mixin.__init__(self): `self` is still the caller's object, with the caller's methods
+                    passes_self = bool(node.args) and isinstance(node.args[0], ast.Name) and node.args[0].id == "self"
+                    self_methods = methods if passes_self else cls_methods
+                    todo.append((f"{cls.name}.{func.attr}", target, target_tree, self_methods))
+            elif scope.resolve(func, "functions") is not None:
+                target, target_tree = scope.resolve(func, "functions")
+                todo.append((target.name, target, target_tree, {}))
+            elif scope.resolve(func, "classes") is not None:  # constructor: e.g. DLSegmentationLogic()
+                cls, cls_tree = scope.resolve(func, "classes")
+                cls_methods = all_methods(cls, cls_tree)
+                if "__init__" in cls_methods:
+                    target, target_tree = cls_methods["__init__"]
+                    todo.append((f"{cls.name}.__init__", target, target_tree, cls_methods))
     return reached
+
+
+def _gui_trees() -> dict[str, ast.Module]:
+    """MIADeepLearningLib/gui/*.py by module name: the Slicer-side code the module files share."""
+    trees = {}
+    for path in sorted((LIB_DIR / "gui").glob("*.py")):
+        parts = path.relative_to(SOURCE_DIR).with_suffix("").parts
+        trees[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = _parse(path)
+    return trees
+
+
+def _module_trees() -> dict[str, ast.Module]:
+    """The module files by stem, and the gui/ files they call into by module name."""
+    return {**{module.stem: _parse(module) for module in _module_files()}, **_gui_trees()}
 
 
 @pytest.mark.parametrize("module", _module_files(), ids=lambda path: path.stem)
 def test_setup_installs_downloads_and_imports_nothing_heavy(module: Path) -> None:
-    tree = _parse(module)
+    trees = _module_trees()
+    tree = trees[module.stem]
     widget = _classes(tree)[f"{module.stem}Widget"]
-    reached = _reachable_from_setup(tree, widget)
+    reached = _reachable_from_setup(tree, widget, trees)
     assert len(reached) > 1, "setup() should be followed into the methods it calls"
+    problems = _setup_problems(reached)
+    assert not problems, f"{module.name}: reachable from setup(): " + "; ".join(problems)
+
+
+def test_setup_is_followed_into_the_shared_gui_code() -> None:
+    """The shared setup part, the model list and the Logic's constructor live in gui/; they must be checked too."""
+    trees = _module_trees()
+    for stem in ("DLSegmentation", "DLSynthesis"):
+        widget = _classes(trees[stem])[f"{stem}Widget"]
+        reached = {name for name, _ in _reachable_from_setup(trees[stem], widget, trees)}
+        expected = {"_setupTaskWidget", "_populateModelComboBox", f"{stem}Logic.availableModels",
+                    "TaskLogicMixin.__init__", "initializeParameterNode", "_updateButtons"}
+        assert expected <= reached, f"{stem}: not followed: {sorted(expected - reached)}"
+
+
+def _setup_problems(reached: list[tuple[str, ast.AST]]) -> list[str]:
     problems = []
     for name, function in reached:
         for node in ast.walk(function):
@@ -423,7 +579,7 @@ def test_setup_installs_downloads_and_imports_nothing_heavy(module: Path) -> Non
                 problems.append(f"{name}:{node.lineno} imports from {node.module}")
             elif isinstance(node, ast.Import) and any(alias.name == "PyTorchUtils" for alias in node.names):
                 problems.append(f"{name}:{node.lineno} imports PyTorchUtils")
-    assert not problems, f"{module.name}: reachable from setup(): " + "; ".join(problems)
+    return problems
 
 
 def test_setup_checker_sees_a_violation() -> None:
@@ -438,6 +594,62 @@ def test_setup_checker_sees_a_violation() -> None:
     assert set(reached) == {"setup", "_fill", "helper"}
     calls = [_call_name(node) for node in ast.walk(reached["helper"]) if isinstance(node, ast.Call)]
     assert any(_FORBIDDEN_IN_SETUP.search(name) for name in calls)
+
+
+def test_setup_checker_follows_imports_from_other_module_files() -> None:
+    """A helper or class imported by name from another file is checked like a local one."""
+    other = ast.parse(
+        "def helper():\n    return _install()\n"
+        "def _install():\n    import slicer\n    slicer.util.pip_install('x')\n"
+        "class OtherLogic:\n    def __init__(self):\n        self._load()\n"
+        "    def _load(self):\n        import torch\n"
+    )
+    tree = ast.parse(
+        "from Other import helper as shared, OtherLogic\n"
+        "class XWidget:\n    def setup(self):\n        shared()\n        OtherLogic()\n"
+    )
+    reached = dict(_reachable_from_setup(tree, _classes(tree)["XWidget"], {"Other": other}))
+    assert {"setup", "helper", "_install", "OtherLogic.__init__", "_load"} <= set(reached), sorted(reached)
+    assert set(dict(_reachable_from_setup(tree, _classes(tree)["XWidget"]))) == {"setup"}
+
+
+def test_setup_checker_follows_the_shared_gui_code() -> None:
+    """Installs reached from setup() through gui/ are caught: an inherited mixin method, a gui function it calls
+    (imported relatively from another gui file), self.logic.x() in the mixin, and Mixin.__init__(self) in a Logic."""
+    dependencies = ast.parse("def ensureDependencies():\n    import slicer\n    slicer.util.pip_install('x')\n")
+    task_widget = ast.parse(
+        "from .dependencies import ensureDependencies\n"
+        "class TaskWidgetMixin:\n"
+        "    def _setupTaskWidget(self):\n        self._fill()\n        self.logic.availableModels()\n"
+        "    def _fill(self):\n        ensureDependencies()\n        self._hook()\n"
+        "    def _hook(self):\n        pass\n"
+    )
+    task_logic = ast.parse("class TaskLogicMixin:\n    def __init__(self):\n        self._warm()\n"
+                           "    def _warm(self):\n        pass\n")
+    tree = ast.parse(
+        "from MIADeepLearningLib.gui.task_widget import TaskWidgetMixin\n"
+        "from MIADeepLearningLib.gui import task_logic\n"
+        "class XWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget):\n"
+        "    def setup(self):\n        self._setupTaskWidget()\n        self.logic = XLogic()\n"
+        "    def _hook(self):\n        import torch\n"
+        "class XLogic(task_logic.TaskLogicMixin):\n"
+        "    def __init__(self):\n        task_logic.TaskLogicMixin.__init__(self)\n"
+        "    def _warm(self):\n        slicer.packaging.pip_ensure([])\n"
+        "    @staticmethod\n    def availableModels():\n        download()\n"
+    )
+    trees = {
+        "MIADeepLearningLib.gui.dependencies": dependencies,
+        "MIADeepLearningLib.gui.task_widget": task_widget,
+        "MIADeepLearningLib.gui.task_logic": task_logic,
+    }
+    reached = _reachable_from_setup(tree, _classes(tree)["XWidget"], trees)
+    assert {"setup", "_setupTaskWidget", "_fill", "ensureDependencies", "_hook", "XLogic.availableModels",
+            "XLogic.__init__", "TaskLogicMixin.__init__", "_warm"} <= {name for name, _ in reached}, reached
+    problems = " ".join(_setup_problems(reached))
+    for culprit in ("calls pip_install()", "imports torch", "calls download()", "calls pip_ensure()"):
+        assert culprit in problems, problems
+    # The overriding method of the module is the one followed, not the mixin's empty one.
+    assert "_hook:" in problems and "_warm:" in problems
 
 
 def _python_files() -> list[Path]:
@@ -552,9 +764,65 @@ def test_module_defines_module_widget_logic_and_test(module: Path) -> None:
     assert any(name.startswith("test_") for name in test_methods), f"{module.stem}Test has no test_ method (ctest)"
 
 
-def test_module_test_runs_the_shared_scenarios() -> None:
+def _scenario_modules_used(test_class: ast.ClassDef) -> dict[str, str]:
+    """Local name -> file stem of every MIADeepLearningLib.testing module the self-test class imports."""
+    used = {}
+    for node in ast.walk(test_class):
+        if isinstance(node, ast.ImportFrom) and node.module == f"{LIB_DIR.name}.testing":
+            for alias in node.names:
+                if (LIB_DIR / "testing" / f"{alias.name}.py").is_file():
+                    used[alias.asname or alias.name] = alias.name
+    return used
+
+
+@pytest.mark.parametrize("module", _module_files(), ids=lambda path: path.stem)
+def test_module_test_runs_the_shared_scenarios(module: Path) -> None:
     """Slicer's self-test must exercise the scenarios pytest runs, not a copy of them."""
-    for module in _module_files():
-        source = module.read_text(encoding="utf-8")
-        assert "from MIADeepLearningLib.testing import scenarios" in source, module.name
-        assert "scenarios.SCENARIOS" in source and "scenarios.ScenarioSkipped" in source, module.name
+    source = module.read_text(encoding="utf-8")
+    test_class = _classes(ast.parse(source))[f"{module.stem}Test"]
+    test_source = ast.get_source_segment(source, test_class) or ""
+    used = _scenario_modules_used(test_class)
+    assert used, f"{module.stem}Test imports no scenario module from {LIB_DIR.name}.testing"
+    pytest_source = (ROOT / "Testing" / "Python" / "test_scenarios.py").read_text(encoding="utf-8")
+    for local, stem in used.items():
+        if stem in ("sample_data", "__init__"):
+            continue
+        assert f"{local}.SCENARIOS" in test_source and f"{local}.ScenarioSkipped" in test_source, (
+            f"{module.stem}Test must run {stem}.SCENARIOS and report {stem}.ScenarioSkipped as a skip"
+        )
+        assert f"{stem}.SCENARIOS" in pytest_source, f"Testing/Python/test_scenarios.py does not run {stem}.SCENARIOS"
+
+
+def test_every_task_module_is_checked() -> None:
+    """The parametrized checks above run per module file; make sure both task modules are among them."""
+    assert {"DLSegmentation", "DLSynthesis"} <= {module.stem for module in _module_files()}
+
+
+def _declared_dependencies(tree: ast.Module, module_name: str) -> list[str]:
+    """The list assigned to self.parent.dependencies in the module class."""
+    for node in ast.walk(_classes(tree)[module_name]):
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(target, ast.Attribute) and target.attr == "dependencies" for target in node.targets)
+            and isinstance(node.value, (ast.List, ast.Tuple))
+        ):
+            return [element.value for element in node.value.elts if isinstance(element, ast.Constant)]
+    return []
+
+
+@pytest.mark.parametrize("module", _module_files(), ids=lambda path: path.stem)
+def test_imported_module_files_are_declared_dependencies(module: Path) -> None:
+    """A module that imports another module file needs Slicer to load that one first (parent.dependencies)."""
+    tree = _parse(module)
+    others = {path.stem for path in _module_files()} - {module.stem}
+    imported = {
+        name
+        for node in ast.walk(tree)
+        for name in (
+            [node.module] if isinstance(node, ast.ImportFrom) and not node.level else
+            [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        )
+        if name in others
+    }
+    missing = sorted(imported - set(_declared_dependencies(tree, module.stem)))
+    assert not missing, f"{module.name} imports {missing}; add them to self.parent.dependencies"

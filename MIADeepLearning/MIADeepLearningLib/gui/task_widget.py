@@ -1,0 +1,376 @@
+"""The widget behaviour every task module shares: one background run at a time, started by Apply.
+
+Why shared: Apply -> Cancel toggling, polling the worker from a QTimer on the main thread, progress bar, log, and
+the finish / cancel / error reporting must behave the same in every module, and copies drift. A module's widget
+mixes in ``TaskWidgetMixin`` and keeps what is its own: its .ui, its parameter node class, how a run is started
+(``_startRun``) and how a result is shown (``_showResult``).
+
+The .ui of a module using the mixin needs the widgets named below (Testing/Python/test_static.py checks them):
+applyButton, modelComboBox, modelDescriptionLabel, inputsCollapsibleButton, outputsCollapsibleButton, progressBar,
+statusLabel, logTextEdit.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+
+from MIADeepLearningLib.engine.errors import CancelledError, MIADLError
+from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled, ensureDependencies
+
+if TYPE_CHECKING:
+    from MIADeepLearningLib.jobs import Event
+    from MIADeepLearningLib.mrml.task_run import TaskRun
+
+# For a parameter node field `device: Annotated[str, Choice(DEVICE_CHOICES)]`. A module imports this name into its
+# own namespace: parameterNodeWrapper resolves the string annotations (typing.get_type_hints) in the module's globals.
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+POLL_INTERVAL_MS = 100
+
+
+def describeModel(model: Any) -> str:
+    """One paragraph for the model under the combo box: what it is for, licence, and what to cite."""
+    parts = [model.description]
+    if model.license:
+        parts.append(_("Licence: {license}.").format(license=model.license))
+    if model.citation:
+        parts.append(_("Cite: {citation}").format(citation=model.citation))
+    return " ".join(part for part in parts if part)
+
+
+class TaskWidgetMixin:
+    """Mixed into a ScriptedLoadableModuleWidget that also derives from VTKObservationMixin, listed first so that
+    its cleanup/enter/exit/onReload are the ones used.
+
+    The module calls ``TaskWidgetMixin.__init__(self)`` in its ``__init__`` and ``self._setupTaskWidget(...)`` in its
+    ``setup()``, and implements ``_startRun``, ``_showResult``, ``_moduleTitle`` and ``_failureMessage``; the
+    parameter node must have inputVolume, modelId, device and keepModelLoaded. ``_inputProblem`` may refuse Apply
+    for a module's own reasons. The Logic must have ``availableModels()``, ``getParameterNode()`` and
+    ``shutdownWarmWorker()``.
+    """
+
+    def __init__(self) -> None:
+        self.logic: Any = None
+        self._parameterNode: Any = None
+        self._parameterNodeGuiTag = None
+        self._run: TaskRun | None = None
+        self._runInput = None
+        self._cancelRequested = False
+        self._pollTimer = None
+        self._updatingModelCombo = False
+        self._modelDescriptions: dict[str, str] = {}
+
+    # Hooks the module implements
+
+    def _moduleTitle(self) -> str:
+        """Title of the module's message boxes (translated in the module file)."""
+        raise NotImplementedError
+
+    def _failureMessage(self, error: Exception) -> str:
+        """The one sentence shown when a run fails with an error that is not a MIADLError."""
+        raise NotImplementedError
+
+    def _startRun(self, params: Any) -> TaskRun:
+        """Start the module's run from the parameter node (e.g. ``self.logic.start(...)``); return at once."""
+        raise NotImplementedError
+
+    def _showResult(self, result: Any, inputVolume: Any) -> None:
+        """Report a successful run (status, log) and show its outputs."""
+        raise NotImplementedError
+
+    def _inputProblem(self, params: Any) -> str | None:
+        """Why Apply is refused for a module's own reason (the tooltip), checked after the input volume; None: fine."""
+        return None
+
+    # Setup and life cycle
+
+    def _setupTaskWidget(self, uiPath: str, logic: Any) -> None:
+        """The shared part of setup(): load the .ui, create the poll timer, list the models, connect Apply and the
+        scene observers. Installs nothing, downloads nothing and never imports torch (generic tests call setup)."""
+        uiWidget = slicer.util.loadUI(self.resourcePath(uiPath))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = logic
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._onPollTimer)
+
+        self._populateModelComboBox()
+        # modelId is bound by hand, not with SlicerParameterName: the combo shows titles and keeps ids as item data.
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelComboBoxChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+    def cleanup(self) -> None:
+        """Stop the worker and the timer when the module is unloaded (application exit or reload)."""
+        self._abandonRun()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self.logic is not None:
+            self.logic.shutdownWarmWorker()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """Stop syncing the GUI while another module is shown; a running job keeps running and being polled."""
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        """The input node is about to disappear: a running job cannot finish, so cancel it."""
+        self._abandonRun()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Developer reload: also drop the cached library modules (this one included) so their edits are picked up."""
+        for name in list(sys.modules):
+            if name == "MIADeepLearningLib" or name.startswith("MIADeepLearningLib."):
+                del sys.modules[name]
+        super().onReload()
+
+    # Parameter node
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Any) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateModelComboBoxFromParameterNode()
+        self._updateButtons()
+
+    # Model combo box (manual binding)
+
+    def _populateModelComboBox(self) -> None:
+        """List the module's models from the registry (reads JSON only; no torch, no network)."""
+        combo = self.ui.modelComboBox
+        self._updatingModelCombo = True
+        try:
+            combo.clear()
+            self._modelDescriptions.clear()
+            try:
+                models = self.logic.availableModels()
+            except Exception as error:  # a broken registry must not leave an empty module panel
+                logging.exception("MIADeepLearning: the model registry could not be read")
+                self._setStatus(_("The model list could not be read: {error}").format(error=error))
+                models = []
+            for model in models:
+                combo.addItem(model.title, model.id)
+                combo.setItemData(combo.count - 1, model.description, qt.Qt.ToolTipRole)
+                self._modelDescriptions[model.id] = describeModel(model)
+        finally:
+            self._updatingModelCombo = False
+
+    def _onModelComboBoxChanged(self, index: int) -> None:
+        if self._updatingModelCombo or not self._parameterNode or index < 0:
+            return
+        modelId = self.ui.modelComboBox.itemData(index)
+        if modelId and modelId != self._parameterNode.modelId:
+            self._parameterNode.modelId = modelId
+
+    def _updateModelComboBoxFromParameterNode(self) -> None:
+        combo = self.ui.modelComboBox
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        index = combo.findData(modelId) if modelId else -1
+        self._updatingModelCombo = True
+        try:
+            combo.currentIndex = index
+        finally:
+            self._updatingModelCombo = False
+        if index < 0 and modelId:
+            self.ui.modelDescriptionLabel.text = _("Model '{modelId}' is not available here.").format(modelId=modelId)
+        else:
+            self.ui.modelDescriptionLabel.text = self._modelDescriptions.get(modelId, "")
+
+    # Buttons and status
+
+    def _updateButtons(self) -> None:
+        running = self._run is not None
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.outputsCollapsibleButton.enabled = not running
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running model; nothing is added to the scene.")
+            self.ui.applyButton.enabled = not self._cancelRequested
+            return
+        self.ui.applyButton.text = _("Apply")
+        params = self._parameterNode
+        if not params or not params.inputVolume:
+            refusal = _("Select an input volume.")
+        else:
+            refusal = self._inputProblem(params)
+            if not refusal and self.ui.modelComboBox.currentIndex < 0:
+                refusal = _("Select a model.")
+        self.ui.applyButton.toolTip = refusal or _("Run the model in a background process.")
+        self.ui.applyButton.enabled = not refusal
+
+    def _setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+
+    def _log(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+    # Apply / Cancel
+
+    def onApplyButton(self) -> None:
+        """Start the run (after making sure its dependencies are installed), or cancel the running one."""
+        if self._run is not None:
+            self._cancelRun()
+            return
+        params = self._parameterNode
+        if not params or not params.inputVolume:
+            return
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self._setStatus(_("Checking the Python packages the model needs..."))
+        slicer.app.processEvents()
+        try:
+            ensureDependencies(params.modelId, self.resourcePath("requirements.txt"))
+        except DependenciesNotInstalled as error:
+            self._setStatus(str(error))
+            self._log(str(error))
+            slicer.util.warningDisplay(str(error), windowTitle=self._moduleTitle())
+            return
+        except Exception as error:
+            message = None if isinstance(error, MIADLError) else _(
+                "Installing the Python packages the model needs failed: {error}").format(error=error)
+            self._reportError(error, traceback.format_exc(), [], message)
+            return
+        self._setStatus(_("Starting..."))
+        try:
+            self._run = self._startRun(params)
+        except Exception as error:
+            self._run = None
+            self._reportError(error, traceback.format_exc(), [])
+            return
+        self._runInput = params.inputVolume
+        self._cancelRequested = False
+        self._log(_("Started model '{modelId}' on device '{device}'.").format(
+            modelId=params.modelId, device=params.device))
+        self._updateButtons()
+        self._pollTimer.start()
+
+    def _cancelRun(self) -> None:
+        self._cancelRequested = True
+        self._setStatus(_("Cancelling..."))
+        self._updateButtons()
+        try:
+            self._run.cancel()
+        except Exception:
+            self._log(traceback.format_exc())
+        # The next timer tick sees the run stopped and finishes it (reports "Cancelled").
+
+    def _onPollTimer(self) -> None:
+        """Runs on the main thread every POLL_INTERVAL_MS: show new events, finish when the worker has stopped."""
+        run = self._run
+        if run is None:
+            self._pollTimer.stop()
+            return
+        try:
+            for event in run.poll():
+                self._showEvent(event)
+            stopped = not run.is_running()
+        except Exception as error:  # never leave a worker running behind a dead timer
+            details = traceback.format_exc()
+            self._abandonRun()
+            self._reportError(error, details, list(getattr(run, "log_lines", [])))
+            return
+        if stopped:
+            self._pollTimer.stop()
+            self._finishRun(run)
+
+    def _showEvent(self, event: Event) -> None:
+        if event.progress is not None:
+            self.ui.progressBar.value = round(100 * min(1.0, max(0.0, float(event.progress))))
+        message = event.message or event.stage
+        self._log(f"[{event.stage}] {event.message}" if event.message else f"[{event.stage}]")
+        self._setStatus(message)
+
+    def _finishRun(self, run: TaskRun) -> None:
+        inputVolume = self._runInput
+        cancelRequested = self._cancelRequested
+        self._run = None
+        self._runInput = None
+        self._cancelRequested = False
+        try:
+            result = run.finish()
+        except CancelledError:
+            self._setStatus(_("Cancelled; nothing was added to the scene."))
+            self._log(_("Cancelled"))
+        except Exception as error:
+            if cancelRequested:
+                self._setStatus(_("Cancelled; nothing was added to the scene."))
+                self._log(_("Cancelled") + f" ({error})")
+            else:
+                self._reportError(error, traceback.format_exc(), list(getattr(run, "log_lines", [])))
+        else:
+            self._showResult(result, inputVolume)
+        self._updateButtons()
+
+    def _reportError(self, error: Exception, details: str, logLines: list[str], message: str | None = None) -> None:
+        """One sentence in the dialog; the traceback and the worker's own output in the log."""
+        if message is None:
+            message = str(error) if isinstance(error, MIADLError) else self._failureMessage(error)
+        self._setStatus(message)
+        self._log(message)
+        self._log(details.rstrip())
+        if logLines:
+            self._log(_("--- worker output ---"))
+            for line in logLines:
+                self._log(line)
+            details = details.rstrip() + "\n\n" + "\n".join(logLines[-40:])
+        slicer.util.errorDisplay(message, windowTitle=self._moduleTitle(), detailedText=details)
+
+    def _abandonRun(self) -> None:
+        """Cancel a running job and reap its process and job folder (scene close, module unload, poll failure)."""
+        run = self._run
+        self._run = None
+        self._runInput = None
+        self._cancelRequested = False
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if run is None:
+            return
+        try:
+            run.cancel()
+            run.finish()
+        except CancelledError:
+            pass
+        except Exception:
+            logging.exception("MIADeepLearning: error while abandoning a running job")
+        if hasattr(self, "ui"):
+            self._setStatus(_("Cancelled; nothing was added to the scene."))
+            self._updateButtons()

@@ -1,0 +1,580 @@
+"""The module files and MIADeepLearningLib/gui/ run with stand-ins for Qt and Slicer's GUI (no Slicer application).
+
+What this proves without Slicer: importing a module file touches nothing of a running Slicer (slicer.app and the
+scene do not exist yet) and imports neither torch, the MRML bridge nor another module file; the parameter node's
+annotations resolve; and the shared widget code (gui.task_widget.TaskWidgetMixin) drives Apply -> Cancel, polling,
+progress, finish, cancel, errors and declined installs the same way in every module, with the module's own hooks
+(run arguments, result display, titles, Apply refusals). The Logic's warm-worker handling (gui.task_logic) too.
+
+Each case runs in a subprocess of its own: the stand-ins replace `qt`, `slicer` and `vtk` in sys.modules, which must
+not leak into the other suites (they use slicer-core's real `slicer`). The real widgets, layout and dialogs are
+covered by the Slicer self-tests (DLSegmentationTest, DLSynthesisTest).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE_DIR = ROOT / "MIADeepLearning"
+UI_DIR = ROOT / "Resources" / "UI"
+MODULES = ("DLSegmentation", "DLSynthesis")
+
+
+# Stand-ins (installed only in the subprocess)
+
+
+class _Missing:
+    """slicer.app / slicer.mrmlScene before Slicer has started: any use is an error."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        raise AssertionError(f"slicer.{self._name}.{attribute} used while the module file was being imported")
+
+
+class FakeWidget:
+    """Any widget of a .ui: the properties the code sets, and the few methods it calls."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.text, self.toolTip, self.enabled, self.value = name, "", "", True, 0
+        self.items: list[tuple[str, Any]] = []
+        self._currentIndex = -1
+        self.lines: list[str] = []
+        self.connections: dict[str, Callable] = {}
+
+    def connect(self, signal: str, slot: Callable) -> None:
+        self.connections[signal] = slot
+
+    def setMRMLScene(self, scene: Any) -> None:
+        pass
+
+    # QComboBox
+    def clear(self) -> None:
+        self.items, self._currentIndex, self.lines = [], -1, []
+
+    def addItem(self, title: str, data: Any) -> None:
+        self.items.append((title, data))
+
+    def setItemData(self, index: int, value: Any, role: Any) -> None:
+        pass
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+    def findData(self, data: Any) -> int:
+        return next((index for index, (_, item) in enumerate(self.items) if item == data), -1)
+
+    def itemData(self, index: int) -> Any:
+        return self.items[index][1]
+
+    @property
+    def currentIndex(self) -> int:
+        return self._currentIndex
+
+    @currentIndex.setter
+    def currentIndex(self, index: int) -> None:
+        self._currentIndex = index
+
+    # QPlainTextEdit
+    def appendPlainText(self, text: str) -> None:
+        self.lines.append(text)
+
+
+class FakeParameterNode:
+    """The MRML node behind a parameter node wrapper: values, and ModifiedEvent observers."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.observers: dict[int, Callable] = {}
+
+
+def _parameter_node_wrapper(cls: type) -> type:
+    """Like slicer.parameterNodeWrapper: resolves the annotations (typing.get_type_hints, as the real one does, so a
+    name missing from the module's globals fails here too), stores values on the node and fires ModifiedEvent."""
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    defaults = {name: getattr(cls, name, None) for name in hints}
+
+    class Wrapped:
+        def __init__(self, node: FakeParameterNode) -> None:
+            object.__setattr__(self, "_node", node)
+            for name, value in defaults.items():
+                node.values.setdefault(name, value)
+
+        def __getattr__(self, name: str) -> Any:
+            if name in defaults:
+                return self._node.values[name]
+            raise AttributeError(name)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            assert name in defaults, f"{cls.__name__} has no parameter {name}"
+            self._node.values[name] = value
+            for callback in list(self._node.observers.values()):
+                callback(self, "ModifiedEvent")
+
+        def connectGui(self, ui: Any) -> str:
+            return "gui-tag"
+
+        def disconnectGui(self, tag: Any) -> None:
+            pass
+
+        def AddObserver(self, event: Any, callback: Callable) -> int:
+            tag = len(self._node.observers) + 1
+            self._node.observers[tag] = callback
+            return tag
+
+        def RemoveObserver(self, tag: int) -> None:
+            self._node.observers.pop(tag, None)
+
+    Wrapped.__name__ = Wrapped.__qualname__ = cls.__name__
+    Wrapped.hints = hints
+    return Wrapped
+
+
+class Recorder:
+    """Calls to the dialogs and to the patched functions, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __call__(self, name: str, result: Any = None) -> Callable:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            return result
+
+        return record
+
+    def named(self, name: str) -> list[tuple[tuple, dict]]:
+        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
+
+
+def install_stubs(recorder: Recorder) -> types.ModuleType:
+    """Put qt, vtk and slicer (with the submodules the module files import) into sys.modules; return slicer."""
+
+    def module(name: str, **attributes: Any) -> types.ModuleType:
+        created = types.ModuleType(name)
+        created.__dict__.update(attributes)
+        sys.modules[name] = created
+        return created
+
+    class QTimer:
+        def __init__(self) -> None:
+            self.active, self.interval, self.connections = False, None, {}
+
+        def setInterval(self, milliseconds: int) -> None:
+            self.interval = milliseconds
+
+        def connect(self, signal: str, slot: Callable) -> None:
+            self.connections[signal] = slot
+
+        def start(self) -> None:
+            self.active = True
+
+        def stop(self) -> None:
+            self.active = False
+
+    module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(ToolTipRole=3), QFileDialog=None)
+    module("ctk")
+    module("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent="ModifiedEvent"))
+
+    class VTKObservationMixin:
+        def __init__(self) -> None:
+            self.Observations: list[tuple[Any, Any, Callable, int]] = []
+
+        def addObserver(self, obj: Any, event: Any, callback: Callable) -> None:
+            tag = obj.AddObserver(event, callback) if hasattr(obj, "AddObserver") else 0
+            self.Observations.append((obj, event, callback, tag))
+
+        def removeObserver(self, obj: Any, event: Any, callback: Callable) -> None:
+            for observation in list(self.Observations):
+                if observation[:3] == (obj, event, callback):
+                    if hasattr(obj, "RemoveObserver"):
+                        obj.RemoveObserver(observation[3])
+                    self.Observations.remove(observation)
+
+        def removeObservers(self) -> None:
+            for observation in list(self.Observations):
+                self.removeObserver(*observation[:3])
+
+    def load_ui(path: str) -> Any:
+        return types.SimpleNamespace(path=path, setMRMLScene=lambda scene: None)
+
+    def child_widget_variables(ui_widget: Any) -> Any:
+        """Only the names the .ui really has, so a name the code uses but the .ui lacks fails here too."""
+        root = ElementTree.parse(ui_widget.path).getroot()
+        names = {element.get("name") for tag in ("widget", "layout", "action") for element in root.iter(tag)}
+        return types.SimpleNamespace(**{name: FakeWidget(name) for name in names if name})
+
+    util = module(
+        "slicer.util",
+        VTKObservationMixin=VTKObservationMixin,
+        loadUI=load_ui,
+        childWidgetVariables=child_widget_variables,
+        warningDisplay=recorder("warningDisplay"),
+        errorDisplay=recorder("errorDisplay"),
+        infoDisplay=recorder("infoDisplay"),
+        setSliceViewerLayers=recorder("setSliceViewerLayers"),
+        confirmOkCancelDisplay=recorder("confirmOkCancelDisplay", False),
+        pip_install=recorder("pip_install"),
+    )
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent: Any) -> None:
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent: Any = None) -> None:
+            self.parent = parent or types.SimpleNamespace(isEntered=True)
+            self.layout = types.SimpleNamespace(addWidget=lambda widget: None)
+            self.moduleName = type(self).__name__[: -len("Widget")]
+
+        def setup(self) -> None:
+            pass
+
+        def resourcePath(self, relative: str) -> str:
+            return str(ROOT / "Resources" / relative)
+
+        def onReload(self) -> None:
+            recorder("onReload")(self.moduleName)
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent: Any = None) -> None:
+            self._node = FakeParameterNode()
+
+        def getParameterNode(self) -> FakeParameterNode:
+            return self._node
+
+    class ScriptedLoadableModuleTest:
+        pass
+
+    module(
+        "slicer.ScriptedLoadableModule",
+        ScriptedLoadableModule=ScriptedLoadableModule,
+        ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest=ScriptedLoadableModuleTest,
+    )
+    module("slicer.i18n", tr=lambda text: text)
+    module("slicer.parameterNodeWrapper", parameterNodeWrapper=_parameter_node_wrapper,
+           Choice=lambda choices: ("Choice", tuple(choices)))
+    slicer = module(
+        "slicer",
+        util=util,
+        app=_Missing("app"),
+        mrmlScene=_Missing("mrmlScene"),
+        vtkMRMLScalarVolumeNode=type("vtkMRMLScalarVolumeNode", (), {}),
+        vtkMRMLSegmentationNode=type("vtkMRMLSegmentationNode", (), {}),
+    )
+    slicer.__path__ = []  # a package, so `import slicer.util` works; slicer.packaging stays missing (old Slicer)
+    return slicer
+
+
+class FakeScene:
+    StartCloseEvent, EndCloseEvent = "StartCloseEvent", "EndCloseEvent"
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+
+    def GetFirstNodeByClass(self, class_name: str) -> Any:
+        return self.nodes[0] if self.nodes else None
+
+    def IsNodePresent(self, node: Any) -> bool:
+        return node in self.nodes
+
+    def AddObserver(self, event: Any, callback: Callable) -> int:
+        return 0
+
+
+class FakeNode:
+    def __init__(self, name: str, node_id: str) -> None:
+        self._name, self._id = name, node_id
+
+    def GetName(self) -> str:
+        return self._name
+
+    def GetID(self) -> str:
+        return self._id
+
+    def IsA(self, class_name: str) -> bool:
+        return class_name == "vtkMRMLScalarVolumeNode"
+
+
+class FakeRun:
+    """A started run: events per poll, then stopped; finish() returns `result` or raises `error`."""
+
+    def __init__(self, polls: list[list[Any]], result: Any = None, error: Exception | None = None) -> None:
+        self.polls, self.result, self.error = list(polls), result, error
+        self.cancelled = self.finished = 0
+        self.log_lines = ["worker line 1", "worker line 2"]
+
+    def poll(self) -> list[Any]:
+        return self.polls.pop(0) if self.polls else []
+
+    def is_running(self) -> bool:
+        return bool(self.polls) and not self.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+
+    def finish(self) -> Any:
+        self.finished += 1
+        if self.cancelled:
+            from MIADeepLearningLib.engine.errors import CancelledError
+
+            raise CancelledError("Cancelled.")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+# The cases (run in the subprocess)
+
+
+def _import_modules(recorder: Recorder, first: str) -> tuple[types.ModuleType, dict[str, types.ModuleType]]:
+    """Import `first` alone (it must not pull the other module file), then the rest; then 'start' Slicer."""
+    slicer = install_stubs(recorder)
+    modules = {first: __import__(first)}
+    others = set(MODULES) - {first}
+    assert not others & set(sys.modules), f"importing {first} imported {others & set(sys.modules)}"
+    heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "monai", "SimpleITK", "numpy")
+                   or name.startswith("MIADeepLearningLib.mrml"))
+    assert not heavy, f"importing {first} imported {heavy}"
+    for name in sorted(others):
+        modules[name] = __import__(name)
+    slicer.app = types.SimpleNamespace(processEvents=lambda: None, layoutManager=lambda: None)
+    slicer.mrmlScene = FakeScene()
+    return slicer, modules
+
+
+def _widget(module: types.ModuleType, name: str, models: list[Any]) -> Any:
+    logic_class = getattr(module, f"{name}Logic")
+    logic_class.availableModels = staticmethod(lambda: list(models))  # the registry, without the MRML bridge
+    if hasattr(logic_class, "disclaimer"):
+        logic_class.disclaimer = staticmethod(lambda: "Synthesized: not for diagnosis on its own.")
+    widget = getattr(module, f"{name}Widget")()
+    widget.setup()
+    return widget
+
+
+def _model(model_id: str) -> Any:
+    return types.SimpleNamespace(id=model_id, title=model_id.title(), description=f"{model_id} model.",
+                                 license="MIT", citation="Someone 2024.")
+
+
+_SEGMENTATION_RESULT = types.SimpleNamespace(
+    segmentation_node=FakeNode("brain", "vtkMRMLSegmentationNode1"), masked_volume_node=None, warnings=["w1"],
+    timings={"inference": 1.25},
+)
+_SYNTHESIS_RESULT = types.SimpleNamespace(
+    volume_node=FakeNode("head 1mm", "vtkMRMLScalarVolumeNode9"), uncertainty_node=None, difference_node=None,
+    warnings=[], timings={"total": 3.0},
+)
+CASES: dict[str, dict[str, Any]] = {
+    "DLSegmentation": {
+        "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
+        "start_kwargs": {"outputSegmentation": None, "createMaskedVolume": False, "keepModelLoaded": True},
+        "result": _SEGMENTATION_RESULT, "done": "Done: segmentation 'brain' (1 warning(s), see the log).",
+    },
+    "DLSynthesis": {
+        "model": "thick-slice-sr", "title": "DL Synthesis", "failed": "Synthesis failed: boom",
+        "start_kwargs": {"outputVolume": None, "createUncertainty": False, "createDifference": False,
+                         "keepModelLoaded": True},
+        "result": _SYNTHESIS_RESULT, "done": "Done: volume 'head 1mm' in 3.0 s.",
+    },
+}
+
+
+def case_apply_poll_finish_cancel_errors(name: str) -> None:
+    from MIADeepLearningLib.engine.errors import InputError
+    from MIADeepLearningLib.jobs import Event
+
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    case = CASES[name]
+    module = modules[name]
+    assert module.DEVICE_CHOICES == ["auto", "cpu", "cuda"]
+    widget = _widget(module, name, [_model(case["model"])])
+    ui, params = widget.ui, widget._parameterNode
+    assert params.device == "auto" and params.modelId == case["model"]
+    assert ui.modelComboBox.currentIndex == 0
+    assert ui.modelDescriptionLabel.text == f"{case['model']} model. Licence: MIT. Cite: Someone 2024."
+    assert widget._pollTimer.interval == task_widget.POLL_INTERVAL_MS
+    assert ui.applyButton.connections["clicked(bool)"] == widget.onApplyButton
+    assert (ui.applyButton.text, ui.applyButton.enabled, ui.applyButton.toolTip) == (
+        "Apply", False, "Select an input volume.")
+
+    volume = FakeNode("head", "vtkMRMLScalarVolumeNode1")
+    slicer.mrmlScene.nodes.append(volume)
+    params.inputVolume = volume
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    if name == "DLSynthesis":  # the module's own refusal, through the _inputProblem hook
+        assert ui.disclaimerLabel.text.startswith("Synthesized")
+        params.outputVolume = volume
+        assert not ui.applyButton.enabled and "must not be the input volume" in ui.applyButton.toolTip
+        params.outputVolume = None
+        assert ui.applyButton.enabled
+    params.modelId = "unknown"
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select a model."
+    assert ui.modelDescriptionLabel.text == "Model 'unknown' is not available here."
+    params.modelId = case["model"]
+    assert ui.applyButton.enabled
+
+    ensured: list[tuple] = []
+    task_widget.ensureDependencies = lambda *args: ensured.append(args)
+    started: list[tuple] = []
+    runs: list[FakeRun] = []
+
+    def start(*args: Any, **kwargs: Any) -> FakeRun:
+        started.append((args, kwargs))
+        return runs.pop(0)
+
+    widget.logic.start = start
+
+    # 1. success: Apply -> Cancel, progress, log, result, back to Apply
+    runs.append(FakeRun([[Event(stage="inference", progress=0.5, message="Half way")], []], result=case["result"]))
+    widget.onApplyButton()
+    assert ensured == [(case["model"], str(ROOT / "Resources" / "requirements.txt"))]
+    assert started == [((volume, case["model"]), {"device": "auto", **case["start_kwargs"]})]
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Cancel", True)
+    assert not ui.inputsCollapsibleButton.enabled and not ui.outputsCollapsibleButton.enabled
+    assert widget._pollTimer.active
+    assert ui.logTextEdit.lines[-1] == f"Started model '{case['model']}' on device 'auto'."
+    widget._onPollTimer()
+    assert ui.progressBar.value == 50 and ui.statusLabel.text == "Half way"
+    assert ui.logTextEdit.lines[-1] == "[inference] Half way"
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert not widget._pollTimer.active and widget._run is None
+    assert ui.statusLabel.text == case["done"], ui.statusLabel.text
+    assert ui.progressBar.value == 100
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Apply", True)
+    assert ui.inputsCollapsibleButton.enabled and ui.outputsCollapsibleButton.enabled
+    assert recorder.named("setSliceViewerLayers"), "the result was not shown"
+
+    # 2. cancel: the second press cancels, the button is disabled until the run has stopped
+    run = FakeRun([[], [], []])
+    runs.append(run)
+    widget.onApplyButton()
+    widget.onApplyButton()
+    assert run.cancelled == 1 and ui.statusLabel.text == "Cancelling..."
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Cancel", False)
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Cancelled; nothing was added to the scene."
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Apply", True)
+    assert not recorder.named("errorDisplay")
+
+    # 3. errors: one sentence in the dialog (module title), worker output in the details
+    runs.append(FakeRun([[]], error=RuntimeError("boom")))
+    widget.onApplyButton()
+    widget._onPollTimer()
+    widget._onPollTimer()
+    (args, kwargs), = recorder.named("errorDisplay")
+    assert args == (case["failed"],) and kwargs["windowTitle"] == case["title"]
+    assert "worker line 2" in kwargs["detailedText"] and "--- worker output ---" in ui.logTextEdit.lines
+    runs.append(FakeRun([[]], error=InputError("The input is not a 3D volume.")))
+    widget.onApplyButton()
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert recorder.named("errorDisplay")[-1][0] == ("The input is not a 3D volume.",)
+    widget.logic.start = lambda *args, **kwargs: (_ for _ in ()).throw(InputError("Refused before start."))
+    widget.onApplyButton()
+    assert recorder.named("errorDisplay")[-1][0] == ("Refused before start.",) and widget._run is None
+    assert ui.applyButton.text == "Apply"
+
+    # 4. a declined install: a warning, nothing started
+    def decline(*args: Any) -> None:
+        raise task_widget.DependenciesNotInstalled("PyTorch was not installed.")
+
+    task_widget.ensureDependencies = decline
+    widget.logic.start = start
+    widget.onApplyButton()
+    (args, kwargs), = recorder.named("warningDisplay")
+    assert args == ("PyTorch was not installed.",) and kwargs["windowTitle"] == case["title"]
+    assert ui.statusLabel.text == "PyTorch was not installed." and widget._run is None and not runs
+
+    # 5. a run still going when the module is unloaded is cancelled and reaped; the warm worker is ended
+    task_widget.ensureDependencies = lambda *args: None
+    run = FakeRun([[], [], []])
+    runs.append(run)
+    widget.onApplyButton()
+    shutdowns: list[int] = []
+    widget.logic.shutdownWarmWorker = lambda: shutdowns.append(1)
+    widget.cleanup()
+    assert run.cancelled == 1 and run.finished == 1 and shutdowns == [1] and not widget._pollTimer.active
+    assert widget.Observations == []
+
+
+def case_logic_warm_worker(name: str) -> None:
+    recorder = Recorder()
+    _, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_logic as task_logic
+    import MIADeepLearningLib.runner as runner
+
+    class FakeWarmWorker:
+        def __init__(self, python_executable: str | None = None) -> None:
+            self.python_executable, self.shutdowns = python_executable, 0
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+
+    runner.WarmWorker = FakeWarmWorker
+    task_logic.pythonSlicerExecutable = lambda: "/opt/Slicer/bin/PythonSlicer"
+    logic = getattr(modules[name], f"{name}Logic")()
+    created: list[tuple] = []
+    logic.createTaskLogic = lambda python, warm: created.append((python, warm)) or types.SimpleNamespace(warm=warm)
+    accessor = logic.segmentationLogic if name == "DLSegmentation" else logic.synthesisLogic
+
+    cold = accessor(False)
+    assert accessor(False) is cold and cold.warm is None
+    warm = accessor(True)
+    assert accessor(True) is warm and isinstance(warm.warm, FakeWarmWorker)
+    assert warm.warm.python_executable == "/opt/Slicer/bin/PythonSlicer"
+    assert created == [("/opt/Slicer/bin/PythonSlicer", None), ("/opt/Slicer/bin/PythonSlicer", warm.warm)]
+    logic.shutdownWarmWorker()
+    assert warm.warm.shutdowns == 1
+    assert accessor(True) is not warm, "a new warm worker after shutdown"
+    assert accessor(False) is cold
+
+
+def case_parameter_node_hints(name: str) -> None:
+    """The annotations resolve in the module's globals (DEVICE_CHOICES now comes from gui.task_widget)."""
+    _, modules = _import_modules(Recorder(), name)
+    hints = getattr(modules[name], f"{name}ParameterNode").hints
+    assert "Choice" in repr(hints["device"]) or "auto" in repr(hints["device"]), hints["device"]
+
+
+CASE_FUNCTIONS = {
+    function.__name__: function
+    for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints)
+}
+
+
+# pytest side
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("case", sorted(CASE_FUNCTIONS))
+def test_module_with_stub_qt(case: str, module: str) -> None:
+    completed = subprocess.run([sys.executable, __file__, case, module], capture_output=True, text=True,
+                               timeout=120, cwd=str(ROOT), check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.strip() == "ok", completed.stdout + completed.stderr
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(SOURCE_DIR))
+    CASE_FUNCTIONS[sys.argv[1]](sys.argv[2])
+    print("ok")
