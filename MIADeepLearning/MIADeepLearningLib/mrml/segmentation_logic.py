@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from MIADeepLearningLib import runner
@@ -22,8 +21,8 @@ from MIADeepLearningLib.engine import errors, registry
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file
-from MIADeepLearningLib.mrml.task_run import EventCallback, TaskRun, launch
-from MIADeepLearningLib.mrml.volumes import check_input_volume, read_volume_file
+from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun
+from MIADeepLearningLib.mrml.volumes import read_volume_file
 
 
 @dataclass
@@ -72,22 +71,14 @@ class SegmentationRun(TaskRun):
                                   bool(result.get("model_cached", False)))
 
 
-class SegmentationLogic:
+class SegmentationLogic(TaskLogic):
     """Starts segmentation runs for volume nodes. `python_executable` is PythonSlicer inside Slicer.
 
     With `warm_worker`, runs go through that long-lived worker (its own python and environment apply); without,
     each run starts a worker process of its own.
     """
 
-    def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None,
-                 warm_worker: runner.WarmWorker | None = None):
-        self.python_executable = python_executable
-        self.jobs_root = Path(jobs_root) if jobs_root else None
-        self.warm_worker = warm_worker
-
-    @staticmethod
-    def models() -> list[registry.ModelInfo]:
-        return registry.list_models(task="segmentation")
+    TASK = "segmentation"
 
     def start(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
               create_masked_volume: bool = False, timeout_s: float | None = None,
@@ -97,17 +88,14 @@ class SegmentationLogic:
         `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
         """
         started_at = time.perf_counter()
-        check_input_volume(input_volume)
-        model = registry.get_model(model_id)
-        if model.task != "segmentation":
-            raise errors.ModelError(f"Model '{model.title}' is not a segmentation model.")
+        model = self._checked_model(input_volume, model_id)
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
             raise errors.InputError(f"Output node '{output_segmentation.GetName()}' is not a segmentation node.")
         outputs = {"label": "label.nrrd"}
         if create_masked_volume:
             outputs["masked"] = "masked.nrrd"
-        worker, export_seconds = launch("segment", input_volume, model, outputs, device, {}, self.jobs_root,
-                                        self.python_executable, self.warm_worker, timeout_s, on_event, worker_env)
+        worker, export_seconds = self._launch("segment", input_volume, model, outputs, device, timeout_s, on_event,
+                                              worker_env)
         return SegmentationRun(worker, input_volume, model, output_segmentation, create_masked_volume,
                                started_at, export_seconds)
 

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import slicer
 
-from MIADeepLearningLib import runner
 from MIADeepLearningLib.engine import errors, registry
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
-from MIADeepLearningLib.mrml.task_run import EventCallback, TaskRun, launch
-from MIADeepLearningLib.mrml.volumes import check_input_volume, place_beside, read_unattached_volume
+from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun
+from MIADeepLearningLib.mrml.volumes import place_beside, read_unattached_volume
 
 DISCLAIMER = ("Synthesized image: computed by a neural network from a thick-slice acquisition, not measured at this "
               "resolution. Not for diagnosis on its own; compare with the acquired image.")
@@ -101,29 +99,18 @@ class SynthesisRun(TaskRun):
         display.SetWindowLevel(width, 0.0)
 
 
-class SynthesisLogic:
+class SynthesisLogic(TaskLogic):
     """Starts synthesis runs for volume nodes. `python_executable` is PythonSlicer inside Slicer; with `warm_worker`
     runs go through that long-lived worker, which keeps the model loaded."""
 
-    def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None,
-                 warm_worker: runner.WarmWorker | None = None):
-        self.python_executable = python_executable
-        self.jobs_root = Path(jobs_root) if jobs_root else None
-        self.warm_worker = warm_worker
-
-    @staticmethod
-    def models() -> list[registry.ModelInfo]:
-        return registry.list_models(task="synthesis")
+    TASK = "synthesis"
 
     def start(self, input_volume, model_id: str, device: str = "auto", output_volume=None,
               create_uncertainty: bool = False, create_difference: bool = False, timeout_s: float | None = None,
               on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None) -> SynthesisRun:
         """Validate, export and launch; raises InputError/ModelError before anything is started or created."""
         started_at = time.perf_counter()
-        check_input_volume(input_volume)
-        model = registry.get_model(model_id)
-        if model.task != "synthesis":
-            raise errors.ModelError(f"Model '{model.title}' is not a synthesis model.")
+        model = self._checked_model(input_volume, model_id)
         if output_volume is not None:
             if not output_volume.IsA("vtkMRMLScalarVolumeNode") or output_volume.IsA("vtkMRMLLabelMapVolumeNode"):
                 raise errors.InputError(f"Output node '{output_volume.GetName()}' is not a scalar volume.")
@@ -134,8 +121,8 @@ class SynthesisLogic:
             outputs["uncertainty"] = "uncertainty.nrrd"
         if create_difference:
             outputs["difference"] = "difference.nrrd"
-        worker, export_seconds = launch("synthesize", input_volume, model, outputs, device, {}, self.jobs_root,
-                                        self.python_executable, self.warm_worker, timeout_s, on_event, worker_env)
+        worker, export_seconds = self._launch("synthesize", input_volume, model, outputs, device, timeout_s, on_event,
+                                              worker_env)
         return SynthesisRun(worker, input_volume, model, output_volume, started_at, export_seconds)
 
     def run(self, input_volume, model_id: str, device: str = "auto", output_volume=None,

@@ -13,7 +13,7 @@ from typing import Any
 
 from MIADeepLearningLib import jobs, runner
 from MIADeepLearningLib.engine import errors, registry
-from MIADeepLearningLib.mrml.volumes import export_volume
+from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume
 
 EventCallback = Callable[[jobs.Event], None]
 
@@ -91,6 +91,37 @@ class TaskRun:
             target.SetAndObserveColorNodeID(source.GetColorNodeID())
             target.SetAutoWindowLevel(False)
             target.SetWindowLevel(source.GetWindow(), source.GetLevel())
+
+
+class TaskLogic:
+    """What the Qt-free logics share: where the worker runs (a process per run, or `warm_worker`), and checking the
+    input volume and the model before anything is started. Subclasses set TASK (registry task name)."""
+
+    TASK = ""
+
+    def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None,
+                 warm_worker: runner.WarmWorker | None = None):
+        self.python_executable = python_executable
+        self.jobs_root = Path(jobs_root) if jobs_root else None
+        self.warm_worker = warm_worker
+
+    @classmethod
+    def models(cls) -> list[registry.ModelInfo]:
+        return registry.list_models(task=cls.TASK)
+
+    def _checked_model(self, input_volume, model_id: str) -> registry.ModelInfo:
+        """InputError/ModelError (one sentence) before anything is created: a usable input, a model of this task."""
+        check_input_volume(input_volume)
+        model = registry.get_model(model_id)
+        if model.task != self.TASK:
+            raise errors.ModelError(f"Model '{model.title}' is not a {self.TASK} model.")
+        return model
+
+    def _launch(self, worker_task: str, input_volume, model: registry.ModelInfo, outputs: dict[str, str],
+                device: str, timeout_s: float | None, on_event: EventCallback | None,
+                worker_env: dict[str, str] | None) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
+        return launch(worker_task, input_volume, model, outputs, device, {}, self.jobs_root, self.python_executable,
+                      self.warm_worker, timeout_s, on_event, worker_env)
 
 
 def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str, str], device: str,
