@@ -74,9 +74,11 @@ def main(output: Path) -> int:
     synthesized = synthesis.volume_node
     files["thick-slice input"] = headless.save_node(thick, output / f"{thick.GetName()}.nrrd")
     files["synthesized 1 mm volume"] = headless.save_node(synthesized, output / f"{synthesized.GetName()}.nrrd")
+    segmentation.GetDisplayNode().SetVisibility(False)  # the coronal views compare the volumes themselves
     for node, name in ((thick, "coronal-thick-slice-input.png"), (synthesized, "coronal-synthesized-1mm.png")):
         rendering.render_slice_png(output / name, node, "Coronal", offset_ras=centre_ras)
         files[name] = output / name
+    segmentation.GetDisplayNode().SetVisibility(True)
     files["scene"] = headless.save_scene_mrb(output / "MIADeepLearning-demo.mrb")
     (output / "provenance.json").write_text(json.dumps(get_provenance(segmentation), indent=2), encoding="utf-8")
     files["provenance"] = output / "provenance.json"
