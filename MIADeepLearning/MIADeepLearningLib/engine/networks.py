@@ -60,3 +60,59 @@ class ResidualUNet3D(nn.Module):
         for upsample, decoder in zip(self.upsamplers, self.decoders):
             hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
         return inputs[:, :1].float() + self.head(hidden).float()
+
+
+def _normalised_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.InstanceNorm3d(out_channels, affine=True),
+        nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.InstanceNorm3d(out_channels, affine=True),
+        nn.LeakyReLU(0.01, inplace=True),
+    )
+
+
+class UNet3D(nn.Module):
+    """A 3D U-Net segmenter (nnU-Net-like blocks: conv, InstanceNorm, LeakyReLU; strided-conv downsampling,
+    transposed-conv upsampling) that returns float32 logits, one channel per class.
+
+    InstanceNorm rather than batch norm because it trains with batch 1 and makes the features independent of the
+    input's intensity scale, which a contrast-agnostic segmenter wants. Spatial sizes must be divisible by
+    2 ** (len(features) - 1).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 4,
+                 features: Sequence[int] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        features = [int(value) for value in features]
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.features = features
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for level, width in enumerate(features):
+            self.encoders.append(_normalised_block(previous, width, stride=1 if level == 0 else 2))
+            previous = width
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for width in reversed(features[:-1]):
+            self.upsamplers.append(nn.ConvTranspose3d(previous, width, 2, stride=2))
+            self.decoders.append(_normalised_block(2 * width, width))
+            previous = width
+        self.head = nn.Conv3d(previous, out_channels, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        skips = []
+        hidden = inputs
+        for encoder in self.encoders:
+            hidden = encoder(hidden)
+            skips.append(hidden)
+        skips.pop()
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
+        return self.head(hidden).float()

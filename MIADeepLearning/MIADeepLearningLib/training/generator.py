@@ -209,3 +209,43 @@ def slice_coordinates(length: int, acquisition: Acquisition) -> torch.Tensor:
 def upsample_slices(slices: torch.Tensor, slice_index: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of acquired slices back onto the 1 mm positions, nearest beyond the outer slices."""
     return linear_sample_axis0(slices, slice_index)
+
+
+# ------------------------------------------------------------------------------ segmentation targets and resolution
+
+TISSUE_CLASSES = ("background", "csf", "gm", "wm")  # output channels of the brain tissue segmenter, in this order
+_TISSUE_INDEX = {"background": 0, "other": 0, "csf": 1, "gm": 2, "wm": 3}
+
+
+def tissue_classes(values: np.ndarray) -> np.ndarray:
+    """Tissue class (0 background, 1 CSF, 2 GM, 3 WM) of each label value: a lookup table indexed by compact label
+    index, so ``tissue_classes(values)[indices]`` turns a compact label map into the segmentation target. Labels that
+    are in no tissue list (extra-cerebral, > 100, unknown) are background."""
+    return np.asarray([_TISSUE_INDEX[family] for family in tissue_of(values)], dtype=np.int64)
+
+
+def apply_acquisition(image: torch.Tensor, acquisition: Acquisition, axis: int,
+                      generator: torch.Generator) -> torch.Tensor:
+    """`image` as a thick-slice acquisition along `axis` would show it once interpolated back onto the same grid:
+    the thick axis is moved to axis 0 (the acquisition convention), acquired, upsampled, and moved back."""
+    moved = image.movedim(axis, 0)
+    slices = acquire(moved, acquisition, generator)
+    upsampled = upsample_slices(slices, slice_coordinates(moved.shape[0], acquisition))
+    return upsampled.movedim(0, axis).contiguous()
+
+
+def degrade_resolution(image: torch.Tensor, generator: torch.Generator, probability: float = 0.5,
+                       spacing_range_mm: tuple[float, float] = (2.0, 8.0), voxel_mm: float = 1.0,
+                       noise_range: tuple[float, float] = (0.0, 0.04)) -> tuple[torch.Tensor, int | None]:
+    """With `probability`, a random thick-slice acquisition along a random axis (a segmenter must work on clinical
+    scans with thick slices, which reach it interpolated onto its working grid); else the image unchanged.
+
+    Slice spacing and thickness are drawn in mm and converted to voxels of the working grid (`voxel_mm`). Returns
+    (image, thick axis or None)."""
+    if _scalar(generator, 0.0, 1.0) >= probability:
+        return image, None
+    axis = int(torch.randint(0, 3, (), generator=generator))
+    low, high = spacing_range_mm
+    acquisition = Acquisition.random(generator, spacing_range=(low / voxel_mm, high / voxel_mm),
+                                     noise_range=noise_range)
+    return apply_acquisition(image, acquisition, axis, generator), axis

@@ -45,6 +45,30 @@ def load_label_map(path: Path, margin: int = 8) -> LabelMap:
     return LabelMap(Path(path).name.split(".")[0], indices, values)
 
 
+def downsample_label_map(label_map: LabelMap, factor: int) -> LabelMap:
+    """The map on a grid `factor` times coarser: the most frequent label of each factor³ block (ties go to the
+    block's first voxel, i.e. nearest neighbour), so labels stay labels and thin structures are not all lost to
+    background. Rendering and augmenting a 2 mm map costs an eighth of a 1 mm one. The value table is kept."""
+    if factor == 1:
+        return label_map
+    indices = label_map.indices
+    padded = np.pad(indices, [(0, -n % factor) for n in indices.shape])  # index 0: background (value 0)
+    coarse = [n // factor for n in padded.shape]
+    blocks = padded.reshape(coarse[0], factor, coarse[1], factor, coarse[2], factor).transpose(0, 2, 4, 1, 3, 5)
+    blocks = blocks.reshape(-1, factor**3)
+    best = blocks[:, 0].copy()
+    mixed = np.flatnonzero((blocks != best[:, None]).any(axis=1))  # most blocks hold one label: nothing to count
+    blocks = blocks[mixed]
+    mode = blocks[:, 0].copy()
+    mode_count = (blocks == mode[:, None]).sum(axis=1)
+    for index in np.unique(blocks):
+        count = (blocks == index).sum(axis=1)
+        better = count > mode_count
+        mode[better], mode_count[better] = index, count[better]
+    best[mixed] = mode
+    return LabelMap(label_map.name, best.reshape(coarse).astype(np.int16), label_map.values)
+
+
 def nilearn_file(key: str) -> Path:
     """A file of the MNI template shipped inside the nilearn wheel (installed with --no-deps; never imported)."""
     try:

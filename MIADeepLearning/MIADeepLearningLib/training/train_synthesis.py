@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,10 @@ from MIADeepLearningLib.training.label_maps import LabelMap, load_label_maps
 
 DEFAULT_HELD_OUT = ["training_seg_13", "training_seg_14", "training_seg_15"]
 MARGIN = 8  # voxels rendered around each patch so blur and slice interpolation have no border effects inside it
+# Renders peak at 1. A patch that is mostly background has a tiny 99.5th percentile; normalising by it made targets
+# of thousands and wrecked the first training run at iteration ~2,400. Real volumes are normalised over the whole head.
+MIN_SCALE = 0.25
+GRADIENT_CLIP = 1.0  # global gradient-norm clip: one odd batch cannot undo what was learned
 
 
 @dataclass
@@ -71,6 +76,7 @@ def make_sample(label_map: LabelMap, patch: int, generator: torch.Generator, con
     slice_index = gen.slice_coordinates(size, acquisition)
     upsampled = gen.upsample_slices(slices, slice_index)
     _, low, scale = gen.normalise(upsampled)
+    scale = max(scale, MIN_SCALE)
     scale *= 1.0 + scale_jitter * (2.0 * float(torch.rand((), generator=generator)) - 1.0)
     inner = (slice(MARGIN, MARGIN + patch),) * 3
     inputs = gen.network_input((upsampled - low) / scale, slice_index, acquisition.spacing)
@@ -138,6 +144,11 @@ def save_atomically(payload: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
+def best_path(checkpoint: Path) -> Path:
+    """Where the checkpoint with the best validation PSNR so far is copied (what --export-best ships)."""
+    return checkpoint.with_name(checkpoint.stem + ".best" + checkpoint.suffix)
+
+
 def export_weights(checkpoint: Path, destination: Path) -> str:
     """Weights-only state dict (loads with weights_only=True) plus the architecture; returns its sha256."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -163,13 +174,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation-patch", type=int, default=64)
     parser.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
     parser.add_argument("--export", type=Path, help="write the weights-only file from the checkpoint and exit")
+    parser.add_argument("--export-best", action="store_true",
+                        help="with --export: take the copy saved at the best validation PSNR (<checkpoint>.best.pt)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.export:
-        print(f"sha256 {export_weights(args.checkpoint, args.export)}  {args.export}")
+        source = best_path(args.checkpoint) if args.export_best else args.checkpoint
+        print(f"sha256 {export_weights(source, args.export)}  {args.export}")  # the format of sha256sum
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -225,18 +239,24 @@ def main(argv: list[str] | None = None) -> int:
             prediction = network(inputs)
         loss = functional.l1_loss(prediction.float(), target)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+        if torch.isfinite(loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
+            optimiser.step()
+            losses.append(loss.item())
+        else:  # counted as an iteration (the generator moved on) but not learned from
+            print(f"iteration {state.iteration + 1}: non-finite loss, step skipped", flush=True)
         state.iteration += 1
         state.wall_seconds = stretch_start_wall + time.perf_counter() - started
         if state.iteration % args.validate_every == 0 or state.iteration == args.iterations:
             row = {"iteration": state.iteration, "hours": round(state.wall_seconds / 3600.0, 4),
-                   "train_l1": float(np.mean(losses)), **evaluate(network, validation, precision)}
+                   "train_l1": float(np.mean(losses)) if losses else None, **evaluate(network, validation, precision)}
             state.history.append(row)
             losses = []
             print(json.dumps(row), flush=True)
             save()
+            if row["val_psnr"] >= max(previous.get("val_psnr", -math.inf) for previous in state.history):
+                shutil.copyfile(args.checkpoint, best_path(args.checkpoint))
     state.wall_seconds = stretch_start_wall + time.perf_counter() - started
     save()
     print(f"stopped at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h in all)", flush=True)
