@@ -95,7 +95,7 @@ def extra_package(tmp_path, monkeypatch):
 
 
 def test_extra_package_intact_copy_loads_and_verifies(extra_package):
-    assert [model.id for model in registry.list_models()] == ["deepbet", "localbet"]
+    assert [model.id for model in registry.list_models()] == ["deepbet", "thick-slice-sr", "localbet"]
     model = registry.get_model("localbet")
     assert model.package_dir == extra_package
     assert model.title == "Brain extraction (site copy)"

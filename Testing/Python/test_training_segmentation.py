@@ -1,0 +1,217 @@
+"""Training the brain tissue segmenter (training/train_segmentation.py) for a few steps at a tiny size: the
+checkpoint and its learning curve (per-class validation Dice per setting), resuming (same result as an uninterrupted
+run), determinism, the weights-only export, the working grid (label maps downsampled by block mode), clear
+refusals; and the pieces of a training example (render aligned with its target, contrast curriculum, loss)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MIADeepLearningLib.engine.networks import UNet3D
+from MIADeepLearningLib.training import common, label_maps, train_segmentation
+from MIADeepLearningLib.training import generator as gen
+from MIADeepLearningLib.training.spatial import SpatialSettings
+
+FEATURES = ["4", "8", "16"]
+DICE_KEYS = {f"dice_{setting}_{name}" for setting in ("t1", "t2", "random", "t1_5mm") for name in ("csf", "gm", "wm")}
+HISTORY_KEYS = {"iteration", "hours", "train_loss", "val_dice", "val_dice_csf", "val_dice_gm", "val_dice_wm",
+                *DICE_KEYS}
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_global_state():
+    """main() sets the thread count and the global seed of this process; later tests must not inherit them."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def label_folder(tmp_path_factory) -> Path:
+    """Three 40³ label maps (background 0, CSF 24, cortex 3, white matter 2, ventricle 4, an extra-cerebral 165)."""
+    folder = tmp_path_factory.mktemp("label-maps")
+    z, y, x = np.mgrid[:40, :40, :40]
+    for index, centre in enumerate([(20, 20, 20), (18, 22, 19), (21, 18, 22)]):
+        radius = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+        labels = np.zeros((40, 40, 40), dtype=np.int16)
+        labels[radius < 18] = 165
+        labels[radius < 16] = 24
+        labels[radius < 13 - index] = 3
+        labels[radius < 9] = 2
+        labels[(radius < 3) | ((np.abs(x - centre[2]) < 2) & (np.abs(y - centre[1]) < 6) & (radius < 8))] = 4
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / f"case_{index}.nii.gz"))
+    return folder
+
+
+def _train(label_folder: Path, checkpoint: Path, iterations: int, *extra: str) -> list[str]:
+    argv = ["--label-maps", str(label_folder), "--held-out", "case_2", "--checkpoint", str(checkpoint),
+            "--iterations", str(iterations), "--patch", "16", "--batch", "1", "--validate-every", "2",
+            "--validation-patch", "16", "--validation-crops", "1", "--features", *FEATURES, "--threads", "1",
+            "--working-spacing", "1", "--curriculum-iterations", "4", *extra]
+    assert train_segmentation.main(argv) == 0
+    return argv
+
+
+def _load(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(first: dict, second: dict, what: str) -> None:
+    assert first.keys() == second.keys()
+    different = [name for name in first if not torch.equal(first[name], second[name])]
+    assert not different, f"{what}: these weights differ: {different[:5]}"
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def test_training_writes_a_resumable_checkpoint(label_folder, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoints" / "seg.pt"
+    argv = _train(label_folder, checkpoint, 3)
+    assert checkpoint.is_file() and not checkpoint.with_suffix(".pt.tmp").exists(), "written atomically"
+    state = _load(checkpoint)
+    assert tuple(state) == common.CHECKPOINT_KEYS, "the checkpoint has the same layout as train_synthesis's"
+    assert state["iteration"] == 3 and state["wall_seconds"] > 0
+    settings = state["settings"]
+    assert settings["features"] == [4, 8, 16] and settings["working_spacing"] == 1
+    assert settings["classes"] == ["background", "csf", "gm", "wm"]
+    assert settings["training_maps"] == ["case_0", "case_1"] and settings["held_out_maps"] == ["case_2"]
+    assert settings["contrast_mix"] == [0.2, 0.4, 0.4] and settings["curriculum_iterations"] == 4
+    history = state["history"]
+    assert [row["iteration"] for row in history] == [0, 2, 3], "rows: before training, every 2 iterations, the end"
+    for row in history:
+        assert HISTORY_KEYS <= set(row), f"history row lacks {HISTORY_KEYS - set(row)}"
+        assert all(0.0 <= row[key] <= 1.0 for key in DICE_KEYS), row
+        assert row["val_dice_gm"] == pytest.approx(np.mean([row[f"dice_{s}_gm"] for s in ("t1", "t2", "random",
+                                                                                          "t1_5mm")]))
+    assert history[0]["train_loss"] is None and all(row["train_loss"] > 0 for row in history[1:])
+    assert state["commands"] == [f"[from iteration 0] python -m MIADeepLearningLib.training.train_segmentation "
+                                 f"{' '.join(argv)}"]
+    assert "stopped at iteration 3" in capsys.readouterr().out
+    UNet3D(1, 4, [4, 8, 16]).load_state_dict(state["model"])
+
+    _train(label_folder, checkpoint, 5)
+    resumed = _load(checkpoint)
+    assert "resumed at iteration 3" in capsys.readouterr().out
+    assert resumed["iteration"] == 5 and resumed["wall_seconds"] > state["wall_seconds"]
+    assert [row["iteration"] for row in resumed["history"]] == [0, 2, 3, 4, 5], "the learning curve is extended"
+    assert resumed["history"][:3] == history, "earlier rows are kept as they were"
+    assert len(resumed["commands"]) == 2 and resumed["commands"][1].startswith("[from iteration 3] ")
+
+    # three iterations, then two more, are the same training as five in one go (model, optimiser, data stream,
+    # contrast curriculum)
+    uninterrupted = tmp_path / "uninterrupted.pt"
+    _train(label_folder, uninterrupted, 5)
+    straight = _load(uninterrupted)
+    _assert_same_weights(resumed["model"], straight["model"], "resumed 3 + 2 iterations against 5 in one run")
+    assert resumed["history"][-1]["train_loss"] == straight["history"][-1]["train_loss"]
+    assert resumed["history"][-1]["val_dice"] == straight["history"][-1]["val_dice"]
+
+
+def test_the_same_seed_trains_the_same_network(label_folder, tmp_path):
+    runs = []
+    for name, seed in (("a", "11"), ("b", "11"), ("c", "12")):
+        checkpoint = tmp_path / f"{name}.pt"
+        _train(label_folder, checkpoint, 2, "--seed", seed)
+        runs.append(_load(checkpoint))
+    first, second, other = runs
+    _assert_same_weights(first["model"], second["model"], "two runs with seed 11")
+    assert first["history"][1]["train_loss"] == second["history"][1]["train_loss"], "same seed, same losses"
+    assert any(not torch.equal(first["model"][name], other["model"][name]) for name in first["model"]), (
+        "another seed must give another network")
+
+
+def test_export_and_a_two_mm_working_grid(label_folder, tmp_path, capsys):
+    checkpoint = tmp_path / "seg.pt"
+    _train(label_folder, checkpoint, 1, "--working-spacing", "2", "--patch", "8", "--validation-patch", "8")
+    assert _load(checkpoint)["settings"]["working_spacing"] == 2
+    capsys.readouterr()
+    exported = tmp_path / "package" / "models" / "model.pt"
+    assert train_segmentation.main(["--checkpoint", str(checkpoint), "--export", str(exported)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == f"sha256 {hashlib.sha256(exported.read_bytes()).hexdigest()}  {exported}"
+    payload = torch.load(exported, map_location="cpu", weights_only=True)
+    assert set(payload) == {"state_dict", "features", "working_spacing", "classes"}, "weights-only"
+    assert payload["working_spacing"] == 2 and payload["classes"] == ["background", "csf", "gm", "wm"]
+    network = UNet3D(1, len(payload["classes"]), payload["features"])
+    network.load_state_dict(payload["state_dict"])
+    _assert_same_weights(network.state_dict(), _load(checkpoint)["model"], "the exported weights")
+
+    with pytest.raises(SystemExit, match=r"The checkpoint has working spacing 2, not 1\."):
+        _train(label_folder, checkpoint, 2)
+    with pytest.raises(SystemExit, match=r"The checkpoint has features \[4, 8, 16\], not \[4, 8\]\."):
+        _train(label_folder, checkpoint, 2, "--working-spacing", "2", "--features", "4", "8")
+    assert _load(checkpoint)["iteration"] == 1, "a refused resume must leave the checkpoint alone"
+    with pytest.raises(SystemExit, match=r"--patch 10 is not a multiple of 4 \(3 levels\)\."):
+        _train(label_folder, tmp_path / "odd.pt", 1, "--patch", "10")
+    with pytest.raises(SystemExit, match=r"None of the held-out maps \['case_9'\] is in "):
+        _train(label_folder, tmp_path / "none.pt", 1, "--held-out", "case_9")
+    assert not (tmp_path / "odd.pt").exists() and not (tmp_path / "none.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ training examples
+
+
+def test_a_sample_is_a_render_aligned_with_its_tissue_target(label_folder):
+    training, _ = label_maps.load_label_maps(label_folder, ["case_2"])
+    label_map = training[0]
+    for voxel_mm in (1.0, 2.0):
+        working = label_maps.downsample_label_map(label_map, int(voxel_mm))
+        settings = train_segmentation.SampleSettings(patch=16, voxel_mm=voxel_mm, spatial=SpatialSettings(),
+                                                     resolution_probability=0.5)
+        for seed, contrast in ((0, "t1"), (1, "t2"), (2, "random")):
+            sample = train_segmentation.make_sample(working, contrast, torch.Generator().manual_seed(seed), settings)
+            again = train_segmentation.make_sample(working, contrast, torch.Generator().manual_seed(seed), settings)
+            assert torch.equal(sample.inputs, again.inputs) and torch.equal(sample.target, again.target), "seeded"
+            assert tuple(sample.inputs.shape) == (1, 16, 16, 16) and sample.inputs.dtype == torch.float32
+            assert sample.target.dtype == torch.int64 and set(sample.target.unique().tolist()) <= {0, 1, 2, 3}
+            image, target = sample.inputs[0].numpy(), sample.target.numpy()
+            means = [image[target == k].mean() for k in range(4) if (target == k).sum() > 20]
+            assert len(means) >= 3, f"a 16³ crop of the head should show most classes: {np.bincount(target.ravel())}"
+            within = sum(((image[target == k] - image[target == k].mean()) ** 2).sum() for k in range(4))
+            explained = 1.0 - within / ((image - image.mean()) ** 2).sum()
+            if contrast != "random":  # a random draw may give two tissues the same intensity
+                assert explained > 0.5, f"{voxel_mm} mm {contrast}: the target explains {explained:.2f} of the image"
+            if contrast == "t1":
+                wm, gm = image[target == 3].mean(), image[target == 2].mean()
+                assert wm > gm, "T1-like: the target's white matter is brighter than its grey matter"
+
+
+def test_downsampling_keeps_labels_and_takes_the_block_mode():
+    indices = np.zeros((4, 4, 5), dtype=np.int16)
+    indices[:2, :2, :2] = 2  # a full block
+    indices[2:, 2:, :2] = [[1, 1], [1, 3]]  # 6 of 8 are label 1
+    indices[:2, 2:, 2:4] = [[3, 1], [1, 3]]  # a 4-4 tie: the block's first voxel (3) wins
+    coarse = label_maps.downsample_label_map(label_maps.LabelMap("x", indices, np.array([0, 2, 3, 41])), 2)
+    assert coarse.indices.shape == (2, 2, 3) and coarse.indices.dtype == np.int16, "padded to whole blocks"
+    assert coarse.indices[0, 0, 0] == 2 and coarse.indices[1, 1, 0] == 1 and coarse.indices[0, 1, 1] == 3
+    assert coarse.indices.sum() == 6 and coarse.values.tolist() == [0, 2, 3, 41]
+    same = label_maps.LabelMap("y", indices, np.array([0, 2, 3, 41]))
+    assert label_maps.downsample_label_map(same, 1) is same
+
+
+def test_contrast_curriculum_and_loss():
+    start, final = [0.2, 0.4, 0.4], [0.8, 0.1, 0.1]
+    assert train_segmentation.contrast_weights(0, start, final, 100) == pytest.approx(start)
+    assert train_segmentation.contrast_weights(50, start, final, 100) == pytest.approx([0.5, 0.25, 0.25])
+    assert train_segmentation.contrast_weights(500, start, final, 100) == pytest.approx(final)
+    assert train_segmentation.contrast_weights(0, start, final, 0) == pytest.approx(final)
+    generator = torch.Generator().manual_seed(0)
+    draws = [train_segmentation.draw_contrast(generator, [0.8, 0.1, 0.1]) for _ in range(400)]
+    share = draws.count("random") / len(draws)
+    assert 0.72 < share < 0.88 and set(draws) == set(gen.CONTRASTS), f"random drawn {share:.2f} of the time"
+    assert {train_segmentation.draw_contrast(generator, [0.0, 0.0, 1.0]) for _ in range(50)} == {"t2"}
+
+    target = torch.randint(0, 4, (1, 8, 8, 8), generator=torch.Generator().manual_seed(1))
+    perfect = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).float() * 20.0
+    assert float(train_segmentation.segmentation_loss(perfect, target)) < 1e-3
+    assert float(train_segmentation.segmentation_loss(-perfect, target)) > 2.0
+    counts = np.array([[5, 10, 10], [0, 0, 0], [0, 3, 2]])
+    assert train_segmentation.dice(counts) == [0.5, 1.0, 0.0]
