@@ -3,15 +3,17 @@ schedule, resuming, the weights-only export and the loop (validate, save, stop o
 
 Why one place: the promise that a resumed run equals an uninterrupted one (bit for bit) depends on all of these
 agreeing — the data generator's state saved with the weights, a learning rate that is a function of the cumulative
-iteration alone, saves that never leave a half-written checkpoint — so each model's script only says what one step
-and one validation are.
+iteration alone, saves that never leave a half-written checkpoint — so each model's script only says how a batch's
+loss and a validation are computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -96,13 +98,38 @@ def export_weights(checkpoint: Path, destination: Path, keys: Sequence[str] = ("
     return hashlib.sha256(destination.read_bytes()).hexdigest()
 
 
-def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim.Optimizer, *, iterations: int,
-          max_minutes: float | None, validate_every: int, base_lr: float, lr_half_life: int,
-          step: Callable[[], float], evaluate: Callable[[], dict[str, Any]], save: Callable[[], None],
-          loss_name: str) -> None:
+def best_path(checkpoint: Path) -> Path:
+    """Where the checkpoint with the best validation score so far is copied (what --export-best ships)."""
+    return checkpoint.with_name(checkpoint.stem + ".best" + checkpoint.suffix)
+
+
+def export_source(checkpoint: Path, best: bool) -> Path:
+    """The file --export reads: the checkpoint, or its best-validation copy, which exists only once a validation
+    after training matched or beat every earlier one."""
+    source = best_path(checkpoint) if best else checkpoint
+    if not source.is_file():
+        what = "best-validation copy" if best else "checkpoint"
+        raise SystemExit(f"There is no {what} {source} to export (without --export-best the checkpoint itself is "
+                         "exported).")
+    return source
+
+
+def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
+          data_generator: torch.Generator, checkpoint: Path, *, iterations: int, max_minutes: float | None,
+          validate_every: int, base_lr: float, lr_half_life: int, compute_loss: Callable[[], torch.Tensor],
+          evaluate: Callable[[], dict[str, Any]], loss_name: str, best_metric: str,
+          gradient_clip: float | None = 1.0) -> None:
     """The loop: a validation row before the first iteration, then steps until `iterations` (cumulative) or
-    `max_minutes`; every `validate_every` iterations and at the end a row (mean training loss since the last row +
-    `evaluate()`) is added to the history, printed as JSON, and the checkpoint saved; a final save at the stop."""
+    `max_minutes`. A step draws a batch and computes the loss (`compute_loss`); a non-finite loss is counted as an
+    iteration (the data generator moved on) but not learned from, and gradients are clipped to `gradient_clip` (one
+    odd batch cannot undo what was learned). Every `validate_every` iterations and at the end a row (mean training
+    loss since the last row, None if none, + `evaluate()`) is added to the history, printed as JSON, and the
+    checkpoint saved; when the row's `best_metric` (higher is better) is the best so far the checkpoint is also
+    copied to best_path(checkpoint). A final save at the stop."""
+
+    def save() -> None:
+        save_atomically(checkpoint_payload(network, optimiser, data_generator, state), checkpoint)
+
     started = time.perf_counter()
     stretch_start_wall = state.wall_seconds
     losses: list[float] = []
@@ -114,16 +141,27 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(base_lr, state.iteration, lr_half_life)
-        losses.append(step())
+        loss = compute_loss()
+        optimiser.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):
+            loss.backward()
+            if gradient_clip is not None:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), gradient_clip)
+            optimiser.step()
+            losses.append(loss.item())
+        else:
+            print(f"iteration {state.iteration + 1}: non-finite loss, step skipped", flush=True)
         state.iteration += 1
         state.wall_seconds = stretch_start_wall + time.perf_counter() - started
         if state.iteration % validate_every == 0 or state.iteration == iterations:
             row = {"iteration": state.iteration, "hours": round(state.wall_seconds / 3600.0, 4),
-                   loss_name: float(np.mean(losses)), **evaluate()}
+                   loss_name: float(np.mean(losses)) if losses else None, **evaluate()}
             state.history.append(row)
             losses = []
             print(json.dumps(row), flush=True)
             save()
+            if row[best_metric] >= max(previous.get(best_metric, -math.inf) for previous in state.history):
+                shutil.copyfile(checkpoint, best_path(checkpoint))
     state.wall_seconds = stretch_start_wall + time.perf_counter() - started
     save()
     print(f"stopped at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h in all)", flush=True)

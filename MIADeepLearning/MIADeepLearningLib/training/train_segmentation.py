@@ -9,7 +9,8 @@ iterations), sometimes acquired with thick slices along a random axis and interp
 tissue class of each label. Training runs on a working grid (``--working-spacing`` 1 or 2 mm: label maps are
 downsampled by block mode first, so generation costs an eighth at 2 mm); ``--patch`` counts voxels of that grid.
 Validation: per-class Dice on fixed held-out crops rendered T1-like, T2-like, random, and T1-like with 5 mm slices.
-Checkpoints resume exactly like train_synthesis (training/common.py); ``--export`` writes the weights-only file.
+Checkpoints resume exactly like train_synthesis (training/common.py); ``--export`` writes the weights-only file
+(``--export-best``: from the copy kept at the best mean validation Dice).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ DEFAULT_HELD_OUT = ["training_seg_13", "training_seg_14", "training_seg_15"]
 CLASS_NAMES = gen.TISSUE_CLASSES[1:]  # csf, gm, wm: the classes validation reports
 VALIDATION_SETTINGS = ("t1", "t2", "random", "t1_5mm")
 EXPORT_KEYS = ("features", "working_spacing", "classes")
+GRADIENT_CLIP = 1.0  # global gradient-norm clip, as train_synthesis: one odd batch cannot undo what was learned
 
 
 @dataclass
@@ -211,13 +213,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation-crops", type=int, default=2, help="held-out crops per validation setting")
     parser.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
     parser.add_argument("--export", type=Path, help="write the weights-only file from the checkpoint and exit")
+    parser.add_argument("--export-best", action="store_true",
+                        help="with --export: take the copy saved at the best validation Dice (<checkpoint>.best.pt)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.export:
-        print(f"sha256 {common.export_weights(args.checkpoint, args.export, EXPORT_KEYS)}  {args.export}")
+        source = common.export_source(args.checkpoint, args.export_best)
+        print(f"sha256 {common.export_weights(source, args.export, EXPORT_KEYS)}  {args.export}")
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                      resolution_probability=args.resolution_probability,
                                      slice_spacing_range_mm=tuple(args.slice_spacing_range))
 
-    def step() -> float:
+    def compute_loss() -> torch.Tensor:
         weights = contrast_weights(state.iteration, args.contrast_mix, args.contrast_mix_final,
                                    args.curriculum_iterations)
         samples = []
@@ -266,18 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         target = torch.stack([sample.target for sample in samples])
         with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
             logits = network(inputs)
-        loss = segmentation_loss(logits, target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        return loss.item()
+        return segmentation_loss(logits, target)
 
-    common.train(state, network, optimiser, iterations=args.iterations, max_minutes=args.max_minutes,
-                 validate_every=args.validate_every, base_lr=args.lr, lr_half_life=args.lr_half_life, step=step,
-                 evaluate=lambda: evaluate(network, validation, precision),
-                 save=lambda: common.save_atomically(common.checkpoint_payload(network, optimiser, data_generator,
-                                                                               state), args.checkpoint),
-                 loss_name="train_loss")
+    common.train(state, network, optimiser, data_generator, args.checkpoint, iterations=args.iterations,
+                 max_minutes=args.max_minutes, validate_every=args.validate_every, base_lr=args.lr,
+                 lr_half_life=args.lr_half_life, compute_loss=compute_loss,
+                 evaluate=lambda: evaluate(network, validation, precision), loss_name="train_loss",
+                 best_metric="val_dice", gradient_clip=GRADIENT_CLIP)
     return 0
 
 

@@ -11,16 +11,10 @@ file a model package ships and prints its sha256.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
-import os
-import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +22,17 @@ import torch.nn.functional as functional
 
 from MIADeepLearningLib.engine.devices import autocast_dtype
 from MIADeepLearningLib.engine.networks import ResidualUNet3D
+from MIADeepLearningLib.training import common
 from MIADeepLearningLib.training import generator as gen
+from MIADeepLearningLib.training.common import (  # noqa: F401  (best_path, TrainingState: re-exported)
+    TrainingState,
+    best_path,
+    export_source,
+    export_weights,
+)
 from MIADeepLearningLib.training.label_maps import LabelMap, load_label_maps
 
+MODULE = "MIADeepLearningLib.training.train_synthesis"
 DEFAULT_HELD_OUT = ["training_seg_13", "training_seg_14", "training_seg_15"]
 MARGIN = 8  # voxels rendered around each patch so blur and slice interpolation have no border effects inside it
 # Renders peak at 1. A patch that is mostly background has a tiny 99.5th percentile; normalising by it made targets
@@ -106,20 +108,6 @@ def validation_set(maps: list[LabelMap], patch: int, seed: int) -> list[tuple[st
     return samples
 
 
-@dataclass
-class TrainingState:
-    iteration: int = 0
-    wall_seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    commands: list[str] = field(default_factory=list)
-
-
-def learning_rate(base: float, iteration: int, half_life: int) -> float:
-    """Halves every `half_life` cumulative iterations, never below base/16 — a function of the checkpoint alone."""
-    return base * max(0.5 ** (iteration // max(half_life, 1)), 1.0 / 16.0)
-
-
 def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precision: torch.dtype | None) -> dict:
     network.eval()
     gains: dict[str, list[float]] = {}
@@ -135,25 +123,6 @@ def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precis
     network.train()
     return {"val_psnr": float(np.mean(network_psnr)), "val_psnr_linear": float(np.mean(linear_psnr)),
             **{f"gain_{name}": float(np.mean(values)) for name, values in gains.items()}}
-
-
-def save_atomically(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def best_path(checkpoint: Path) -> Path:
-    """Where the checkpoint with the best validation PSNR so far is copied (what --export-best ships)."""
-    return checkpoint.with_name(checkpoint.stem + ".best" + checkpoint.suffix)
-
-
-def export_weights(checkpoint: Path, destination: Path) -> str:
-    """Weights-only state dict (loads with weights_only=True) plus the architecture; returns its sha256."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    save_atomically({"state_dict": state["model"], "features": state["settings"]["features"]}, destination)
-    return hashlib.sha256(destination.read_bytes()).hexdigest()
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -182,7 +151,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     if args.export:
-        source = best_path(args.checkpoint) if args.export_best else args.checkpoint
+        source = export_source(args.checkpoint, args.export_best)
         print(f"sha256 {export_weights(source, args.export)}  {args.export}")  # the format of sha256sum
         return 0
     torch.set_num_threads(args.threads)
@@ -194,74 +163,31 @@ def main(argv: list[str] | None = None) -> int:
     network = ResidualUNet3D(in_channels=3, features=features)
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
     data_generator = torch.Generator().manual_seed(args.seed)
-    state = TrainingState(settings={"features": features, "patch": args.patch, "batch": args.batch, "lr": args.lr,
-                                    "lr_half_life": args.lr_half_life, "seed": args.seed,
-                                    "training_maps": [item.name for item in training_maps],
-                                    "held_out_maps": [item.name for item in held_out_maps]})
-    if args.checkpoint.exists():
-        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if saved["settings"]["features"] != features:
-            raise SystemExit(f"The checkpoint has features {saved['settings']['features']}, not {features}.")
-        network.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        data_generator.set_state(saved["generator"])
-        state = TrainingState(**{**asdict(state), **{key: saved[key] for key in ("iteration", "wall_seconds",
-                                                                                  "history", "commands")}})
-        print(f"resumed at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h so far)", flush=True)
-    state.commands.append(f"[from iteration {state.iteration}] python -m MIADeepLearningLib.training.train_synthesis "
-                          + " ".join(sys.argv[1:] if argv is None else argv))
+    settings = {"features": features, "patch": args.patch, "batch": args.batch, "lr": args.lr,
+                "lr_half_life": args.lr_half_life, "seed": args.seed,
+                "training_maps": [item.name for item in training_maps],
+                "held_out_maps": [item.name for item in held_out_maps]}
+    state = common.resume(args.checkpoint, network, optimiser, data_generator, TrainingState(settings=settings),
+                          lambda saved: common.require_same(saved, settings, ("features",)))
+    state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv))
     precision = None if args.no_autocast else autocast_dtype(torch.device("cpu"))
     validation = validation_set(held_out_maps, args.validation_patch, args.seed + 1)
 
-    def save() -> None:
-        save_atomically({"model": network.state_dict(), "optimiser": optimiser.state_dict(),
-                         "generator": data_generator.get_state(), "iteration": state.iteration,
-                         "wall_seconds": state.wall_seconds, "history": state.history, "settings": state.settings,
-                         "commands": state.commands}, args.checkpoint)
-
-    started = time.perf_counter()
-    stretch_start_wall = state.wall_seconds
-    losses: list[float] = []
-    if not state.history:
-        state.history.append({"iteration": 0, "hours": 0.0, "train_l1": None, **evaluate(network, validation,
-                                                                                          precision)})
-    network.train()
-    while state.iteration < args.iterations:
-        if args.max_minutes is not None and time.perf_counter() - started > 60.0 * args.max_minutes:
-            break
-        for group in optimiser.param_groups:
-            group["lr"] = learning_rate(args.lr, state.iteration, args.lr_half_life)
+    def compute_loss() -> torch.Tensor:
         samples = [make_sample(training_maps[int(torch.randint(0, len(training_maps), (), generator=data_generator))],
                                args.patch, data_generator) for _ in range(args.batch)]
         inputs = torch.stack([sample.inputs for sample in samples])
         target = torch.stack([sample.target for sample in samples])
         with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
             prediction = network(inputs)
-        loss = functional.l1_loss(prediction.float(), target)
-        optimiser.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
-            optimiser.step()
-            losses.append(loss.item())
-        else:  # counted as an iteration (the generator moved on) but not learned from
-            print(f"iteration {state.iteration + 1}: non-finite loss, step skipped", flush=True)
-        state.iteration += 1
-        state.wall_seconds = stretch_start_wall + time.perf_counter() - started
-        if state.iteration % args.validate_every == 0 or state.iteration == args.iterations:
-            row = {"iteration": state.iteration, "hours": round(state.wall_seconds / 3600.0, 4),
-                   "train_l1": float(np.mean(losses)) if losses else None, **evaluate(network, validation, precision)}
-            state.history.append(row)
-            losses = []
-            print(json.dumps(row), flush=True)
-            save()
-            if row["val_psnr"] >= max(previous.get("val_psnr", -math.inf) for previous in state.history):
-                shutil.copyfile(args.checkpoint, best_path(args.checkpoint))
-    state.wall_seconds = stretch_start_wall + time.perf_counter() - started
-    save()
-    print(f"stopped at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h in all)", flush=True)
-    return 0
+        return functional.l1_loss(prediction.float(), target)
 
+    common.train(state, network, optimiser, data_generator, args.checkpoint, iterations=args.iterations,
+                 max_minutes=args.max_minutes, validate_every=args.validate_every, base_lr=args.lr,
+                 lr_half_life=args.lr_half_life, compute_loss=compute_loss,
+                 evaluate=lambda: evaluate(network, validation, precision), loss_name="train_l1",
+                 best_metric="val_psnr", gradient_clip=GRADIENT_CLIP)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
