@@ -49,3 +49,15 @@ def robex():
         if os.environ.get("MIADL_REQUIRE_ALL"):
             pytest.fail(f"prerequisite missing in CI: {reason}")
         pytest.skip(str(reason))
+
+
+@pytest.fixture()
+def torch_global_state():
+    """Training entry points set the thread count and the global seed of this process; later tests must not
+    inherit them (use with pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        yield
+    torch.set_num_threads(threads)

@@ -55,3 +55,22 @@ def wait_until(condition, timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def write_tiny_label_maps(folder: Path, extra_cerebral: bool = False) -> Path:
+    """Three 40³ NIfTI label maps case_0..2 (background 0, CSF 24, cortex 3, white matter 2, ventricle 4 and, with
+    `extra_cerebral`, a ring of label 165 around the head) for a few training steps at tiny size."""
+    import SimpleITK as sitk
+
+    z, y, x = np.mgrid[:40, :40, :40]
+    for index, centre in enumerate([(20, 20, 20), (18, 22, 19), (21, 18, 22)]):
+        radius = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+        labels = np.zeros((40, 40, 40), dtype=np.int16)
+        if extra_cerebral:
+            labels[radius < 18] = 165
+        labels[radius < 16] = 24
+        labels[radius < 13 - index] = 3
+        labels[radius < 9] = 2
+        labels[(radius < 3) | ((np.abs(x - centre[2]) < 2) & (np.abs(y - centre[1]) < 6) & (radius < 8))] = 4
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / f"case_{index}.nii.gz"))
+    return folder

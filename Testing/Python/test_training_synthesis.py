@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import write_tiny_label_maps
 
 from MIADeepLearningLib.engine.networks import ResidualUNet3D
 from MIADeepLearningLib.training import label_maps, train_synthesis
@@ -21,29 +22,12 @@ FEATURES = ["4", "8", "16"]
 HISTORY_KEYS = {"iteration", "hours", "train_l1", "val_psnr", "val_psnr_linear", "gain_random", "gain_t1", "gain_t2"}
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_global_state():
-    """main() sets the thread count and the global seed of this process; later tests must not inherit them."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_global_state")
 
 
 @pytest.fixture(scope="module")
 def label_folder(tmp_path_factory) -> Path:
-    """Three 40³ label maps (background 0, CSF 24, cortex 3, white matter 2, ventricle 4) as NIfTI files."""
-    folder = tmp_path_factory.mktemp("label-maps")
-    z, y, x = np.mgrid[:40, :40, :40]
-    for index, centre in enumerate([(20, 20, 20), (18, 22, 19), (21, 18, 22)]):
-        radius = np.sqrt((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
-        labels = np.zeros((40, 40, 40), dtype=np.int16)
-        labels[radius < 16] = 24
-        labels[radius < 13 - index] = 3
-        labels[radius < 9] = 2
-        labels[(radius < 3) | ((np.abs(x - centre[2]) < 2) & (np.abs(y - centre[1]) < 6) & (radius < 8))] = 4
-        sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / f"case_{index}.nii.gz"))
-    return folder
+    return write_tiny_label_maps(tmp_path_factory.mktemp("label-maps"), extra_cerebral=False)
 
 
 def _train(label_folder: Path, checkpoint: Path, iterations: int, *extra: str) -> list[str]:

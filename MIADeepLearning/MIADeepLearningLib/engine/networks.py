@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+BlockFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride) -> block
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -15,51 +17,6 @@ def _conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequ
         nn.Conv3d(out_channels, out_channels, 3, padding=1),
         nn.LeakyReLU(0.1, inplace=True),
     )
-
-
-class ResidualUNet3D(nn.Module):
-    """A small 3D U-Net that predicts a correction added to its first input channel.
-
-    Used for super-resolution: channel 0 is the thick-slice image already interpolated onto the 1 mm grid, so the
-    network only has to learn what interpolation misses. No normalisation layers, because intensities carry the
-    signal; the residual is added in float32 so bf16 autocast does not quantise the image itself.
-    Spatial sizes must be divisible by 2 ** (len(features) - 1).
-    """
-
-    def __init__(self, in_channels: int = 3, features: Sequence[int] = (16, 32, 64)) -> None:
-        super().__init__()
-        features = [int(value) for value in features]
-        self.in_channels = in_channels
-        self.features = features
-        self.encoders = nn.ModuleList()
-        previous = in_channels
-        for level, width in enumerate(features):
-            self.encoders.append(_conv_block(previous, width, stride=1 if level == 0 else 2))
-            previous = width
-        self.upsamplers = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        for width in reversed(features[:-1]):
-            self.upsamplers.append(nn.ConvTranspose3d(previous, width, 2, stride=2))
-            self.decoders.append(_conv_block(2 * width, width))
-            previous = width
-        self.head = nn.Conv3d(previous, 1, 1)
-        nn.init.zeros_(self.head.weight)  # an untrained network returns its input: training starts from interpolation
-        nn.init.zeros_(self.head.bias)
-
-    @property
-    def size_multiple(self) -> int:
-        return 2 ** (len(self.features) - 1)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        skips = []
-        hidden = inputs
-        for encoder in self.encoders:
-            hidden = encoder(hidden)
-            skips.append(hidden)
-        skips.pop()
-        for upsample, decoder in zip(self.upsamplers, self.decoders):
-            hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
-        return inputs[:, :1].float() + self.head(hidden).float()
 
 
 def _normalised_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -73,7 +30,65 @@ def _normalised_block(in_channels: int, out_channels: int, stride: int = 1) -> n
     )
 
 
-class UNet3D(nn.Module):
+class _UNetBody(nn.Module):
+    """Encoder (strided-conv downsampling), decoder (transposed-conv upsampling, skip concatenation) and a 1x1 head.
+
+    The attribute names (encoders, upsamplers, decoders, head) are the keys of the shipped state dicts: keep them.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, features: Sequence[int], block: BlockFactory) -> None:
+        super().__init__()
+        features = [int(value) for value in features]
+        self.in_channels = in_channels
+        self.features = features
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for level, width in enumerate(features):
+            self.encoders.append(block(previous, width, 1 if level == 0 else 2))
+            previous = width
+        self.upsamplers = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for width in reversed(features[:-1]):
+            self.upsamplers.append(nn.ConvTranspose3d(previous, width, 2, stride=2))
+            self.decoders.append(block(2 * width, width, 1))
+            previous = width
+        self.head = nn.Conv3d(previous, out_channels, 1)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.features) - 1)
+
+    def _head_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        skips = []
+        hidden = inputs
+        for encoder in self.encoders:
+            hidden = encoder(hidden)
+            skips.append(hidden)
+        skips.pop()
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
+        return hidden
+
+
+class ResidualUNet3D(_UNetBody):
+    """A small 3D U-Net that predicts a correction added to its first input channel.
+
+    Used for super-resolution: channel 0 is the thick-slice image already interpolated onto the 1 mm grid, so the
+    network only has to learn what interpolation misses. No normalisation layers, because intensities carry the
+    signal; the residual is added in float32 so bf16 autocast does not quantise the image itself.
+    Spatial sizes must be divisible by 2 ** (len(features) - 1).
+    """
+
+    def __init__(self, in_channels: int = 3, features: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__(in_channels, 1, features, _conv_block)
+        nn.init.zeros_(self.head.weight)  # an untrained network returns its input: training starts from interpolation
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs[:, :1].float() + self.head(self._head_input(inputs)).float()
+
+
+class UNet3D(_UNetBody):
     """A 3D U-Net segmenter (nnU-Net-like blocks: conv, InstanceNorm, LeakyReLU; strided-conv downsampling,
     transposed-conv upsampling) that returns float32 logits, one channel per class.
 
@@ -84,35 +99,8 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4,
                  features: Sequence[int] = (16, 32, 64, 128)) -> None:
-        super().__init__()
-        features = [int(value) for value in features]
-        self.in_channels = in_channels
+        super().__init__(in_channels, out_channels, features, _normalised_block)
         self.out_channels = out_channels
-        self.features = features
-        self.encoders = nn.ModuleList()
-        previous = in_channels
-        for level, width in enumerate(features):
-            self.encoders.append(_normalised_block(previous, width, stride=1 if level == 0 else 2))
-            previous = width
-        self.upsamplers = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        for width in reversed(features[:-1]):
-            self.upsamplers.append(nn.ConvTranspose3d(previous, width, 2, stride=2))
-            self.decoders.append(_normalised_block(2 * width, width))
-            previous = width
-        self.head = nn.Conv3d(previous, out_channels, 1)
-
-    @property
-    def size_multiple(self) -> int:
-        return 2 ** (len(self.features) - 1)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        skips = []
-        hidden = inputs
-        for encoder in self.encoders:
-            hidden = encoder(hidden)
-            skips.append(hidden)
-        skips.pop()
-        for upsample, decoder in zip(self.upsamplers, self.decoders):
-            hidden = decoder(torch.cat([skips.pop(), upsample(hidden)], dim=1))
-        return self.head(hidden).float()
+        return self.head(self._head_input(inputs)).float()
