@@ -41,9 +41,9 @@ class ScenarioSkipped(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def require_model() -> registry.ModelInfo:
-    """The deepbet model with verified weights, or skip when its package is not installed here."""
-    model = registry.get_model(MODEL_ID)
+def require_model(model_id: str = MODEL_ID) -> registry.ModelInfo:
+    """The model (default deepbet) with verified weights, or skip when its weights are not installed here."""
+    model = registry.get_model(model_id)
     try:
         registry.verified_weight_paths(model)
     except errors.ModelError as error:

@@ -29,6 +29,7 @@ from MIADeepLearningLib.testing.scenarios import (
     volume_fingerprint,
     volume_from_array,
 )
+from MIADeepLearningLib.testing.scenarios import require_model as require_verified_model
 
 __all__ = ["SCENARIOS", "ScenarioSkipped"]
 
@@ -42,11 +43,7 @@ MIN_CORRELATION_WITH_LINEAR = 0.9
 # ---------------------------------------------------------------------------------------------------- helpers
 def require_model() -> registry.ModelInfo:
     """The shipped synthesis model with verified weights and a PyTorch for its worker, or skip."""
-    model = registry.get_model(MODEL_ID)
-    try:
-        registry.verified_weight_paths(model)
-    except errors.ModelError as error:
-        raise ScenarioSkipped(str(error)) from error
+    model = require_verified_model(MODEL_ID)
     try:
         importlib.metadata.version("torch")  # metadata only: the scene's process must not load torch
     except importlib.metadata.PackageNotFoundError as error:
