@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -194,17 +193,6 @@ def run_child(method: str, overlap: float, data: Path, runs: int, roi: int, save
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per method and overlap (alternating)")
@@ -247,9 +235,11 @@ def main() -> int:
                       + " ".join(f"{t:.2f}" for t in result["times"]) + " s", flush=True)
     load_after = os.getloadavg()[0]
 
+    from MIADeepLearningLib.engine import devices
+
     air_share = float((hu < -57).mean())
     print()
-    print(f"# Windowed inference vs MONAI sliding_window_inference — {_cpu_name()}, {os.cpu_count()} CPU cores, "
+    print(f"# Windowed inference vs MONAI sliding_window_inference — {devices.cpu_name()}, {os.cpu_count()} CPU cores, "
           f"torch {torch.__version__}, MONAI {monai.__version__}, {torch.get_num_threads()} threads")
     print()
     print(f"Input: torso phantom {SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]} at {SPACING_MM} mm, {air_share:.0%} of voxels at the "

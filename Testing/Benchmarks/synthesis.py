@@ -37,7 +37,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MIADeepLearning"))
 
-from MIADeepLearningLib.engine import imageio, registry, tasks
+from MIADeepLearningLib.engine import devices, imageio, registry, tasks
 from MIADeepLearningLib.engine.synthesis import ThickSliceSuperResolution, isotropic_grid
 from MIADeepLearningLib.training import generator as gen
 from MIADeepLearningLib.training.label_maps import LabelMap, load_label_map, nilearn_file
@@ -404,17 +403,6 @@ def run_case(case: Case, reference: sitk.Image, mask: np.ndarray, noise_scale: f
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def summary(results: list[Result]) -> dict[str, float]:
     """Means over cases (PSNR in dB averaged as dB), and how many cases meet the target."""
     values: dict[str, float] = {"cases": len(results)}
@@ -447,7 +435,7 @@ def print_report(results: list[Result], network: Network, threads: int, load: tu
         means["overall"] = summary(counted)
 
     print()
-    print(f"# Thick-slice super-resolution vs interpolation — {_cpu_name()}, {os.cpu_count()} CPU cores, "
+    print(f"# Thick-slice super-resolution vs interpolation — {devices.cpu_name()}, {os.cpu_count()} CPU cores, "
           f"torch {torch.__version__}, {threads} threads (torch and SimpleITK), device {network.device}")
     print()
     precisions = ", ".join(sorted({value for result in results for value in result.precision})) or "?"
@@ -558,7 +546,7 @@ def main() -> int:
     if args.json:
         payload = {
             "network": network.describe(), "device": args.device, "threads": args.threads, "seed": args.seed,
-            "acquisition": asdict(ACQUISITION), "cpu": _cpu_name(), "torch": torch.__version__,
+            "acquisition": asdict(ACQUISITION), "cpu": devices.cpu_name(), "torch": torch.__version__,
             "cases": [{"name": r.case.name, "group": r.case.group, "grid_size": r.shape, "thick_size": r.thick_size,
                        "grid_offset_mm": r.grid_offset_mm, "psnr": r.psnr, "ssim": r.ssim, "gain_db": r.gain,
                        "cpu_s": r.cpu_s, "wall_s": r.wall_s, "precision": r.precision, "warnings": r.warnings}
