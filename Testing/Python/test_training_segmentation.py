@@ -75,7 +75,7 @@ def test_training_writes_a_resumable_checkpoint(label_folder, tmp_path, capsys):
                                                                                           "t1_5mm")]))
     assert history[0]["train_loss"] is None and all(row["train_loss"] > 0 for row in history[1:])
     assert state["commands"] == [f"[from iteration 0] python -m MIADeepLearningLib.training.train_segmentation "
-                                 f"{' '.join(argv)}"]
+                                 f"{' '.join(argv)}  # on CPU (1 thread)"], "the command and the hardware it ran on"
     assert "stopped at iteration 3" in capsys.readouterr().out
     UNet3D(1, 4, [4, 8, 16]).load_state_dict(state["model"])
 

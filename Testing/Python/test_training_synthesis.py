@@ -57,7 +57,7 @@ def test_training_writes_a_resumable_checkpoint(label_folder, tmp_path, capsys):
     assert checkpoint.is_file(), "the checkpoint (and its folder) must be created"
     assert not checkpoint.with_suffix(".pt.tmp").exists(), "the checkpoint is written atomically (no .tmp left)"
     state = _load(checkpoint)
-    assert {"model", "optimiser", "generator", "iteration", "wall_seconds", "history", "settings",
+    assert {"model", "optimiser", "iteration", "wall_seconds", "history", "settings",
             "commands"} <= set(state)
     assert state["iteration"] == 3 and state["wall_seconds"] > 0
     assert state["settings"]["features"] == [4, 8, 16]
@@ -71,7 +71,7 @@ def test_training_writes_a_resumable_checkpoint(label_folder, tmp_path, capsys):
     assert history[0]["train_l1"] is None and all(row["train_l1"] > 0 for row in history[1:])
     assert len({row["val_psnr_linear"] for row in history}) == 1, "the validation set is fixed: same linear baseline"
     assert state["commands"] == [f"[from iteration 0] python -m MIADeepLearningLib.training.train_synthesis "
-                                 f"{' '.join(argv)}"]
+                                 f"{' '.join(argv)}  # on CPU (1 thread)"], "the command and the hardware it ran on"
     assert "stopped at iteration 3" in capsys.readouterr().out
     ResidualUNet3D(in_channels=3, features=[4, 8, 16]).load_state_dict(state["model"])
 
@@ -99,6 +99,37 @@ def test_training_writes_a_resumable_checkpoint(label_folder, tmp_path, capsys):
     again = _load(checkpoint)
     assert again["iteration"] == 5 and len(again["history"]) == 5 and len(again["commands"]) == 3
     _assert_same_weights(again["model"], resumed["model"], "a run with nothing left to do")
+
+
+def test_batches_drawn_by_worker_processes_train_the_same_network(label_folder, tmp_path):
+    """--workers only moves the drawing of batches into other processes (to keep a GPU busy): each batch comes from
+    the seed of its iteration, so the trained weights are the same bit for bit."""
+    in_process, with_workers = tmp_path / "in-process.pt", tmp_path / "workers.pt"
+    _train(label_folder, in_process, 3)
+    _train(label_folder, with_workers, 3, "--workers", "2")
+    first, second = _load(in_process), _load(with_workers)
+    _assert_same_weights(first["model"], second["model"], "batches drawn in the training process vs by 2 workers")
+    assert first["history"][-1]["train_l1"] == second["history"][-1]["train_l1"]
+
+
+def test_label_maps_travel_as_one_bundle(label_folder, tmp_path):
+    """A bundle (.npz) holds the loaded maps, so training runs where SimpleITK is not installed (a GPU machine)."""
+    bundle = tmp_path / "maps.npz"
+    assert label_maps.main([str(label_folder), "--bundle", str(bundle)]) == 0
+    from_folder = label_maps.load_label_maps(label_folder, ["case_2"])
+    from_bundle = label_maps.load_label_maps(bundle, ["case_2"])
+    for folder_maps, bundle_maps in zip(from_folder, from_bundle):
+        assert [item.name for item in folder_maps] == [item.name for item in bundle_maps]
+        for a, b in zip(folder_maps, bundle_maps):
+            assert np.array_equal(a.indices, b.indices) and a.indices.dtype == b.indices.dtype
+            assert np.array_equal(a.values, b.values)
+    with_folder, with_bundle = tmp_path / "folder.pt", tmp_path / "bundle.pt"
+    _train(label_folder, with_folder, 2)
+    argv = ["--label-maps", str(bundle), "--held-out", "case_2", "--checkpoint", str(with_bundle), "--iterations", "2",
+            "--patch", "16", "--batch", "1", "--validate-every", "2", "--validation-patch", "16", "--features",
+            *FEATURES, "--threads", "1"]
+    assert train_synthesis.main(argv) == 0
+    _assert_same_weights(_load(with_folder)["model"], _load(with_bundle)["model"], "maps from a folder vs a bundle")
 
 
 def test_the_same_seed_trains_the_same_network(label_folder, tmp_path):

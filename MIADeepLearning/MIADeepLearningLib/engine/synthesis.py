@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as functional
 
+from MIADeepLearningLib.engine.encoding import network_input, normalise
 from MIADeepLearningLib.engine.errors import InputError, ModelError
 from MIADeepLearningLib.engine.inference import WindowedInferenceConfig, sliding_window_predict
 from MIADeepLearningLib.engine.networks import ResidualUNet3D
@@ -25,27 +26,6 @@ ProgressCallback = Callable[[str, float, str], None]
 PIPELINE_NAME = "thick_slice_super_resolution"
 THICK_SLICE_MIN_MM = 1.5  # spacing above which an axis counts as "thick"
 TRAINED_SPACING_MM = (2.0, 7.0)  # the slice spacings the network saw in training
-
-
-def normalise(volume: torch.Tensor, upper_percentile: float = 99.5) -> tuple[torch.Tensor, float, float]:
-    """(volume mapped so its minimum -> 0 and the percentile -> 1, offset, scale): training and inference share it."""
-    flat = volume.flatten()
-    if flat.numel() > 2_000_000:  # a strided subset is enough for a percentile and keeps quantile() in its limits
-        flat = flat[:: flat.numel() // 1_000_000 + 1]
-    low = float(flat.min())
-    high = float(torch.quantile(flat.float(), upper_percentile / 100.0))
-    scale = max(high - low, 1e-6)
-    return (volume - low) / scale, low, scale
-
-
-def network_input(upsampled: torch.Tensor, slice_index: torch.Tensor, spacing: float) -> torch.Tensor:
-    """(3, D, H, W): the interpolated image, the distance to the nearest acquired slice (0 on a slice, 1 halfway)
-    and the slice spacing / 8 mm — so the network knows how far it is from measured data and how coarse it was."""
-    distance = (2.0 * (slice_index - slice_index.round()).abs()).clamp(0, 1)
-    shape = upsampled.shape
-    distance_channel = distance.view(-1, 1, 1).to(upsampled.dtype).expand(shape)
-    spacing_channel = torch.full(shape, spacing / 8.0, dtype=upsampled.dtype)
-    return torch.stack([upsampled, distance_channel, spacing_channel])
 
 
 def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0) -> tuple[sitk.Image, np.ndarray]:

@@ -1,10 +1,13 @@
 """What every resumable training entry point shares: the checkpoint's contents, atomic saves, the learning-rate
-schedule, resuming, the weights-only export and the loop (validate, save, stop on time).
+schedule, resuming, the weights-only export, where batches come from and the loop (validate, save, stop on time).
 
 Why one place: the promise that a resumed run equals an uninterrupted one (bit for bit) depends on all of these
-agreeing — the data generator's state saved with the weights, a learning rate that is a function of the cumulative
-iteration alone, saves that never leave a half-written checkpoint — so each model's script only says how a batch's
-loss and a validation are computed.
+agreeing — a batch that is a function of (seed, cumulative iteration) alone, a learning rate that is too, saves that
+never leave a half-written checkpoint — so each model's script only says how a batch is drawn, how its loss and a
+validation are computed.
+
+Batches are drawn on the CPU, in the training process or (``workers`` > 0) in a pool of processes that prepares the
+next ones while the network trains on the GPU: the same batches either way, since each comes from its own seed.
 """
 
 from __future__ import annotations
@@ -15,15 +18,17 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.data
 
-CHECKPOINT_KEYS = ("model", "optimiser", "generator", "iteration", "wall_seconds", "history", "settings", "commands")
+CHECKPOINT_KEYS = ("model", "optimiser", "iteration", "wall_seconds", "history", "settings", "commands")
+Batch = tuple  # the tensors a draw returns (inputs, target, ...), on the CPU
 
 
 @dataclass
@@ -48,21 +53,30 @@ def save_atomically(payload: dict[str, Any], path: Path) -> None:
     os.replace(temporary, path)
 
 
-def checkpoint_payload(network: torch.nn.Module, optimiser: torch.optim.Optimizer, data_generator: torch.Generator,
+def _on_cpu(value: Any) -> Any:
+    """Tensors (nested in dicts and lists) moved to the CPU: a checkpoint saved on a GPU loads anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
+
+
+def checkpoint_payload(network: torch.nn.Module, optimiser: torch.optim.Optimizer,
                        state: TrainingState) -> dict[str, Any]:
     """Everything a later run needs to continue exactly where this one stopped (keys in CHECKPOINT_KEYS order)."""
-    return {"model": network.state_dict(), "optimiser": optimiser.state_dict(),
-            "generator": data_generator.get_state(), "iteration": state.iteration,
-            "wall_seconds": state.wall_seconds, "history": state.history, "settings": state.settings,
-            "commands": state.commands}
+    return {"model": _on_cpu(network.state_dict()), "optimiser": _on_cpu(optimiser.state_dict()),
+            "iteration": state.iteration, "wall_seconds": state.wall_seconds, "history": state.history,
+            "settings": state.settings, "commands": state.commands}
 
 
-def resume(checkpoint: Path, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
-           data_generator: torch.Generator, state: TrainingState,
+def resume(checkpoint: Path, network: torch.nn.Module, optimiser: torch.optim.Optimizer, state: TrainingState,
            check: Callable[[dict[str, Any]], None] | None = None) -> TrainingState:
-    """Continue `checkpoint` when it exists: weights, optimiser, data-generator state, iterations, wall time, history
-    and commands come from it; settings stay those of this run. `check(saved_settings)` refuses (SystemExit) a
-    checkpoint this run cannot continue, before anything is loaded."""
+    """Continue `checkpoint` when it exists: weights, optimiser, iterations, wall time, history and commands come
+    from it; settings stay those of this run. `check(saved_settings)` refuses (SystemExit) a checkpoint this run
+    cannot continue, before anything is loaded. The optimiser's state follows the network's device."""
     if not checkpoint.exists():
         return state
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -70,7 +84,6 @@ def resume(checkpoint: Path, network: torch.nn.Module, optimiser: torch.optim.Op
         check(saved["settings"])
     network.load_state_dict(saved["model"])
     optimiser.load_state_dict(saved["optimiser"])
-    data_generator.set_state(saved["generator"])
     state = TrainingState(**{**asdict(state), **{key: saved[key] for key in ("iteration", "wall_seconds", "history",
                                                                               "commands")}})
     print(f"resumed at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h so far)", flush=True)
@@ -85,9 +98,44 @@ def require_same(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[
             raise SystemExit(f"The checkpoint has {key.replace('_', ' ')} {saved[key]}, not {current[key]}.")
 
 
-def command_line(module: str, state: TrainingState, argv: list[str]) -> str:
-    """The record of one run in the checkpoint: where it started and what it was asked to do."""
-    return f"[from iteration {state.iteration}] python -m {module} " + " ".join(argv)
+def command_line(module: str, state: TrainingState, argv: list[str], device: torch.device | None = None) -> str:
+    """The record of one run in the checkpoint: where it started, what it was asked to do and on what hardware."""
+    where = f"  # on {device_description(device)}" if device is not None else ""
+    return f"[from iteration {state.iteration}] python -m {module} " + " ".join(argv) + where
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
+
+
+def batch_seed(seed: int, iteration: int) -> int:
+    """The seed of the batch of one cumulative iteration: independent streams per iteration, whatever the order or
+    the process that draws them."""
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1, dtype=np.uint64)[0])
+
+
+class _IterationBatches(torch.utils.data.Dataset):
+    """Item i = the batch of cumulative iteration i, drawn from its own generator."""
+
+    def __init__(self, draw: Callable[[torch.Generator, int], Batch], seed: int) -> None:
+        self.draw, self.seed = draw, seed
+
+    def __getitem__(self, iteration: int) -> Batch:
+        return self.draw(torch.Generator().manual_seed(batch_seed(self.seed, iteration)), iteration)
+
+
+def batches(draw: Callable[[torch.Generator, int], Batch], seed: int, start: int, stop: int, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[Batch]:
+    """The batches of iterations start..stop-1 in order; with `workers` > 0 they are drawn ahead by that many
+    processes (forked, so they share the loaded label maps; each uses one thread)."""
+    loader = torch.utils.data.DataLoader(
+        _IterationBatches(draw, seed), batch_size=None, sampler=range(start, stop), num_workers=workers,
+        prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None,
+        pin_memory=pin_memory)
+    return iter(loader)
 
 
 def export_weights(checkpoint: Path, destination: Path, keys: Sequence[str] = ("features",)) -> str:
@@ -114,21 +162,25 @@ def export_source(checkpoint: Path, best: bool) -> Path:
     return source
 
 
-def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim.Optimizer,
-          data_generator: torch.Generator, checkpoint: Path, *, iterations: int, max_minutes: float | None,
-          validate_every: int, base_lr: float, lr_half_life: int, compute_loss: Callable[[], torch.Tensor],
-          evaluate: Callable[[], dict[str, Any]], loss_name: str, best_metric: str,
-          gradient_clip: float | None = 1.0) -> None:
+def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim.Optimizer, checkpoint: Path, *,
+          iterations: int, max_minutes: float | None, validate_every: int, base_lr: float, lr_half_life: int,
+          draw: Callable[[torch.Generator, int], Batch], seed: int, compute_loss: Callable[[Batch], torch.Tensor],
+          evaluate: Callable[[], dict[str, Any]], loss_name: str, best_metric: str, gradient_clip: float | None = 1.0,
+          workers: int = 0, device: torch.device | None = None) -> None:
     """The loop: a validation row before the first iteration, then steps until `iterations` (cumulative) or
-    `max_minutes`. A step draws a batch and computes the loss (`compute_loss`); a non-finite loss is counted as an
-    iteration (the data generator moved on) but not learned from, and gradients are clipped to `gradient_clip` (one
-    odd batch cannot undo what was learned). Every `validate_every` iterations and at the end a row (mean training
-    loss since the last row, None if none, + `evaluate()`) is added to the history, printed as JSON, and the
-    checkpoint saved; when the row's `best_metric` (higher is better) is the best so far the checkpoint is also
-    copied to best_path(checkpoint). A final save at the stop."""
+    `max_minutes`. A step takes the iteration's batch (`draw(generator, iteration)`, see batches()), moves it to
+    `device` and computes the loss (`compute_loss(batch)`); a non-finite loss is counted as an iteration but not
+    learned from, and gradients are clipped to `gradient_clip` (one odd batch cannot undo what was learned). Every
+    `validate_every` iterations and at the end a row (mean training loss since the last row, None if none, +
+    `evaluate()`) is added to the history, printed as JSON, and the checkpoint saved; when the row's `best_metric`
+    (higher is better) is the best so far the checkpoint is also copied to best_path(checkpoint). A final save at the
+    stop."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch sizes: the fastest convolution algorithms are kept
 
     def save() -> None:
-        save_atomically(checkpoint_payload(network, optimiser, data_generator, state), checkpoint)
+        save_atomically(checkpoint_payload(network, optimiser, state), checkpoint)
 
     started = time.perf_counter()
     stretch_start_wall = state.wall_seconds
@@ -136,12 +188,15 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
     if not state.history:
         state.history.append({"iteration": 0, "hours": 0.0, loss_name: None, **evaluate()})
     network.train()
+    upcoming = batches(draw, seed, state.iteration, max(iterations, state.iteration), workers,
+                       pin_memory=device.type == "cuda")
     while state.iteration < iterations:
         if max_minutes is not None and time.perf_counter() - started > 60.0 * max_minutes:
             break
         for group in optimiser.param_groups:
             group["lr"] = learning_rate(base_lr, state.iteration, lr_half_life)
-        loss = compute_loss()
+        batch = tuple(tensor.to(device, non_blocking=True) for tensor in next(upcoming))
+        loss = compute_loss(batch)
         optimiser.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -162,6 +217,7 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
             save()
             if row[best_metric] >= max(previous.get(best_metric, -math.inf) for previous in state.history):
                 shutil.copyfile(checkpoint, best_path(checkpoint))
+    del upcoming  # stops the workers that were drawing ahead
     state.wall_seconds = stretch_start_wall + time.perf_counter() - started
     save()
     print(f"stopped at iteration {state.iteration} ({state.wall_seconds / 3600:.2f} h in all)", flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 
-from MIADeepLearningLib.engine.synthesis import network_input, normalise  # noqa: F401  (shared with inference)
+from MIADeepLearningLib.engine.encoding import network_input, normalise  # noqa: F401  (shared with inference)
 
 # FreeSurfer label values per tissue (the classes of the brain tissue model; used here to draw T1/T2-like contrasts)
 CSF_LABELS = (4, 5, 14, 15, 24, 43, 44, 72)

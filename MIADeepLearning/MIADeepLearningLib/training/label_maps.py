@@ -1,13 +1,19 @@
-"""Label maps to train on: a folder of NIfTI label maps, or (fresh machine) the MNI tissue maps shipped in nilearn."""
+"""Label maps to train on: a folder of NIfTI label maps, a bundle of them (.npz), or (fresh machine) the MNI tissue
+maps shipped in nilearn.
+
+A bundle holds the maps already loaded (compact indices + label values), so training runs where SimpleITK is not
+installed (a GPU machine that only has torch) and one file travels instead of a folder:
+``python -m MIADeepLearningLib.training.label_maps FOLDER --bundle maps.npz``."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from MIADeepLearningLib.training.generator import compact_labels
 
@@ -35,6 +41,8 @@ def crop_to_foreground(array: np.ndarray, margin: int) -> np.ndarray:
 
 
 def load_label_map(path: Path, margin: int = 8) -> LabelMap:
+    import SimpleITK as sitk  # here, not at the top: bundles load without it
+
     image = sitk.ReadImage(str(path))
     spacing = np.asarray(image.GetSpacing())
     if np.any(np.abs(spacing - 1.0) > 0.05):
@@ -85,6 +93,8 @@ def nilearn_file(key: str) -> Path:
 
 def mni_tissue_label_map() -> LabelMap:
     """CSF / GM / WM labels (FreeSurfer values 24 / 3 / 2) from nilearn's MNI probability maps and T1 brain."""
+    import SimpleITK as sitk  # here, not at the top: bundles load without it
+
     t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("t1")))).astype(np.float32)
     gm = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("gm")))).astype(np.float32) / 255.0
     wm = sitk.GetArrayFromImage(sitk.ReadImage(str(nilearn_file("wm")))).astype(np.float32) / 255.0
@@ -96,17 +106,51 @@ def mni_tissue_label_map() -> LabelMap:
     return LabelMap("mni152_2009a_tissue", indices, values)
 
 
-def load_label_maps(folder: Path | None, held_out: list[str]) -> tuple[list[LabelMap], list[LabelMap]]:
-    """(training maps, held-out maps). Without a folder: the MNI tissue map for both (a fallback for smoke runs)."""
-    if folder is None:
+def save_bundle(maps: list[LabelMap], path: Path) -> None:
+    """All maps in one compressed .npz (two arrays per map: <name>/indices and <name>/values)."""
+    arrays = {}
+    for item in maps:
+        arrays[f"{item.name}/indices"] = item.indices
+        arrays[f"{item.name}/values"] = item.values
+    np.savez_compressed(path, **arrays)
+
+
+def load_bundle(path: Path) -> list[LabelMap]:
+    with np.load(path, allow_pickle=False) as arrays:
+        names = sorted({key.rsplit("/", 1)[0] for key in arrays.files})
+        return [LabelMap(name, arrays[f"{name}/indices"], arrays[f"{name}/values"]) for name in names]
+
+
+def load_label_maps(source: Path | None, held_out: list[str]) -> tuple[list[LabelMap], list[LabelMap]]:
+    """(training maps, held-out maps) from a folder of NIfTI maps or a bundle (.npz). Without a source: the MNI tissue
+    map for both (a fallback for smoke runs)."""
+    if source is None:
         mni = mni_tissue_label_map()
         return [mni], [mni]
-    paths = sorted(Path(folder).glob("*.nii*"))
-    if not paths:
-        raise FileNotFoundError(f"No NIfTI label maps in {folder}.")
-    maps = [load_label_map(path) for path in paths]
+    if Path(source).suffix == ".npz":
+        maps = load_bundle(Path(source))
+    else:
+        paths = sorted(Path(source).glob("*.nii*"))
+        if not paths:
+            raise FileNotFoundError(f"No NIfTI label maps in {source}.")
+        maps = [load_label_map(path) for path in paths]
     training = [item for item in maps if item.name not in held_out]
     validation = [item for item in maps if item.name in held_out]
     if not training:
         raise ValueError("Every label map is held out; nothing is left to train on.")
     return training, validation
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pack a folder of NIfTI label maps into one bundle (.npz).")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--bundle", type=Path, required=True, help="the .npz to write")
+    args = parser.parse_args(argv)
+    maps, held_out = load_label_maps(args.folder, [])
+    save_bundle(maps + held_out, args.bundle)
+    print(f"{len(maps) + len(held_out)} label maps -> {args.bundle} ({args.bundle.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -154,14 +154,16 @@ def dice(counts: np.ndarray) -> list[float]:
     return [float(2.0 * i / (p + t)) if p + t > 0 else 1.0 for i, p, t in counts]
 
 
-def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precision: torch.dtype | None) -> dict:
+def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precision: torch.dtype | None,
+             device: torch.device | None = None) -> dict:
     """Dice of CSF / GM / WM per validation setting (voxel counts pooled over its crops), their means per class over
     the settings, and the mean of those."""
+    device = device or torch.device("cpu")
     network.eval()
     counts = {setting: np.zeros((len(CLASS_NAMES), 3)) for setting, _ in samples}
-    with torch.no_grad(), torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
         for setting, sample in samples:
-            prediction = network(sample.inputs[None]).argmax(dim=1)[0]
+            prediction = network(sample.inputs[None].to(device)).argmax(dim=1)[0].cpu()
             for index in range(len(CLASS_NAMES)):
                 predicted, true = prediction == index + 1, sample.target == index + 1
                 counts[setting][index] += [int((predicted & true).sum()), int(predicted.sum()), int(true.sum())]
@@ -192,6 +194,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-half-life", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=20261126)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes drawing batches ahead (0: in the training process); same batches either way")
     parser.add_argument("--contrast-mix", type=float, nargs=3, default=[0.2, 0.4, 0.4], metavar=("RANDOM", "T1", "T2"),
                         help="weights of the contrast families at iteration 0")
     parser.add_argument("--contrast-mix-final", type=float, nargs=3, default=[0.7, 0.15, 0.15],
@@ -226,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     features = list(args.features)
-    network = UNet3D(in_channels=1, out_channels=len(gen.TISSUE_CLASSES), features=features)
+    network = UNet3D(in_channels=1, out_channels=len(gen.TISSUE_CLASSES), features=features).to(device)
     for name, size in (("--patch", args.patch), ("--validation-patch", args.validation_patch)):
         if size % network.size_multiple:
             raise SystemExit(f"{name} {size} is not a multiple of {network.size_multiple} ({len(features)} levels).")
@@ -240,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
                               translation=args.translation, deformation_std=args.deformation_std,
                               deformation_spacing=args.deformation_spacing, flip_axes=tuple(args.flip_axes))
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
-    data_generator = torch.Generator().manual_seed(args.seed)
     settings: dict[str, Any] = {
         "features": features, "working_spacing": args.working_spacing, "classes": list(gen.TISSUE_CLASSES),
         "patch": args.patch, "batch": args.batch, "lr": args.lr, "lr_half_life": args.lr_half_life,
@@ -249,35 +254,35 @@ def main(argv: list[str] | None = None) -> int:
         "slice_spacing_range": list(args.slice_spacing_range),
         "spatial": {**asdict(spatial), "flip_axes": list(spatial.flip_axes)},
         "training_maps": [item.name for item in training_maps], "held_out_maps": [item.name for item in held_out_maps]}
-    state = common.resume(args.checkpoint, network, optimiser, data_generator, common.TrainingState(settings=settings),
+    state = common.resume(args.checkpoint, network, optimiser, common.TrainingState(settings=settings),
                           lambda saved: common.require_same(saved, settings, ("features", "working_spacing")))
-    state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv))
-    precision = None if args.no_autocast else autocast_dtype(torch.device("cpu"))
+    state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv, device))
+    precision = None if args.no_autocast else autocast_dtype(device)
     validation = validation_set(held_out_maps, args.validation_patch, float(args.working_spacing), args.seed + 1,
                                 args.validation_crops)
     sample_settings = SampleSettings(patch=args.patch, voxel_mm=float(args.working_spacing), spatial=spatial,
                                      resolution_probability=args.resolution_probability,
                                      slice_spacing_range_mm=tuple(args.slice_spacing_range))
 
-    def compute_loss() -> torch.Tensor:
-        weights = contrast_weights(state.iteration, args.contrast_mix, args.contrast_mix_final,
-                                   args.curriculum_iterations)
+    def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = contrast_weights(iteration, args.contrast_mix, args.contrast_mix_final, args.curriculum_iterations)
         samples = []
         for _ in range(args.batch):
-            label_map = training_maps[int(torch.randint(0, len(training_maps), (), generator=data_generator))]
-            samples.append(make_sample(label_map, draw_contrast(data_generator, weights), data_generator,
-                                       sample_settings))
-        inputs = torch.stack([sample.inputs for sample in samples])
-        target = torch.stack([sample.target for sample in samples])
-        with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+            label_map = training_maps[int(torch.randint(0, len(training_maps), (), generator=generator))]
+            samples.append(make_sample(label_map, draw_contrast(generator, weights), generator, sample_settings))
+        return torch.stack([sample.inputs for sample in samples]), torch.stack([sample.target for sample in samples])
+
+    def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, target = batch
+        with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
             logits = network(inputs)
         return segmentation_loss(logits, target)
 
-    common.train(state, network, optimiser, data_generator, args.checkpoint, iterations=args.iterations,
+    common.train(state, network, optimiser, args.checkpoint, iterations=args.iterations,
                  max_minutes=args.max_minutes, validate_every=args.validate_every, base_lr=args.lr,
-                 lr_half_life=args.lr_half_life, compute_loss=compute_loss,
-                 evaluate=lambda: evaluate(network, validation, precision), loss_name="train_loss",
-                 best_metric="val_dice", gradient_clip=GRADIENT_CLIP)
+                 lr_half_life=args.lr_half_life, draw=draw, seed=args.seed, compute_loss=compute_loss,
+                 evaluate=lambda: evaluate(network, validation, precision, device), loss_name="train_loss",
+                 best_metric="val_dice", gradient_clip=GRADIENT_CLIP, workers=args.workers, device=device)
     return 0
 
 

@@ -108,13 +108,15 @@ def validation_set(maps: list[LabelMap], patch: int, seed: int) -> list[tuple[st
     return samples
 
 
-def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precision: torch.dtype | None) -> dict:
+def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precision: torch.dtype | None,
+             device: torch.device | None = None) -> dict:
+    device = device or torch.device("cpu")
     network.eval()
     gains: dict[str, list[float]] = {}
     network_psnr, linear_psnr = [], []
-    with torch.no_grad(), torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
         for contrast, sample in samples:
-            prediction = network(sample.inputs[None])[0].float()
+            prediction = network(sample.inputs[None].to(device))[0].float().cpu()
             value, baseline = psnr(prediction, sample.target, sample.mask), psnr(sample.linear, sample.target,
                                                                                 sample.mask)
             network_psnr.append(value)
@@ -139,6 +141,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-half-life", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes drawing batches ahead (0: in the training process); same batches either way")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--validation-patch", type=int, default=64)
     parser.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
@@ -156,37 +161,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     training_maps, held_out_maps = load_label_maps(args.label_maps, args.held_out)
     if not held_out_maps:
         raise SystemExit(f"None of the held-out maps {args.held_out} is in {args.label_maps}.")
     features = list(args.features)
-    network = ResidualUNet3D(in_channels=3, features=features)
+    network = ResidualUNet3D(in_channels=3, features=features).to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
-    data_generator = torch.Generator().manual_seed(args.seed)
     settings = {"features": features, "patch": args.patch, "batch": args.batch, "lr": args.lr,
                 "lr_half_life": args.lr_half_life, "seed": args.seed,
                 "training_maps": [item.name for item in training_maps],
                 "held_out_maps": [item.name for item in held_out_maps]}
-    state = common.resume(args.checkpoint, network, optimiser, data_generator, TrainingState(settings=settings),
+    state = common.resume(args.checkpoint, network, optimiser, TrainingState(settings=settings),
                           lambda saved: common.require_same(saved, settings, ("features",)))
-    state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv))
-    precision = None if args.no_autocast else autocast_dtype(torch.device("cpu"))
+    state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv, device))
+    precision = None if args.no_autocast else autocast_dtype(device)
     validation = validation_set(held_out_maps, args.validation_patch, args.seed + 1)
 
-    def compute_loss() -> torch.Tensor:
-        samples = [make_sample(training_maps[int(torch.randint(0, len(training_maps), (), generator=data_generator))],
-                               args.patch, data_generator) for _ in range(args.batch)]
-        inputs = torch.stack([sample.inputs for sample in samples])
-        target = torch.stack([sample.target for sample in samples])
-        with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+    def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [make_sample(training_maps[int(torch.randint(0, len(training_maps), (), generator=generator))],
+                               args.patch, generator) for _ in range(args.batch)]
+        return torch.stack([sample.inputs for sample in samples]), torch.stack([sample.target for sample in samples])
+
+    def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, target = batch
+        with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
             prediction = network(inputs)
         return functional.l1_loss(prediction.float(), target)
 
-    common.train(state, network, optimiser, data_generator, args.checkpoint, iterations=args.iterations,
+    common.train(state, network, optimiser, args.checkpoint, iterations=args.iterations,
                  max_minutes=args.max_minutes, validate_every=args.validate_every, base_lr=args.lr,
-                 lr_half_life=args.lr_half_life, compute_loss=compute_loss,
-                 evaluate=lambda: evaluate(network, validation, precision), loss_name="train_l1",
-                 best_metric="val_psnr", gradient_clip=GRADIENT_CLIP)
+                 lr_half_life=args.lr_half_life, draw=draw, seed=args.seed, compute_loss=compute_loss,
+                 evaluate=lambda: evaluate(network, validation, precision, device), loss_name="train_l1",
+                 best_metric="val_psnr", gradient_clip=GRADIENT_CLIP, workers=args.workers, device=device)
     return 0
 
 if __name__ == "__main__":
