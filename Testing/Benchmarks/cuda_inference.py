@@ -66,17 +66,18 @@ def run_case(network: torch.nn.Module, inputs: torch.Tensor, device: torch.devic
     config = WindowedInferenceConfig(roi_size=(96, 96, 96), overlap=0.25, mode="gaussian", skip_background=False,
                                      output_dtype=torch.float32, output_kind="intensities", autocast=autocast,
                                      sw_batch_size=sw_batch_size)
+    index = torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(1.0 if cap_mib is None else cap_mib * 2**20 / total, device)
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(1.0 if cap_mib is None else cap_mib * 2**20 / total, index)
     network = network.to(device)
     started = time.perf_counter()
     try:
         output, report = sliding_window_predict(network, inputs, config, device)
     finally:
         if device.type == "cuda":
-            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return output, report, time.perf_counter() - started
 
 
