@@ -265,7 +265,7 @@ def test_package_runs_through_the_task_with_its_segments_and_uncertainty(tmp_pat
 
     plain = tasks.segment_image(path, TISSUE_MODEL_ID, device="cpu")
     assert plain.uncertainty is None and "uncertainty" not in plain.provenance["parameters"]
-    with pytest.raises(ModelError, match="does not make a uncertainty map"):
+    with pytest.raises(ModelError, match="makes no uncertainty map"):
         tasks.segment_image(path, "deepbet", device="cpu", options={"uncertainty": True})
 
 

@@ -84,7 +84,7 @@ def _load_pipeline(model_id: str, task: str, device: str, options: dict | None,
         raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a {task} model.")
     missing = [name for name in requested if name not in model.optional_outputs]
     if missing:
-        raise ModelError(f"Model '{model.title}' does not make a {' or '.join(missing)} map.")
+        raise ModelError(f"Model '{model.title}' makes no {' or '.join(missing)} map.")
     pipeline_class = PIPELINES.get(model.pipeline)
     if pipeline_class is None:
         raise ModelError(f"Model '{model.title}' needs pipeline '{model.pipeline}', which this version does not have.")
