@@ -163,13 +163,13 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         for node in (result.masked_volume_node, result.uncertainty_node):
             if node is not None:
                 done += _(" and volume '{name}'").format(name=node.GetName())
-        self._showVolumeTable(result.volume_table_node)
         if result.volume_table_node is not None:
             done += _(" and table '{name}'").format(name=result.volume_table_node.GetName())
         if result.warnings:
             done += _(" ({count} warning(s), see the log)").format(count=len(result.warnings))
         self._setStatus(done + ".")
         self._log(done + ".")
+        self._showVolumeTable(result.volume_table_node)
         if inputVolume is not None and slicer.mrmlScene.IsNodePresent(inputVolume):
             slicer.util.setSliceViewerLayers(background=inputVolume)
         _resetThreeDViewFocalPoint()

@@ -269,6 +269,24 @@ def test_package_runs_through_the_task_with_its_segments_and_uncertainty(tmp_pat
         tasks.segment_image(path, "deepbet", device="cpu", options={"uncertainty": True})
 
 
+def test_a_package_that_promises_an_uncertainty_map_its_pipeline_does_not_make(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    write_tissue_package(root)
+    monkeypatch.setenv(registry.EXTRA_MODELS_ENV, str(root))
+
+    class WithoutMap(brain_tissue.BrainTissueSegmentation):
+        def predict(self, image, progress):
+            result = super().predict(image, progress)
+            result.pop("uncertainty")
+            return result
+
+    monkeypatch.setitem(tasks.PIPELINES, brain_tissue.PIPELINE_NAME, WithoutMap)
+    path = tmp_path / "head.nrrd"
+    sitk.WriteImage(_phantom(*GRIDS["isotropic"], DIRECTIONS["identity"])[0], str(path))
+    with pytest.raises(ModelError, match="lists an uncertainty map, but its pipeline made none"):
+        tasks.segment_image(path, TISSUE_MODEL_ID, device="cpu", options={"uncertainty": True})
+
+
 def test_segments_default_to_the_standard_tissue_descriptions(weights):
     pipeline = _pipeline(weights)
     assert [segment["name"] for segment in pipeline.segments] == ["CSF", "Gray matter", "White matter"]

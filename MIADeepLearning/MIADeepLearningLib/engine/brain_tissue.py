@@ -122,7 +122,7 @@ class BrainTissueSegmentation:
         orientation = self.options["orientation"]
         if orientation != KEEP_INPUT_AXES:
             try:
-                geometry.axes_towards(np.eye(3).ravel(), str(orientation))
+                geometry.orientation_axes(str(orientation))
             except ValueError as error:
                 raise ModelError(f"Model '{title}': option orientation {error}") from error
         unknown = [axis for axis in self.options["flip_axes"] if axis not in FLIP_AXES]

@@ -28,17 +28,23 @@ ORIENTATION_VECTORS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0,
 ANTI_ALIAS_BELOW = 0.9  # input voxels finer than this share of the grid's spacing are smoothed before sampling
 
 
-def axes_towards(direction: Sequence[float], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(permutation, signs): grid axis t is input axis permutation[t] times signs[t], the assignment whose axes are
-    best aligned with the DICOM orientation code (largest sum of |cos|). Without touching voxels; the same choice as
-    sitk.DICOMOrient up to obliquities near 45 degrees, where that filter's axis-by-axis rule may pick another."""
+def orientation_axes(orientation: str) -> np.ndarray:
+    """3x3 matrix whose columns are where the axes of a DICOM orientation code point (LPS); ValueError for a string
+    that is no such code (three letters naming three different physical axes)."""
     code = orientation.upper()
     physical_axes = {int(np.flatnonzero(ORIENTATION_VECTORS[letter])[0]) for letter in code
                      if letter in ORIENTATION_VECTORS}
     if len(code) != 3 or len(physical_axes) != 3:
         raise ValueError(f"'{orientation}' is not an orientation code such as LPS, RAS or LIA.")
+    return np.array([ORIENTATION_VECTORS[letter] for letter in code], dtype=float).T
+
+
+def axes_towards(direction: Sequence[float], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(permutation, signs): grid axis t is input axis permutation[t] times signs[t], the assignment whose axes are
+    best aligned with the DICOM orientation code (largest sum of |cos|). Without touching voxels; the same choice as
+    sitk.DICOMOrient up to obliquities near 45 degrees, where that filter's axis-by-axis rule may pick another."""
+    target = orientation_axes(orientation)
     axes = np.asarray(direction, dtype=float).reshape(3, 3)  # columns: where the input's axes point
-    target = np.array([ORIENTATION_VECTORS[letter] for letter in code], dtype=float).T
     alignment = axes.T @ target  # [input axis, grid axis]
     permutation = max(itertools.permutations(range(3)),
                       key=lambda order: sum(abs(alignment[order[t], t]) for t in range(3)))

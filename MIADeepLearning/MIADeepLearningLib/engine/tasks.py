@@ -185,6 +185,8 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
     requested = ("uncertainty",) if (options or {}).get("uncertainty") else ()
     loaded, image, outputs, device_used, warnings, timings = _run_model(
         "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested)
+    if requested and outputs.get("uncertainty") is None:  # metadata that promises what its pipeline cannot make
+        raise ModelError(f"Model '{loaded.model.title}' lists an uncertainty map, but its pipeline made none.")
     masked = masked_volume(image, outputs["label"]) if create_masked_volume else None
     provenance = _provenance(loaded, device_used, input_name or Path(image_path).name, warnings, outputs)
     segments = getattr(loaded.pipeline, "segments", None) or loaded.model.segments
