@@ -17,6 +17,24 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
     return matrix
 
 
+# Input orientations every geometry test goes through (directions as SimpleITK's 3x3 matrices, LPS)
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "flipped": np.diag([-1.0, -1.0, 1.0]),
+    "permuted": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
+    "oblique": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0),
+}
+
+
+def physical_points(image) -> np.ndarray:
+    """(z, y, x, 3) physical position of every voxel centre of a SimpleITK image, in numpy array order."""
+    size = image.GetSize()
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reversed(size)), indexing="ij")
+    index = np.stack([i, j, k], axis=-1) * np.asarray(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    return np.asarray(image.GetOrigin()) + index @ direction.T
+
+
 def dice(first: np.ndarray, second: np.ndarray) -> float:
     """Dice overlap of two masks (anything > 0 is inside)."""
     first, second = np.asarray(first) > 0, np.asarray(second) > 0

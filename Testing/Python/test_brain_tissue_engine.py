@@ -18,17 +18,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import TISSUE_MODEL_ID, dice, rotation, write_tissue_package, write_tissue_weights
+from helpers import (
+    DIRECTIONS,
+    TISSUE_MODEL_ID,
+    dice,
+    physical_points,
+    write_tissue_package,
+    write_tissue_weights,
+)
 
 from MIADeepLearningLib.engine import brain_tissue, geometry, registry, tasks
 from MIADeepLearningLib.engine.errors import InputError, ModelError
 
-DIRECTIONS = {
-    "identity": np.eye(3),
-    "flipped": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
-    "oblique": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0),
-}
 # (size, spacing): about 60 mm of extent each way
 GRIDS = {
     "isotropic": ((40, 40, 40), (1.5, 1.5, 1.5)),
@@ -62,22 +63,13 @@ class IntensityBands(torch.nn.Module):
         return -(((inputs.float() - self.centres) / 0.08) ** 2)
 
 
-def _physical_points(image: sitk.Image) -> np.ndarray:
-    """(z, y, x, 3) physical position of every voxel centre, in numpy array order."""
-    size = image.GetSize()
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reversed(size)), indexing="ij")
-    index = np.stack([i, j, k], axis=-1) * np.asarray(image.GetSpacing())
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    return np.asarray(image.GetOrigin()) + index @ direction.T
-
-
 def _phantom(size, spacing, direction: np.ndarray) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
     """(image, true labels, distance in mm of each voxel centre to the nearest tissue boundary), (z, y, x) arrays."""
     image = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in direction.ravel()])
     image.SetOrigin(ORIGIN)
-    points = _physical_points(image)
+    points = physical_points(image)
     centre = points.reshape(-1, 3).mean(axis=0) + CENTRE_OFFSET
     radius = np.linalg.norm(points - centre, axis=-1)
     labels = np.zeros(radius.shape, np.uint8)
