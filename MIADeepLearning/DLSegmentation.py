@@ -62,7 +62,9 @@ class DLSegmentation(ScriptedLoadableModule):
             "T1-weighted MRI). The model runs in a separate background process, on the CUDA GPU when one is usable "
             "and on the CPU otherwise; Slicer stays responsive and Apply becomes Cancel while it runs. "
             "Outputs: a segmentation with named, coloured segments, shown in the slice views and as a 3D surface; "
-            "optionally a skull-stripped copy of the input; a provenance record (model, version, weight checksums, "
+            "a table of segment volumes (voxels and mL, shown in this module); optionally a skull-stripped copy of "
+            "the input and, for models that offer it (e.g. brain tissue segmentation), an uncertainty map from "
+            "mirrored runs (0 certain, 1 undecided); a provenance record (model, version, weight checksums, "
             "device, timings) on every output node. The first Apply may offer to install PyTorch (through the "
             "PyTorch extension) and the Python package that holds the model's weights. "
             'See the <a href="{url}">MIADeepLearning README</a>.'
@@ -92,6 +94,8 @@ class DLSegmentationParameterNode:
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
     createMaskedVolume: bool = False
+    createUncertainty: bool = False  # offered only for models that list "uncertainty" in slicer.optional_outputs
+    createVolumeTable: bool = True
     keepModelLoaded: bool = True
 
 
@@ -119,6 +123,7 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
         self.ui.importModelZipButton.connect("clicked(bool)", lambda: self.onImportModel(folder=False))
         self.ui.importModelFolderButton.connect("clicked(bool)", lambda: self.onImportModel(folder=True))
+        self._showVolumeTable(None)  # the Results section appears with the first table
         self.initializeParameterNode()
 
     # TaskWidgetMixin hooks
@@ -129,6 +134,11 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
     def _failureMessage(self, error: Exception) -> str:
         return _("Segmentation failed: {error}").format(error=error)
 
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Also show the uncertainty option only when the selected model makes an uncertainty map."""
+        TaskWidgetMixin._onParameterNodeModified(self, caller, event)
+        self.ui.createUncertaintyCheckBox.visible = self._modelOffers("uncertainty")
+
     def _startRun(self, params: DLSegmentationParameterNode) -> SegmentationRun:
         return self.logic.start(
             params.inputVolume,
@@ -136,6 +146,8 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
             device=params.device,
             outputSegmentation=params.outputSegmentation,
             createMaskedVolume=params.createMaskedVolume,
+            createUncertainty=params.createUncertainty and self._modelOffers("uncertainty"),
+            createVolumeTable=params.createVolumeTable,
             keepModelLoaded=params.keepModelLoaded,
         )
 
@@ -148,15 +160,27 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
             self._log(_("Timings: {timings}").format(timings=timings))
         segmentationNode = result.segmentation_node
         done = _("Done: segmentation '{name}'").format(name=segmentationNode.GetName())
-        if result.masked_volume_node is not None:
-            done += _(" and volume '{name}'").format(name=result.masked_volume_node.GetName())
+        for node in (result.masked_volume_node, result.uncertainty_node):
+            if node is not None:
+                done += _(" and volume '{name}'").format(name=node.GetName())
+        if result.volume_table_node is not None:
+            done += _(" and table '{name}'").format(name=result.volume_table_node.GetName())
         if result.warnings:
             done += _(" ({count} warning(s), see the log)").format(count=len(result.warnings))
         self._setStatus(done + ".")
         self._log(done + ".")
+        self._showVolumeTable(result.volume_table_node)
         if inputVolume is not None and slicer.mrmlScene.IsNodePresent(inputVolume):
             slicer.util.setSliceViewerLayers(background=inputVolume)
         _resetThreeDViewFocalPoint()
+
+    def _showVolumeTable(self, tableNode) -> None:
+        """The segment volumes of the last run in the module's Results section; hidden after a run without a table,
+        so no table of an earlier result is shown as if it were this one's."""
+        self.ui.volumesTableView.setMRMLTableNode(tableNode)
+        self.ui.resultsCollapsibleButton.visible = tableNode is not None
+        if tableNode is not None:
+            self.ui.resultsCollapsibleButton.collapsed = False
 
     # Advanced: device report, model import
 
@@ -268,6 +292,8 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         timeoutS: float | None = None,
         onEvent: Callable[[Event], None] | None = None,
         keepModelLoaded: bool = False,
+        createUncertainty: bool = False,
+        createVolumeTable: bool = False,
     ) -> SegmentationRun:
         """Start a background run and return at once; poll the returned run, then call its finish()."""
         return self.segmentationLogic(keepModelLoaded).start(
@@ -278,6 +304,8 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
             create_masked_volume=createMaskedVolume,
             timeout_s=timeoutS,
             on_event=onEvent,
+            create_uncertainty=createUncertainty,
+            create_volume_table=createVolumeTable,
         )
 
     def process(
@@ -289,9 +317,12 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         createMaskedVolume: bool = False,
         timeoutS: float | None = None,
         onEvent: Callable[[Event], None] | None = None,
+        createUncertainty: bool = False,
+        createVolumeTable: bool = False,
     ) -> SegmentationResult:
         """Blocking run for scripts (the GUI uses start() so Slicer stays responsive)."""
-        run = self.start(inputVolume, modelId, device, outputSegmentation, createMaskedVolume, timeoutS, onEvent)
+        run = self.start(inputVolume, modelId, device, outputSegmentation, createMaskedVolume, timeoutS, onEvent,
+                         createUncertainty=createUncertainty, createVolumeTable=createVolumeTable)
         run.wait()
         return run.finish()
 

@@ -11,6 +11,11 @@ so a NRRD stays a NRRD and nothing about the input's grid or format is lost in t
 input, status, seconds, output, masked_output, warnings, error) is written row by row, by default to
 `<output folder>/report.csv`.
 
+A model that lists "uncertainty" in its package's slicer.optional_outputs (e.g. brain tissue segmentation) also
+writes a voxel-wise uncertainty map on the input grid: `--uncertainty FILE` for one input file,
+`--uncertainty-suffix [SUFFIX]` (default `uncertainty`) in an output folder; the batch report then gets an
+`uncertainty_output` column.
+
 `synthesize --model ID -i in.nii.gz -o out.nii.gz [--uncertainty U] [--difference D]` runs a synthesis model on one
 file (e.g. thick-slice MRI to a 1 mm volume over the input's extent, same orientation); all outputs are written, or
 none.
@@ -45,6 +50,8 @@ EXIT_INTERRUPTED = 130
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # longest match first
 OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
 REPORT_COLUMNS = ["case", "input", "status", "seconds", "output", "masked_output", "warnings", "error"]
+UNCERTAINTY_COLUMN = "uncertainty_output"  # after masked_output, only in reports of runs that ask for the map
+DEFAULT_UNCERTAINTY_SUFFIX = "uncertainty"
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
 
@@ -186,17 +193,18 @@ class BatchProgress:
 class CsvReport:
     """The batch report, written and flushed row by row: an interrupted batch still leaves what it did."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, columns: list[str] | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.columns = list(columns or REPORT_COLUMNS)
         self._file = path.open("w", encoding="utf-8", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=REPORT_COLUMNS, lineterminator="\n")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, lineterminator="\n")
         self._writer.writeheader()
         self._file.flush()
         self.rows: list[dict[str, str]] = []
 
     def add(self, row: dict[str, Any]) -> None:
-        clean = {column: "" if row.get(column) is None else str(row[column]) for column in REPORT_COLUMNS}
+        clean = {column: "" if row.get(column) is None else str(row[column]) for column in self.columns}
         self.rows.append(clean)
         self._writer.writerow(clean)
         self._file.flush()
@@ -258,27 +266,52 @@ def command_segment(args: argparse.Namespace) -> int:
         raise UsageError("--report is for a folder input (-i FOLDER); a single file reports on stderr.")
     output = Path(args.output)
     masked = Path(args.masked) if args.masked else None
+    uncertainty = Path(args.uncertainty) if args.uncertainty else None
     if output.is_dir():  # -o FOLDER for one file: named like the cases of a batch
         model = check_model(args.model, args.device)
-        suffix, masked_suffix = _suffixes(args, model)
+        check_optional_outputs(model, args)
+        suffix, masked_suffix, uncertainty_suffix = _suffixes(args, model)
         stem, extension = case_name(Path(args.input)), output_extension(Path(args.input), args.format)
         output = output / f"{stem}_{suffix}{extension}"
         if masked is None and masked_suffix is not None:
             masked = output.parent / f"{stem}_{masked_suffix}{extension}"
+        if uncertainty is None and uncertainty_suffix is not None:
+            uncertainty = output.parent / f"{stem}_{uncertainty_suffix}{extension}"
     elif args.masked_suffix is not None:
         raise UsageError("--masked-suffix names outputs in an output folder; for one output file use --masked FILE.")
-    return segment_file(args, output, masked)
+    elif args.uncertainty_suffix is not None:
+        raise UsageError("--uncertainty-suffix names outputs in an output folder; for one output file use "
+                         "--uncertainty FILE.")
+    if uncertainty is not None:
+        if image_suffix(uncertainty.name) is None:
+            raise UsageError(f"--uncertainty {uncertainty} needs an image extension ({', '.join(IMAGE_SUFFIXES)}).")
+        others = [Path(args.input), output, *filter(None, [masked])]
+        if uncertainty.resolve() in {path.resolve() for path in others}:
+            raise UsageError(f"--uncertainty {uncertainty} must be a file of its own, not the input or another "
+                             "output.")
+    return segment_file(args, output, masked, uncertainty)
 
 
-def segment_file(args: argparse.Namespace, output: Path, masked: Path | None) -> int:
+def check_optional_outputs(model, args: argparse.Namespace) -> None:
+    """The optional outputs the command line asks for must be ones the model lists (slicer.optional_outputs)."""
+    requested = ["uncertainty"] if args.uncertainty or args.uncertainty_suffix is not None else []
+    missing = [name for name in requested if name not in model.optional_outputs]
+    if missing:
+        raise ModelError(f"Model '{model.title}' makes no {' or '.join(missing)} map.")
+
+
+def segment_file(args: argparse.Namespace, output: Path, masked: Path | None, uncertainty: Path | None = None) -> int:
     from MIADeepLearningLib.engine import imageio
     from MIADeepLearningLib.engine.tasks import segment_image
 
-    result = segment_image(args.input, args.model, device=args.device, create_masked_volume=masked is not None,
-                           progress=_progress_printer(args.quiet))
+    options = {"uncertainty": True} if uncertainty is not None else None
+    result = segment_image(args.input, args.model, device=args.device, options=options,
+                           create_masked_volume=masked is not None, progress=_progress_printer(args.quiet))
     imageio.write_image(result.label, output)
     if masked is not None:
         imageio.write_image(result.masked, masked)
+    if uncertainty is not None:
+        imageio.write_image(result.uncertainty, uncertainty)
     for warning in result.warnings:
         sys.stderr.write(f"warning: {warning}\n")
     if args.provenance:
@@ -324,18 +357,23 @@ def command_synthesize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _suffixes(args: argparse.Namespace, model) -> tuple[str, str | None]:
-    """(label suffix, masked suffix or None): the model's own names unless given."""
+def _suffixes(args: argparse.Namespace, model) -> tuple[str, str | None, str | None]:
+    """(label suffix, masked suffix or None, uncertainty suffix or None): the model's own names unless given."""
     suffix = args.suffix or model.slicer.get("output_name_suffix") or model.id
-    masked_suffix = None
+    masked_suffix = uncertainty_suffix = None
     if args.masked_suffix is not None:
         masked_suffix = args.masked_suffix or model.slicer.get("masked_name_suffix") or "masked"
-    for name in filter(None, [suffix, masked_suffix]):
+    if args.uncertainty_suffix is not None:
+        uncertainty_suffix = args.uncertainty_suffix or DEFAULT_UNCERTAINTY_SUFFIX
+    names = [name for name in (suffix, masked_suffix, uncertainty_suffix) if name]
+    for name in names:
         if any(character in name for character in "/\\") or name.startswith("."):
             raise UsageError(f"The suffix '{name}' must be a plain name (no folders, not starting with a dot).")
     if suffix == masked_suffix:
         raise UsageError(f"The label and the masked volume cannot both use the suffix '{suffix}'.")
-    return suffix, masked_suffix
+    if len(set(names)) != len(names):
+        raise UsageError(f"The outputs of a case need different suffixes, not {', '.join(names)}.")
+    return suffix, masked_suffix, uncertainty_suffix
 
 
 def segment_folder(args: argparse.Namespace) -> int:
@@ -345,6 +383,8 @@ def segment_folder(args: argparse.Namespace) -> int:
     input_dir, output_dir = Path(args.input), Path(args.output)
     if args.masked:
         raise UsageError("--masked FILE is for a single input file; for a folder use --masked-suffix.")
+    if args.uncertainty:
+        raise UsageError("--uncertainty FILE is for a single input file; for a folder use --uncertainty-suffix.")
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"The output {output_dir} is a file; for a folder input, -o must be a folder.")
     if output_dir.resolve() == input_dir.resolve():
@@ -353,9 +393,14 @@ def segment_folder(args: argparse.Namespace) -> int:
     if not cases:
         raise InputError(f"The folder {input_dir} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
     model = check_model(args.model, args.device)
-    suffix, masked_suffix = _suffixes(args, model)
+    check_optional_outputs(model, args)
+    suffix, masked_suffix, uncertainty_suffix = _suffixes(args, model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv")
+    columns = list(REPORT_COLUMNS)
+    if uncertainty_suffix:
+        columns.insert(columns.index("masked_output") + 1, UNCERTAINTY_COLUMN)
+    report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv", columns)
+    options = {"uncertainty": True} if uncertainty_suffix else None
     progress = BatchProgress(len(cases), quiet=args.quiet)
     pipeline_cache: dict = {}
     provenance: dict[str, Any] = {}
@@ -371,21 +416,24 @@ def segment_folder(args: argparse.Namespace) -> int:
             extension = output_extension(path, args.format)
             label_path = output_dir / f"{case}_{suffix}{extension}"
             masked_path = output_dir / f"{case}_{masked_suffix}{extension}" if masked_suffix else None
+            uncertainty_path = output_dir / f"{case}_{uncertainty_suffix}{extension}" if uncertainty_suffix else None
             row: dict[str, Any] = {"case": case, "input": path}
             started = time.perf_counter()
             cached_before = set(pipeline_cache)
             load_seconds = None
             try:
-                result = segment_image(path, model.id, device=args.device,
+                result = segment_image(path, model.id, device=args.device, options=options,
                                        create_masked_volume=masked_path is not None, progress=progress.stage,
                                        input_name=path.name, pipeline_cache=pipeline_cache)
                 images = {label_path: result.label}
                 if masked_path is not None:
                     images[masked_path] = result.masked
+                if uncertainty_path is not None:
+                    images[uncertainty_path] = result.uncertainty
                 load_seconds = result.timings.get("load_model")
                 _write_outputs(images, staging)
                 row.update(status=STATUS_OK, output=label_path, masked_output=masked_path,
-                           warnings="; ".join(result.warnings))
+                           warnings="; ".join(result.warnings), **{UNCERTAINTY_COLUMN: uncertainty_path})
                 provenance[case] = {"segments": result.segments, **result.provenance}
             except MIADLError as error:
                 row.update(status=STATUS_FAILED, error=str(error))
@@ -398,7 +446,7 @@ def segment_folder(args: argparse.Namespace) -> int:
             seconds = time.perf_counter() - started
             row["seconds"] = f"{seconds:.2f}"
             if row["status"] != STATUS_OK:
-                _remove_stale([label_path, *filter(None, [masked_path])])
+                _remove_stale([label_path, *filter(None, [masked_path, uncertainty_path])])
             detail = ""
             if set(pipeline_cache) - cached_before:  # shows in the log that the model is loaded once per batch
                 took = f" in {load_seconds:.1f} s" if load_seconds is not None else ""
@@ -528,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--masked-suffix", nargs="?", const="", default=None, metavar="SUFFIX",
                          help="output folder: also write the masked input as <case>_<SUFFIX><ext> "
                               "(without a value: the model's name for it, e.g. skull-stripped)")
+    segment.add_argument("--uncertainty", metavar="FILE",
+                         help="one input file: also write the model's voxel-wise uncertainty (0 certain .. 1 "
+                              "undecided) to this file; only for models that make one (slower: mirrored copies)")
+    segment.add_argument("--uncertainty-suffix", nargs="?", const="", default=None, metavar="SUFFIX",
+                         help="output folder: also write the uncertainty map as <case>_<SUFFIX><ext> (default "
+                              f"{DEFAULT_UNCERTAINTY_SUFFIX})")
     segment.add_argument("--suffix", help="output folder: the label's suffix (default: the model's, e.g. brain)")
     segment.add_argument("--format", choices=OUTPUT_FORMATS, default="same",
                          help="output folder: file format of the outputs (default: the input's own)")

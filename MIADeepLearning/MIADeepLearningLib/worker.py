@@ -107,7 +107,8 @@ def _model_was_cached(pipeline_cache: dict | None, cached_before: set) -> bool:
 
 
 def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
-    """Segment ``job.inputs['image']``; write the label (and masked volume) via .partial -> outputs.
+    """Segment ``job.inputs['image']``; write the label (and, when job.outputs asks for them, the masked volume and
+    the uncertainty map) via .partial -> outputs.
 
     With a `pipeline_cache` (warm worker) a model loaded by an earlier job is reused; ``model_cached`` in the
     result says whether that happened.
@@ -116,13 +117,16 @@ def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | No
     from MIADeepLearningLib.engine.tasks import segment_image
 
     cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    options = dict(job.options.get("model_options") or {})
+    if "uncertainty" in job.outputs:
+        options["uncertainty"] = True
     output = segment_image(
-        job.inputs["image"], job.model, device=job.device, options=job.options.get("model_options"),
+        job.inputs["image"], job.model, device=job.device, options=options or None,
         create_masked_volume="masked" in job.outputs, progress=reporter.progress,
         input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache,
     )
-    outputs = _write_outputs(job, reporter, {"label": output.label, "masked": output.masked},
-                             {"label": "label.nrrd"})
+    images = {"label": output.label, "masked": output.masked, "uncertainty": output.uncertainty}
+    outputs = _write_outputs(job, reporter, images, {"label": "label.nrrd"})
     return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
                           segments=output.segments)
 

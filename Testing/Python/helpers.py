@@ -17,6 +17,24 @@ def rotation(axis: int, degrees: float) -> np.ndarray:
     return matrix
 
 
+# Input orientations every geometry test goes through (directions as SimpleITK's 3x3 matrices, LPS)
+DIRECTIONS = {
+    "identity": np.eye(3),
+    "flipped": np.diag([-1.0, -1.0, 1.0]),
+    "permuted": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
+    "oblique": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0),
+}
+
+
+def physical_points(image) -> np.ndarray:
+    """(z, y, x, 3) physical position of every voxel centre of a SimpleITK image, in numpy array order."""
+    size = image.GetSize()
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reversed(size)), indexing="ij")
+    index = np.stack([i, j, k], axis=-1) * np.asarray(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    return np.asarray(image.GetOrigin()) + index @ direction.T
+
+
 def dice(first: np.ndarray, second: np.ndarray) -> float:
     """Dice overlap of two masks (anything > 0 is inside)."""
     first, second = np.asarray(first) > 0, np.asarray(second) > 0
@@ -74,3 +92,73 @@ def write_tiny_label_maps(folder: Path, extra_cerebral: bool = False) -> Path:
         labels[(radius < 3) | ((np.abs(x - centre[2]) < 2) & (np.abs(y - centre[1]) < 6) & (radius < 8))] = 4
         sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / f"case_{index}.nii.gz"))
     return folder
+
+
+# The metadata a brain tissue model package declares (the fragment Docs/Developers.md shows), used by the tests.
+TISSUE_MODEL_ID = "tiny-tissue"
+
+
+def tissue_metadata(sha256: str, size: int, segments: list | None = None, version: str = "0.0.1") -> dict:
+    """configs/metadata.json of a brain tissue package: the `slicer` section the engine, worker and MRML layer read."""
+    from MIADeepLearningLib.engine.brain_tissue import PIPELINE_NAME, TISSUE_SEGMENTS
+
+    if segments is None:
+        segments = [{"value": value, **TISSUE_SEGMENTS[key]} for value, key in enumerate(("csf", "gm", "wm"), 1)]
+    return {
+        "version": version,
+        "name": "Brain tissue (test package)",
+        "license": "Apache-2.0",
+        "network_data_format": {"inputs": {"image": {"modality": "MR", "num_channels": 1}},
+                                "outputs": {"pred": {"num_channels": 4, "channel_def": {
+                                    "0": "background", "1": "csf", "2": "gm", "3": "wm"}}}},
+        "slicer": {
+            "id": TISSUE_MODEL_ID,
+            "title": "Brain tissue (test package)",
+            "task": "segmentation",
+            "modality": "MR",
+            "pipeline": PIPELINE_NAME,
+            "output_name_suffix": "tissue",
+            "optional_outputs": ["uncertainty"],
+            "files": [{"role": "network", "path": "models/model.pt", "format": "state_dict", "sha256": sha256,
+                       "size": size}],
+            "segments": segments,
+            "expected_input": {"modality": "MR", "spacing_mm": [0.3, 8.0], "max_anisotropy": 10.0},
+            "options": {"roi_size": 96, "overlap": 0.5, "orientation": "LIA", "flip_axes": ["LR"]},
+        },
+    }
+
+
+def write_tissue_weights(path: Path, features=(4, 8), classes=("background", "csf", "gm", "wm"),
+                         working_spacing: float = 2, seed: int = 0) -> Path:
+    """A randomly initialised UNet3D saved the way train_segmentation --export saves trained ones."""
+    import torch
+
+    from MIADeepLearningLib.engine.networks import UNet3D
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        network = UNet3D(in_channels=1, out_channels=len(classes), features=features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": network.state_dict(), "features": list(features), "working_spacing": working_spacing,
+                "classes": list(classes)}, path)
+    return path
+
+
+def write_tissue_package(root: Path, segments: list | None = None, edit=None, **weights) -> Path:
+    """A minimal brain tissue model package <root>/tiny-tissue (metadata, tiny weights, model card, licence);
+    `edit(metadata)` may change the metadata before it is written."""
+    import hashlib
+    import json
+
+    package = root / TISSUE_MODEL_ID
+    weight_path = write_tissue_weights(package / "models" / "model.pt", **weights)
+    data = weight_path.read_bytes()
+    metadata = tissue_metadata(hashlib.sha256(data).hexdigest(), len(data), segments)
+    if edit is not None:
+        edit(metadata)
+    (package / "configs").mkdir(parents=True, exist_ok=True)
+    (package / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+    (package / "docs").mkdir(exist_ok=True)
+    (package / "docs" / "README.md").write_text("Test package: random weights.\n", encoding="utf-8")
+    (package / "LICENSE").write_text("Apache-2.0\n", encoding="utf-8")
+    return package

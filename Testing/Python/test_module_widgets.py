@@ -46,6 +46,7 @@ class FakeWidget:
 
     def __init__(self, name: str) -> None:
         self.name, self.text, self.toolTip, self.enabled, self.value = name, "", "", True, 0
+        self.visible, self.collapsed, self.tableNode = True, False, None
         self.items: list[tuple[str, Any]] = []
         self._currentIndex = -1
         self.lines: list[str] = []
@@ -88,6 +89,10 @@ class FakeWidget:
     # QPlainTextEdit
     def appendPlainText(self, text: str) -> None:
         self.lines.append(text)
+
+    # qMRMLTableView
+    def setMRMLTableNode(self, node: Any) -> None:
+        self.tableNode = node
 
 
 class FakeParameterNode:
@@ -374,7 +379,7 @@ def _model(model_id: str) -> Any:
 
 _SEGMENTATION_RESULT = types.SimpleNamespace(
     segmentation_node=FakeNode("brain", "vtkMRMLSegmentationNode1"), masked_volume_node=None, warnings=["w1"],
-    timings={"inference": 1.25},
+    timings={"inference": 1.25}, uncertainty_node=None, volume_table_node=None,
 )
 _SYNTHESIS_RESULT = types.SimpleNamespace(
     volume_node=FakeNode("head 1mm", "vtkMRMLScalarVolumeNode9"), uncertainty_node=None, difference_node=None,
@@ -383,7 +388,8 @@ _SYNTHESIS_RESULT = types.SimpleNamespace(
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
-        "start_kwargs": {"outputSegmentation": None, "createMaskedVolume": False, "keepModelLoaded": True},
+        "start_kwargs": {"outputSegmentation": None, "createMaskedVolume": False, "createUncertainty": False,
+                         "createVolumeTable": True, "keepModelLoaded": True},
         "result": _SEGMENTATION_RESULT, "done": "Done: segmentation 'brain' (1 warning(s), see the log).",
     },
     "DLSynthesis": {
@@ -556,17 +562,72 @@ def case_parameter_node_hints(name: str) -> None:
     assert "Choice" in repr(hints["device"]) or "auto" in repr(hints["device"]), hints["device"]
 
 
+def case_segmentation_optional_outputs(name: str) -> None:
+    """The uncertainty option shows only for a model that lists it (and is passed on only then); the volume table
+    of a run appears in the Results section and goes away after a run without one."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    tissue = types.SimpleNamespace(**vars(_model("tiny-tissue")), optional_outputs=["uncertainty"])
+    widget = _widget(modules[name], name, [_model("deepbet"), tissue])
+    ui, params = widget.ui, widget._parameterNode
+    assert params.createVolumeTable is True and params.createUncertainty is False
+    assert not ui.resultsCollapsibleButton.visible and ui.volumesTableView.tableNode is None
+    assert not ui.createUncertaintyCheckBox.visible, "deepbet makes no uncertainty map"
+    params.modelId = "tiny-tissue"
+    assert ui.createUncertaintyCheckBox.visible
+    params.createUncertainty = True
+    volume = FakeNode("head", "vtkMRMLScalarVolumeNode1")
+    slicer.mrmlScene.nodes.append(volume)
+    params.inputVolume = volume
+    task_widget.ensureDependencies = lambda *args: None
+    started: list[dict] = []
+    results: list[Any] = []
+    widget.logic.start = lambda *args, **kwargs: started.append(kwargs) or FakeRun([[]], result=results.pop(0))
+
+    table = FakeNode("head tissue volumes", "vtkMRMLTableNode1")
+    results.append(types.SimpleNamespace(
+        segmentation_node=FakeNode("head tissue", "vtkMRMLSegmentationNode1"), masked_volume_node=None,
+        uncertainty_node=FakeNode("head tissue uncertainty", "vtkMRMLScalarVolumeNode2"), volume_table_node=table,
+        warnings=[], timings={}))
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert started[-1]["createUncertainty"] is True and started[-1]["createVolumeTable"] is True
+    assert ui.statusLabel.text == ("Done: segmentation 'head tissue' and volume 'head tissue uncertainty' and table "
+                                   "'head tissue volumes'."), ui.statusLabel.text
+    assert ui.volumesTableView.tableNode is table
+    assert ui.resultsCollapsibleButton.visible and not ui.resultsCollapsibleButton.collapsed
+
+    # back to a model without the map: hidden, and not asked for although the parameter node still says so
+    params.modelId = "deepbet"
+    assert not ui.createUncertaintyCheckBox.visible and params.createUncertainty is True
+    params.createVolumeTable = False
+    results.append(types.SimpleNamespace(
+        segmentation_node=FakeNode("head brain", "vtkMRMLSegmentationNode2"), masked_volume_node=None,
+        uncertainty_node=None, volume_table_node=None, warnings=[], timings={}))
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert started[-1]["createUncertainty"] is False and started[-1]["createVolumeTable"] is False
+    assert ui.statusLabel.text == "Done: segmentation 'head brain'."
+    assert ui.volumesTableView.tableNode is None and not ui.resultsCollapsibleButton.visible
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
-    for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints)
+    for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
+                     case_segmentation_optional_outputs)
 }
 
 
 # pytest side
 
 
-@pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("case", sorted(CASE_FUNCTIONS))
+MODULE_CASES = {"case_segmentation_optional_outputs": ("DLSegmentation",)}  # cases for some modules only
+
+
+@pytest.mark.parametrize(("case", "module"), [(case, module) for case in sorted(CASE_FUNCTIONS)
+                                              for module in MODULE_CASES.get(case, MODULES)])
 def test_module_with_stub_qt(case: str, module: str) -> None:
     completed = subprocess.run([sys.executable, __file__, case, module], capture_output=True, text=True,
                                timeout=120, cwd=str(ROOT), check=False)

@@ -15,19 +15,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import rotation
+from helpers import DIRECTIONS, physical_points
 
 from MIADeepLearningLib.engine import registry, synthesis, tasks
 from MIADeepLearningLib.engine.errors import InputError, ModelError
 from MIADeepLearningLib.engine.networks import ResidualUNet3D
 
 FEATURES = (4, 8, 16)
-DIRECTIONS = {
-    "identity": np.eye(3),
-    "flipped": np.diag([-1.0, -1.0, 1.0]),
-    "permuted": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
-    "oblique": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0),
-}
 # (size, spacing) with the thick axis i, j or k: 28 x 26 voxels of 1.1 x 0.9 mm in-plane, 6 slices 5 mm apart
 GRIDS = {
     "i": ((6, 28, 26), (5.0, 1.1, 0.9)),
@@ -65,15 +59,6 @@ def _pipeline(weight_path: Path, **options) -> synthesis.ThickSliceSuperResoluti
                                                torch.device("cpu"), options)
 
 
-def _physical_points(image: sitk.Image) -> np.ndarray:
-    """(z, y, x, 3) physical position of every voxel centre, in numpy array order."""
-    size = image.GetSize()
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reversed(size)), indexing="ij")
-    index = np.stack([i, j, k], axis=-1) * np.asarray(image.GetSpacing())
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    return np.asarray(image.GetOrigin()) + index @ direction.T
-
-
 def _continuous_index(image: sitk.Image, points: np.ndarray) -> np.ndarray:
     """Continuous (i, j, k) index in `image` of physical points (..., 3), vectorised; checked against SimpleITK."""
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
@@ -89,7 +74,7 @@ def _make_image(size, spacing, direction: np.ndarray, values: str = "blob") -> s
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in direction.ravel()])
     image.SetOrigin(ORIGIN)
-    points = _physical_points(image)
+    points = physical_points(image)
     centre = points.reshape(-1, 3).mean(axis=0)
     if values == "linear":  # a linear function of physical position, positive everywhere
         array = 500.0 + (points - centre) @ np.array([3.0, -2.0, 1.5])
@@ -185,8 +170,8 @@ def test_a_linear_image_stays_linear(weight_files, orientation, axis):
     size, spacing = GRIDS[axis]
     image = _make_image(size, spacing, DIRECTIONS[orientation], values="linear")
     output = _pipeline(weight_files["identity"]).predict(image, _no_progress)["image"]
-    points = _physical_points(output)
-    centre = _physical_points(image).reshape(-1, 3).mean(axis=0)
+    points = physical_points(output)
+    centre = physical_points(image).reshape(-1, 3).mean(axis=0)
     expected = 500.0 + (points - centre) @ np.array([3.0, -2.0, 1.5])
     # interior: output voxels inside the hull of the input's voxel centres, where linear interpolation is exact
     continuous = _continuous_index(image, points)

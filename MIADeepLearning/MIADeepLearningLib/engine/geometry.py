@@ -1,19 +1,99 @@
-"""Model space and the way back: resample any input (oblique, anisotropic, flipped, permuted) onto an axis-aligned
-RAS grid the networks were trained on, and bring probabilities back onto the input's own grid.
+"""Model space and the way back: resample any input (oblique, anisotropic, flipped, permuted) onto a grid the
+networks were trained on, and bring probabilities back onto the input's own grid.
 
-A model-space grid has direction diag(-1, -1, 1) in LPS, i.e. its x axis points to patient Right, y to Anterior,
-z to Superior; `ras_array` turns SimpleITK's (z, y, x) array into the (R, A, S)-indexed array that
-nibabel's "closest canonical" orientation gives, which is what deepbet's networks expect.
+Two kinds of working grid:
+
+- `ras_model_grid`: axis-aligned RAS around the head's foreground. Its direction is diag(-1, -1, 1) in LPS, i.e. its
+  x axis points to patient Right, y to Anterior, z to Superior; `ras_array` turns SimpleITK's (z, y, x) array into
+  the (R, A, S)-indexed array that nibabel's "closest canonical" orientation gives, which is what deepbet's networks
+  expect.
+- `isotropic_grid`: isotropic voxels over the input's whole extent in the input's own orientation (obliquity kept),
+  optionally with the axes permuted and flipped to the orientation a network was trained in (e.g. "LIA").
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 RAS_DIRECTION_IN_LPS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+# Where each letter of a DICOM orientation code ("LPS", "LIA", ...: the direction each image axis points to) points,
+# in LPS physical coordinates, as sitk.DICOMOrient reads the code.
+ORIENTATION_VECTORS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "S": (0, 0, 1),
+                       "I": (0, 0, -1)}
+ANTI_ALIAS_BELOW = 0.9  # input voxels finer than this share of the grid's spacing are smoothed before sampling
+
+
+def orientation_axes(orientation: str) -> np.ndarray:
+    """3x3 matrix whose columns are where the axes of a DICOM orientation code point (LPS); ValueError for a string
+    that is no such code (three letters naming three different physical axes)."""
+    code = orientation.upper()
+    physical_axes = {int(np.flatnonzero(ORIENTATION_VECTORS[letter])[0]) for letter in code
+                     if letter in ORIENTATION_VECTORS}
+    if len(code) != 3 or len(physical_axes) != 3:
+        raise ValueError(f"'{orientation}' is not an orientation code such as LPS, RAS or LIA.")
+    return np.array([ORIENTATION_VECTORS[letter] for letter in code], dtype=float).T
+
+
+def axes_towards(direction: Sequence[float], orientation: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(permutation, signs): grid axis t is input axis permutation[t] times signs[t], the assignment whose axes are
+    best aligned with the DICOM orientation code (largest sum of |cos|). Without touching voxels; the same choice as
+    sitk.DICOMOrient up to obliquities near 45 degrees, where that filter's axis-by-axis rule may pick another."""
+    target = orientation_axes(orientation)
+    axes = np.asarray(direction, dtype=float).reshape(3, 3)  # columns: where the input's axes point
+    alignment = axes.T @ target  # [input axis, grid axis]
+    permutation = max(itertools.permutations(range(3)),
+                      key=lambda order: sum(abs(alignment[order[t], t]) for t in range(3)))
+    signs = tuple(1 if alignment[permutation[t], t] >= 0 else -1 for t in range(3))
+    return tuple(permutation), signs
+
+
+def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0,
+                   orientation: str | None = None) -> tuple[sitk.Image, np.ndarray]:
+    """An empty image on a working grid: `spacing_mm` voxels centred on the input's extent (voxel corners to voxel
+    corners), in the input's direction, or, with `orientation` (e.g. "LIA"), the input's axes permuted and flipped
+    to come closest to that code, so a network sees the brain the way round it was trained on while any obliquity
+    is kept. Also returns, per grid axis, the offset (mm, along that axis) of the first grid voxel centre from the
+    first input voxel centre along the same axis (for `orientation` None: per input axis)."""
+    size_in = np.asarray(image.GetSize(), dtype=float)
+    spacing_in = np.asarray(image.GetSpacing(), dtype=float)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    first = np.asarray(image.GetOrigin(), dtype=float)  # physical position of the first voxel centre
+    if orientation is not None:
+        permutation, signs = axes_towards(image.GetDirection(), orientation)
+        order = list(permutation)
+        for axis, sign in zip(permutation, signs):  # a flipped axis starts at the input's last voxel along it
+            if sign < 0:
+                first = first + direction[:, axis] * (size_in[axis] - 1) * spacing_in[axis]
+        size_in, spacing_in = size_in[order], spacing_in[order]
+        direction = direction[:, order] * np.asarray(signs, dtype=float)
+    extent = size_in * spacing_in
+    size_out = np.maximum(np.round(extent / spacing_mm).astype(int), 1)
+    offset = -0.5 * spacing_in + 0.5 * spacing_mm + (extent - size_out * spacing_mm) / 2.0
+    origin = first + direction @ offset
+    grid = sitk.Image([int(n) for n in size_out], sitk.sitkUInt8)
+    grid.SetSpacing([spacing_mm] * 3)
+    grid.SetDirection([float(value) for value in direction.ravel()])
+    grid.SetOrigin([float(value) for value in origin])
+    return grid, offset
+
+
+def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequence[int] = ()) -> sitk.Image:
+    """The input linearly resampled onto `grid` (float32, nearest-neighbour extrapolation at the border), after a
+    Gaussian blur along every input axis whose voxels are finer than the grid's (sigma 1/2 sqrt(s_grid^2 - s^2) mm),
+    so that sampling at the coarser spacing does not alias; the axes in `keep_axes` are never blurred."""
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    target = float(max(grid.GetSpacing()))
+    sigmas = [0.0 if index in keep_axes or spacing >= ANTI_ALIAS_BELOW * target else
+              0.5 * math.sqrt(target**2 - spacing**2) for index, spacing in enumerate(image.GetSpacing())]
+    if any(sigmas):
+        source = sitk.SmoothingRecursiveGaussian(source, [max(value, 1e-3) for value in sigmas])
+        source = sitk.Cast(source, sitk.sitkFloat32)
+    return sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
 
 
 def foreground_physical_box(image: sitk.Image, fraction: float = 0.1, trim: float = 0.001,

@@ -646,6 +646,18 @@ class _WindowedRun:
         return self.stitcher.finish()
 
 
+def pad_to_multiple(volume: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Replicate-pad (C, D, H, W) at the far ends so every spatial size is a multiple (a U-Net's downsampling needs
+    it); returns the padded volume and the original size, to crop the output back."""
+    size = tuple(int(n) for n in volume.shape[1:])
+    padding: list[int] = []
+    for n in reversed(size):
+        padding.extend([0, (-n) % multiple])
+    if any(padding):
+        volume = torch.nn.functional.pad(volume[None], padding, mode="replicate")[0]
+    return volume, size
+
+
 def sliding_window_predict(network: Any, image: torch.Tensor, config: WindowedInferenceConfig, device: torch.device,
                            progress: ProgressCallback | None = None) -> tuple[torch.Tensor, InferenceReport]:
     """image (C, X, Y, Z) on the CPU -> network output blended over windows, (K, X, Y, Z) float32 on the CPU,

@@ -114,6 +114,11 @@ class ModelInfo:
         return list(self.slicer.get("segments", []))
 
     @property
+    def optional_outputs(self) -> list[str]:
+        """Outputs the user may ask for besides the main one (e.g. "uncertainty"), from slicer.optional_outputs."""
+        return [str(name) for name in self.slicer.get("optional_outputs", [])]
+
+    @property
     def runtimes(self) -> dict[str, Any]:
         """Expected seconds (cpu_seconds, gpu_seconds; None when not measured) from the registry entry."""
         return dict(self.entry.get("runtimes", {}))
@@ -148,6 +153,7 @@ class ModelInfo:
             "citation": self.citation,
             "description": self.description,
             "segments": [segment["name"] for segment in self.segments],
+            "optional_outputs": self.optional_outputs,
             "requirements": self.pip_requirements,
             "requirements_no_deps": self.pip_requirements_no_deps,
             "package_dir": str(self.package_dir),

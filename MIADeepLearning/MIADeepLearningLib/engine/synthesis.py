@@ -8,18 +8,17 @@ to the front, where the network was trained to expect it, and back afterwards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as functional
 
 from MIADeepLearningLib.engine.encoding import network_input, normalise
 from MIADeepLearningLib.engine.errors import InputError, ModelError
-from MIADeepLearningLib.engine.inference import WindowedInferenceConfig, sliding_window_predict
+from MIADeepLearningLib.engine.geometry import isotropic_grid, resample_anti_aliased
+from MIADeepLearningLib.engine.inference import WindowedInferenceConfig, pad_to_multiple, sliding_window_predict
 from MIADeepLearningLib.engine.networks import ResidualUNet3D
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -28,38 +27,9 @@ THICK_SLICE_MIN_MM = 1.5  # spacing above which an axis counts as "thick"
 TRAINED_SPACING_MM = (2.0, 7.0)  # the slice spacings the network saw in training
 
 
-def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0) -> tuple[sitk.Image, np.ndarray]:
-    """An empty image on the output grid: the input's direction, `spacing_mm` voxels, centred on the input's extent
-    (voxel corners to voxel corners). Also returns, per input axis, the offset (mm, along that axis) of the first
-    output voxel centre from the first input voxel centre."""
-    size_in = np.asarray(image.GetSize(), dtype=float)
-    spacing_in = np.asarray(image.GetSpacing(), dtype=float)
-    extent = size_in * spacing_in
-    size_out = np.maximum(np.round(extent / spacing_mm).astype(int), 1)
-    offset = -0.5 * spacing_in + 0.5 * spacing_mm + (extent - size_out * spacing_mm) / 2.0
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    origin = np.asarray(image.GetOrigin(), dtype=float) + direction @ offset
-    grid = sitk.Image([int(n) for n in size_out], sitk.sitkUInt8)
-    grid.SetSpacing([spacing_mm] * 3)
-    grid.SetDirection(image.GetDirection())
-    grid.SetOrigin([float(value) for value in origin])
-    return grid, offset
-
-
 def thick_axis(image: sitk.Image) -> int:
     """The image axis (0 = i) with the largest spacing: the slice-select direction of a thick-slice scan."""
     return int(np.argmax(image.GetSpacing()))
-
-
-def _pad_to_multiple(volume: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Replicate-pad (C, D, H, W) at the far ends so every spatial size is a multiple; returns the original size."""
-    size = tuple(int(n) for n in volume.shape[1:])
-    padding: list[int] = []
-    for n in reversed(size):
-        padding.extend([0, (-n) % multiple])
-    if any(padding):
-        volume = functional.pad(volume[None], padding, mode="replicate")[0]
-    return volume, size
 
 
 class ThickSliceSuperResolution:
@@ -85,7 +55,7 @@ class ThickSliceSuperResolution:
     def _predict_array(self, inputs: torch.Tensor, progress: ProgressCallback, label: str,
                        low: float, high: float) -> tuple[torch.Tensor, Any]:
         """Network output for a (3, D, H, W) input, windowed; progress mapped into [low, high]."""
-        padded, size = _pad_to_multiple(inputs, 4)
+        padded, size = pad_to_multiple(inputs, 4)
         roi = tuple(min(int(self.options["roi_size"]), n) for n in padded.shape[1:])
         config = WindowedInferenceConfig(roi_size=roi, overlap=float(self.options["overlap"]), mode="gaussian",
                                          skip_background=False, output_dtype=torch.float32,
@@ -120,13 +90,7 @@ class ThickSliceSuperResolution:
         grid, offset = isotropic_grid(image, output_spacing)
         size_text = "x".join(map(str, grid.GetSize()))
         progress("resample", 0.15, f"Resampling onto a {output_spacing:g} mm grid of {size_text} voxels")
-        source = sitk.Cast(image, sitk.sitkFloat32)
-        in_plane = [0.0 if index == axis or spacing[index] >= 0.9 * output_spacing else
-                    0.5 * math.sqrt(output_spacing**2 - spacing[index] ** 2) for index in range(3)]
-        if any(in_plane):  # anti-alias finer in-plane voxels before sampling them at 1 mm
-            source = sitk.SmoothingRecursiveGaussian(source, [max(value, 1e-3) for value in in_plane])
-            source = sitk.Cast(source, sitk.sitkFloat32)
-        linear = sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+        linear = resample_anti_aliased(image, grid, keep_axes=(axis,))  # finer in-plane voxels: no aliasing at 1 mm
         array_axis = 2 - axis  # sitk index axis i <-> numpy axis 2 - i
         upsampled = torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(linear), array_axis, 0).copy())
         positions = torch.arange(upsampled.shape[0], dtype=torch.float64) * output_spacing

@@ -18,6 +18,8 @@ import torch
 from MIADeepLearningLib import __version__
 from MIADeepLearningLib.engine import checks, imageio, registry
 from MIADeepLearningLib.engine.brain_extraction import BrainExtraction
+from MIADeepLearningLib.engine.brain_tissue import PIPELINE_NAME as TISSUE_PIPELINE
+from MIADeepLearningLib.engine.brain_tissue import BrainTissueSegmentation
 from MIADeepLearningLib.engine.bundles import PIPELINE_NAME as BUNDLE_PIPELINE
 from MIADeepLearningLib.engine.bundles import MonaiBundle
 from MIADeepLearningLib.engine.devices import choose_device
@@ -29,10 +31,11 @@ ProgressCallback = Callable[[str, float, str], None]
 
 # pipeline name in a package's metadata -> class with __init__(model, weight_paths, device, options), to(device),
 # predict(image, progress) -> {"label": sitk.Image on the input grid, ...} (segmentation) or {"image": ...} (synthesis)
-# A pipeline may also have `segments` (the labels it found in its package) and return "warnings" (one sentence each)
-# and "provenance" (a JSON-able dict of what it decided) from predict.
+# A pipeline may also have `segments` (the labels it found in its package) and return "warnings" (one sentence each),
+# "provenance" (a JSON-able dict of what it decided) and optional outputs on the same grid (a segmentation's
+# "uncertainty", when the options ask for it and the package lists it in slicer.optional_outputs) from predict.
 PIPELINES = {"deepbet_brain_extraction": BrainExtraction, BUNDLE_PIPELINE: MonaiBundle,
-             SYNTHESIS_PIPELINE: ThickSliceSuperResolution}
+             SYNTHESIS_PIPELINE: ThickSliceSuperResolution, TISSUE_PIPELINE: BrainTissueSegmentation}
 PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
 
 
@@ -48,6 +51,7 @@ class SegmentationOutput:
     provenance: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    uncertainty: sitk.Image | None = None  # only when asked for ({"uncertainty": True}) and the model makes one
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -72,11 +76,15 @@ class _LoadedPipeline:
 
 
 def _load_pipeline(model_id: str, task: str, device: str, options: dict | None,
-                   pipeline_cache: PipelineCache | None) -> _LoadedPipeline:
-    """Resolve and verify the model, pick the device, and build (or reuse) its pipeline."""
+                   pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = ()) -> _LoadedPipeline:
+    """Resolve and verify the model, pick the device, and build (or reuse) its pipeline. `requested`: optional
+    outputs asked for, refused before anything runs unless the model lists them in slicer.optional_outputs."""
     model = registry.get_model(model_id)
     if model.task != task:
         raise ModelError(f"Model '{model.title}' is a {model.task or 'unknown'} model, not a {task} model.")
+    missing = [name for name in requested if name not in model.optional_outputs]
+    if missing:
+        raise ModelError(f"Model '{model.title}' makes no {' or '.join(missing)} map.")
     pipeline_class = PIPELINES.get(model.pipeline)
     if pipeline_class is None:
         raise ModelError(f"Model '{model.title}' needs pipeline '{model.pipeline}', which this version does not have.")
@@ -148,14 +156,14 @@ def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: 
 
 
 def _run_model(task: str, image_path: str | Path, model_id: str, device: str, options: dict | None,
-               progress: ProgressCallback, pipeline_cache: PipelineCache | None
+               progress: ProgressCallback, pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = ()
                ) -> tuple[_LoadedPipeline, sitk.Image, dict[str, Any], torch.device, list[str], dict[str, float]]:
     """Load (or reuse) the model, read and check the input, predict with the OOM fallback; timings per stage."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
     progress("load_model", 0.02, f"Loading model {model_id}")
-    loaded = _load_pipeline(model_id, task, device, options, pipeline_cache)
+    loaded = _load_pipeline(model_id, task, device, options, pipeline_cache, requested)
     timings["load_model"] = time.perf_counter() - started
     image = _read_and_check(image_path, loaded.model, progress, timings, warnings)
     mark = time.perf_counter()
@@ -170,14 +178,20 @@ def segment_image(image_path: str | Path, model_id: str, device: str = "auto", o
                   input_name: str | None = None, pipeline_cache: PipelineCache | None = None) -> SegmentationOutput:
     """Run a segmentation model on one image file; outputs are on the input's grid.
 
-    With a `pipeline_cache`, a model loaded (and verified) by an earlier call on the same device is reused.
+    `options` may ask for an uncertainty map ({"uncertainty": True}) from a model that lists "uncertainty" in its
+    slicer.optional_outputs. With a `pipeline_cache`, a model loaded (and verified) by an earlier call on the same
+    device is reused.
     """
+    requested = ("uncertainty",) if (options or {}).get("uncertainty") else ()
     loaded, image, outputs, device_used, warnings, timings = _run_model(
-        "segmentation", image_path, model_id, device, options, progress, pipeline_cache)
+        "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested)
+    if requested and outputs.get("uncertainty") is None:  # metadata that promises what its pipeline cannot make
+        raise ModelError(f"Model '{loaded.model.title}' lists an uncertainty map, but its pipeline made none.")
     masked = masked_volume(image, outputs["label"]) if create_masked_volume else None
     provenance = _provenance(loaded, device_used, input_name or Path(image_path).name, warnings, outputs)
     segments = getattr(loaded.pipeline, "segments", None) or loaded.model.segments
-    return SegmentationOutput(outputs["label"], masked, segments, provenance, warnings, timings)
+    return SegmentationOutput(outputs["label"], masked, segments, provenance, warnings, timings,
+                              outputs.get("uncertainty"))
 
 
 @dataclass

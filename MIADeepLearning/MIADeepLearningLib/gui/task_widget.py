@@ -66,6 +66,7 @@ class TaskWidgetMixin:
         self._pollTimer = None
         self._updatingModelCombo = False
         self._modelDescriptions: dict[str, str] = {}
+        self._modelOptionalOutputs: dict[str, list[str]] = {}
 
     # Hooks the module implements
 
@@ -181,6 +182,7 @@ class TaskWidgetMixin:
         try:
             combo.clear()
             self._modelDescriptions.clear()
+            self._modelOptionalOutputs.clear()
             try:
                 models = self.logic.availableModels()
             except Exception as error:  # a broken registry must not leave an empty module panel
@@ -191,6 +193,7 @@ class TaskWidgetMixin:
                 combo.addItem(model.title, model.id)
                 combo.setItemData(combo.count - 1, model.description, qt.Qt.ToolTipRole)
                 self._modelDescriptions[model.id] = describeModel(model)
+                self._modelOptionalOutputs[model.id] = list(getattr(model, "optional_outputs", []))
         finally:
             self._updatingModelCombo = False
 
@@ -214,6 +217,12 @@ class TaskWidgetMixin:
             self.ui.modelDescriptionLabel.text = _("Model '{modelId}' is not available here.").format(modelId=modelId)
         else:
             self.ui.modelDescriptionLabel.text = self._modelDescriptions.get(modelId, "")
+
+    def _modelOffers(self, output: str) -> bool:
+        """Whether the selected model lists `output` (e.g. "uncertainty") in its package's slicer.optional_outputs:
+        a module shows the option for it only then."""
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        return output in self._modelOptionalOutputs.get(modelId, [])
 
     # Buttons and status
 

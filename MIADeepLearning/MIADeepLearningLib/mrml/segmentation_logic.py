@@ -1,7 +1,8 @@
 """The segmentation logic behind the DL Segmentation module, Qt-free so the headless tests and the demo run exactly it.
 
 One Apply: check the input node -> export it to NRRD in a job folder -> worker process -> import the label file as
-a segmentation node (names, colours, terminology, closed surface) and, optionally, the skull-stripped volume ->
+a segmentation node (names, colours, terminology, closed surface) and, optionally, the skull-stripped volume, the
+model's uncertainty map (for models that list it in slicer.optional_outputs) and a table of segment volumes ->
 provenance on every output. Nothing touches the scene before the worker has succeeded, and the import runs inside
 a SceneGuard, so a failed or cancelled run leaves the scene exactly as it was.
 
@@ -20,6 +21,7 @@ from MIADeepLearningLib import runner
 from MIADeepLearningLib.engine import errors, registry
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
+from MIADeepLearningLib.mrml.segment_volumes import volume_table
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file
 from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun
 from MIADeepLearningLib.mrml.volumes import read_volume_file
@@ -33,42 +35,62 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     model_cached: bool = False  # a warm worker reused the model it had loaded for an earlier run
+    uncertainty_node: Any | None = None  # voxel-wise uncertainty in [0, 1] on the input grid, when asked for
+    volume_table_node: Any | None = None  # one row per segment: name, voxels, mL, when asked for
 
 
 class SegmentationRun(TaskRun):
-    """A started segmentation run (see TaskRun): the import makes the segmentation and the masked volume."""
+    """A started segmentation run (see TaskRun): the import makes the segmentation and the optional outputs."""
 
     def __init__(self, worker: runner.WorkerProcess | runner.WarmJob, input_volume, model: registry.ModelInfo,
-                 output_segmentation, create_masked_volume: bool, started_at: float, export_seconds: float):
+                 output_segmentation, create_masked_volume: bool, started_at: float, export_seconds: float,
+                 create_volume_table: bool = False):
         super().__init__(worker, input_volume, model, started_at, export_seconds)
         self.output_segmentation = output_segmentation
         self.create_masked_volume = create_masked_volume
+        self.create_volume_table = create_volume_table
 
     def _import(self, result: dict[str, Any]) -> SegmentationResult:
         import_started = time.perf_counter()
         input_name = self.input_volume.GetName()
         slicer_meta = self.model.slicer
         provenance = dict(result["provenance"])
-        masked_node = None
+        outputs = result["outputs"]
+        name = f"{input_name} {slicer_meta.get('output_name_suffix', self.model.id)}"
+        masked_node = uncertainty_node = table_node = None
         with SceneGuard():
             segmentation = segmentation_from_label_file(
-                result["outputs"]["label"], self.input_volume, result["segments"],
-                name=f"{input_name} {slicer_meta.get('output_name_suffix', self.model.id)}",
+                outputs["label"], self.input_volume, result["segments"], name=name,
                 segmentation_node=self.output_segmentation,
             )
-            if self.create_masked_volume and "masked" in result["outputs"]:
+            if self.create_masked_volume and "masked" in outputs:
                 masked_node = read_volume_file(
-                    result["outputs"]["masked"], f"{input_name} {slicer_meta.get('masked_name_suffix', 'masked')}",
+                    outputs["masked"], f"{input_name} {slicer_meta.get('masked_name_suffix', 'masked')}",
                     reference=self.input_volume,
                 )
                 self._copy_display(masked_node)
+            if "uncertainty" in outputs:
+                uncertainty_node = read_volume_file(outputs["uncertainty"], f"{name} uncertainty",
+                                                    reference=self.input_volume)
+                _show_as_fraction(uncertainty_node)
+            if self.create_volume_table:
+                table_node = volume_table(segmentation, self.input_volume, f"{name} volumes")
             timings = self._timings(result, import_started)
             provenance["timings_s"] = timings
             provenance["input_node"] = input_name
-            for node in filter(None, [segmentation, masked_node]):
+            for node in filter(None, [segmentation, masked_node, uncertainty_node, table_node]):
                 set_provenance(node, provenance)
         return SegmentationResult(segmentation, masked_node, provenance, list(result.get("warnings", [])), timings,
-                                  bool(result.get("model_cached", False)))
+                                  bool(result.get("model_cached", False)), uncertainty_node, table_node)
+
+
+def _show_as_fraction(volume_node) -> None:
+    """A map of values in [0, 1] (0 certain, 1 undecided) is shown over exactly that range, so maps of different runs
+    look alike, instead of with an automatic window fitted to each."""
+    display = volume_node.GetDisplayNode()
+    if display is not None:
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(0.0, 1.0)
 
 
 class SegmentationLogic(TaskLogic):
@@ -82,28 +104,36 @@ class SegmentationLogic(TaskLogic):
 
     def start(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
               create_masked_volume: bool = False, timeout_s: float | None = None,
-              on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None) -> SegmentationRun:
+              on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
+              create_uncertainty: bool = False, create_volume_table: bool = False) -> SegmentationRun:
         """Validate, export and launch; raises InputError/ModelError before anything is started or created.
 
-        `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
+        `create_uncertainty` needs a model that lists "uncertainty" in slicer.optional_outputs; `create_volume_table`
+        adds a table of segment volumes after the import. `worker_env` (tests: fault injection) needs a worker
+        process of its own, so it cannot go with a warm worker.
         """
         started_at = time.perf_counter()
         model = self._checked_model(input_volume, model_id)
         if output_segmentation is not None and not output_segmentation.IsA("vtkMRMLSegmentationNode"):
             raise errors.InputError(f"Output node '{output_segmentation.GetName()}' is not a segmentation node.")
+        if create_uncertainty and "uncertainty" not in model.optional_outputs:
+            raise errors.ModelError(f"Model '{model.title}' makes no uncertainty map.")
         outputs = {"label": "label.nrrd"}
         if create_masked_volume:
             outputs["masked"] = "masked.nrrd"
+        if create_uncertainty:
+            outputs["uncertainty"] = "uncertainty.nrrd"
         worker, export_seconds = self._launch("segment", input_volume, model, outputs, device, timeout_s, on_event,
                                               worker_env)
         return SegmentationRun(worker, input_volume, model, output_segmentation, create_masked_volume,
-                               started_at, export_seconds)
+                               started_at, export_seconds, create_volume_table)
 
     def run(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
             create_masked_volume: bool = False, timeout_s: float | None = None,
-            on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None) -> SegmentationResult:
+            on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
+            create_uncertainty: bool = False, create_volume_table: bool = False) -> SegmentationResult:
         """Blocking variant for scripts, tests and the demo."""
         run = self.start(input_volume, model_id, device, output_segmentation, create_masked_volume, timeout_s,
-                         on_event, worker_env)
+                         on_event, worker_env, create_uncertainty, create_volume_table)
         run.wait()
         return run.finish()

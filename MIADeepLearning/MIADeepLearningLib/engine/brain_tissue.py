@@ -1,0 +1,245 @@
+"""Brain tissue segmentation (background / CSF / gray matter / white matter) with a contrast-agnostic SynthSeg-style
+network: the inference side of training/train_segmentation.py.
+
+The network was trained on 2 mm renders of label maps with random contrasts, deformations and thick-slice
+acquisitions, so at inference any MRI (any contrast, orientation, voxel size, thick slices) is brought onto such a
+grid: the input is resampled linearly (anti-aliased where its voxels are finer) onto isotropic voxels of the model's
+working spacing over the input's whole extent, with the input's axes permuted and flipped to the orientation the
+training arrays had (obliquity kept), normalised like the training renders and run through the network in windows.
+The softmax probabilities, never labels, are resampled linearly back onto the input grid, where the argmax gives
+labels on exactly the input's voxels (1 CSF, 2 GM, 3 WM). With the ``uncertainty`` option the network also runs on
+mirrored copies; the mean of their probabilities gives the labels and its normalised entropy the uncertainty map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from MIADeepLearningLib.engine import geometry
+from MIADeepLearningLib.engine.encoding import normalise
+from MIADeepLearningLib.engine.errors import InputError, ModelError
+from MIADeepLearningLib.engine.inference import (
+    InferenceReport,
+    WindowedInferenceConfig,
+    pad_to_multiple,
+    sliding_window_predict,
+)
+from MIADeepLearningLib.engine.networks import UNet3D
+
+ProgressCallback = Callable[[str, float, str], None]
+PIPELINE_NAME = "brain_tissue_segmentation"
+WEIGHTS_ROLE = "network"
+# The array orientation of the training label maps (shared/data/brain-label-maps are all LIA; train_segmentation
+# augments with +-15 degree rotations and left-right flips only, never axis permutations). A package trained on maps
+# of another orientation says so in slicer.options.orientation; "input" keeps the input's own axes.
+DEFAULT_ORIENTATION = "LIA"
+KEEP_INPUT_AXES = "input"
+# Test-time flips: anatomical axis -> its LPS coordinate. The default mirrors left-right only, the one flip the
+# network saw in training; a package may add "AP" and "SI" in slicer.options.flip_axes.
+FLIP_AXES = {"LR": 0, "AP": 1, "SI": 2}
+DEFAULT_FLIP_AXES = ("LR",)
+
+# Standard names, colours and terminology of the tissue classes (training.generator.TISSUE_CLASSES), for packages
+# whose metadata names no segments (slicer.segments overrides them label by label). Where each code comes from:
+# - gray and white matter: Slicer's "3D Slicer General Anatomy list" (Modules/Loadable/Terminologies/Resources/
+#   SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json), category "Anatomical Structure" SCT 123037004,
+#   types "Gray Matter" SCT 389081007 (recommended colour 200, 200, 235) and "White Matter" SCT 389080008
+#   (250, 250, 210).
+# - CSF: that list has no cerebrospinal fluid type; SNOMED CT 65216001 "Cerebrospinal fluid" (a substance) under the
+#   list's category "Body Substance" SCT 91720002. Colour 85, 188, 255: "cerebro-spinal fluid" in Slicer's
+#   GenericAnatomyColors table (from that table's published values; no copy of it was at hand to check).
+SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def terminology_entry(category: str, segment_type: str) -> str:
+    """A Slicer terminology entry string (context~category~type~modifier~region context~region~region modifier) for a
+    category and type given as 'SCT^code^meaning'."""
+    return f"{SLICER_ANATOMY_CONTEXT}~{category}~{segment_type}~^^~{ANATOMIC_REGION_CONTEXT}~^^~^^"
+
+
+TISSUE_SEGMENTS: dict[str, dict[str, Any]] = {
+    "csf": {"name": "CSF", "color": [85, 188, 255],
+            "terminology": terminology_entry("SCT^91720002^Body Substance", "SCT^65216001^Cerebrospinal fluid")},
+    "gm": {"name": "Gray matter", "color": [200, 200, 235],
+           "terminology": terminology_entry("SCT^123037004^Anatomical Structure", "SCT^389081007^Gray Matter")},
+    "wm": {"name": "White matter", "color": [250, 250, 210],
+           "terminology": terminology_entry("SCT^123037004^Anatomical Structure", "SCT^389080008^White Matter")},
+}
+
+
+def tissue_segments(classes: list[str], declared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One segment per class after the background (label value = output channel): the standard description of the
+    class (TISSUE_SEGMENTS), updated with what the package's metadata declares for that value. A declared value the
+    network cannot output is an error: it would promise a structure that never appears."""
+    by_value = {int(segment["value"]): segment for segment in declared}
+    unknown = sorted(value for value in by_value if not 1 <= value < len(classes))
+    if unknown:
+        raise ModelError(f"The model's metadata describes labels {unknown}, but its network outputs only labels "
+                         f"1 to {len(classes) - 1}.")
+    segments = []
+    for value, name in enumerate(classes[1:], start=1):
+        segment = {"value": value, "name": str(name), "color": [128, 128, 128], "terminology": "",
+                   **TISSUE_SEGMENTS.get(str(name).lower(), {})}
+        segment.update({key: item for key, item in by_value.get(value, {}).items() if item is not None})
+        segments.append(segment)
+    return segments
+
+
+def load_network(path: Any, title: str) -> tuple[UNet3D, list[str], float]:
+    """(network, class names, working spacing in mm) from the weights-only file train_segmentation --export writes;
+    a ModelError that names the model when the file does not rebuild the network."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        classes = [str(name) for name in payload["classes"]]
+        spacing = float(payload["working_spacing"])
+        if len(classes) < 2 or classes[0] != "background" or not spacing > 0:
+            raise ValueError(f"classes {classes} (background first) and working spacing {spacing} mm")
+        network = UNet3D(in_channels=1, out_channels=len(classes), features=payload["features"])
+        network.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise ModelError(f"The weights of model '{title}' do not fit its network ({error}).") from error
+    return network, classes, spacing
+
+
+class BrainTissueSegmentation:
+    """Pipeline class for the engine's PIPELINES table (see tasks.py for the interface)."""
+
+    def __init__(self, model: Any, weight_paths: dict[str, Any], device: torch.device, options: dict[str, Any]):
+        title = getattr(model, "title", "brain tissue")
+        network, self.classes, self.working_spacing = load_network(weight_paths[WEIGHTS_ROLE], title)
+        self.segments = tissue_segments(self.classes, list(getattr(model, "segments", [])))
+        self.network = network.eval().to(device)
+        self.device = device
+        self.options = {"roi_size": 96, "overlap": 0.5, "uncertainty": False, "orientation": DEFAULT_ORIENTATION,
+                        "flip_axes": list(DEFAULT_FLIP_AXES), **options}
+        orientation = self.options["orientation"]
+        if orientation != KEEP_INPUT_AXES:
+            try:
+                geometry.orientation_axes(str(orientation))
+            except ValueError as error:
+                raise ModelError(f"Model '{title}': option orientation {error}") from error
+        unknown = [axis for axis in self.options["flip_axes"] if axis not in FLIP_AXES]
+        if unknown:
+            raise ModelError(f"Model '{title}': flip_axes {unknown} are not among {sorted(FLIP_AXES)}.")
+
+    def to(self, device: torch.device) -> BrainTissueSegmentation:
+        self.network = self.network.to(device)
+        self.device = device
+        return self
+
+    def working_grid(self, image: sitk.Image) -> sitk.Image:
+        """The grid the network runs on: working-spacing voxels over the input's extent, in the training
+        orientation (or the input's own axes)."""
+        orientation = self.options["orientation"]
+        grid, _ = geometry.isotropic_grid(image, self.working_spacing,
+                                          None if orientation == KEEP_INPUT_AXES else str(orientation))
+        return grid
+
+    def flip_dims(self, grid: sitk.Image) -> dict[str, int]:
+        """Anatomical flip axis -> the array axis ((z, y, x) order) of the grid that runs closest to it; an array
+        axis is flipped once even when an oblique grid makes it the closest to two anatomical axes."""
+        direction = np.abs(np.asarray(grid.GetDirection(), dtype=float).reshape(3, 3))
+        dims: dict[str, int] = {}
+        for axis in self.options["flip_axes"]:
+            dim = 2 - int(np.argmax(direction[FLIP_AXES[axis]]))  # sitk index axis i <-> numpy axis 2 - i
+            if dim not in dims.values():
+                dims[axis] = dim
+        return dims
+
+    def _probabilities(self, volume: torch.Tensor, progress: ProgressCallback, label: str, low: float,
+                       high: float) -> tuple[torch.Tensor, InferenceReport]:
+        """Softmax over the classes, (K, D, H, W), of a (1, D, H, W) input; windowed, progress in [low, high]."""
+        multiple = int(self.network.size_multiple)
+        padded, size = pad_to_multiple(volume, multiple)
+        roi_size = max(multiple, int(self.options["roi_size"]) // multiple * multiple)
+        roi = tuple(min(roi_size, n) for n in padded.shape[1:])
+        config = WindowedInferenceConfig(roi_size=roi, overlap=float(self.options["overlap"]), mode="gaussian",
+                                         output_kind="labels")
+
+        def report(fraction: float) -> None:
+            progress("inference", low + (high - low) * fraction, f"{label}: {fraction:.0%}")
+
+        logits, report_ = sliding_window_predict(self.network, padded, config, self.device, report)
+        if str(report_.device) != str(self.device):  # the inference fell back to the CPU: stay there
+            self.to(torch.device(report_.device))
+        return torch.softmax(logits[:, : size[0], : size[1], : size[2]], dim=0), report_
+
+    def predict(self, image: sitk.Image, progress: ProgressCallback) -> dict[str, Any]:
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("Tissue segmentation needs a 3D single-channel volume.")
+        grid = self.working_grid(image)
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(grid.GetDirection())
+        size_text = "x".join(map(str, grid.GetSize()))
+        progress("resample", 0.12, f"Resampling onto a {self.working_spacing:g} mm {orientation} grid of "
+                                   f"{size_text} voxels")
+        working = geometry.resample_anti_aliased(image, grid)
+        normalised, offset, scale = normalise(torch.from_numpy(sitk.GetArrayFromImage(working)))
+        inputs = normalised[None].float()
+        flips: dict[str, int | None] = {"none": None}
+        if self.options.get("uncertainty"):
+            flips.update(self.flip_dims(grid))
+        total: torch.Tensor | None = None
+        reports = []
+        for index, dim in enumerate(flips.values()):
+            label = "Network" if len(flips) == 1 else f"Network, copy {index + 1} of {len(flips)}"
+            flipped = inputs if dim is None else inputs.flip(dim + 1)  # dim 0 of the tensors is the channel
+            probabilities, report_ = self._probabilities(flipped, progress, label, 0.15 + 0.7 * index / len(flips),
+                                                         0.15 + 0.7 * (index + 1) / len(flips))
+            if dim is not None:
+                probabilities = probabilities.flip(dim + 1)
+            total = probabilities if total is None else total + probabilities
+            reports.append(report_)
+        assert total is not None
+        mean = (total / len(flips)).numpy()
+        progress("postprocess", 0.88, "Resampling the probabilities onto the input grid")
+        labels, uncertainty = self._on_input_grid(mean, grid, image, bool(self.options.get("uncertainty")))
+        result: dict[str, Any] = {"label": labels, "warnings": []}
+        if uncertainty is not None:
+            result["uncertainty"] = uncertainty
+        result["provenance"] = {
+            "working_grid": {"size": list(grid.GetSize()), "spacing_mm": self.working_spacing,
+                             "orientation": orientation},
+            "classes": self.classes,
+            "normalisation": {"offset": offset, "scale": scale},
+            "test_time_flips": list(flips),  # "none" (the input as it is), then the mirrored anatomical axes
+            "inference": [{"device": r.device, "precision": r.precision, "windows": r.windows_evaluated,
+                           "seconds": round(r.seconds, 3), "fallbacks": r.fallbacks, "notes": r.notes}
+                          for r in reports],
+        }
+        return result
+
+    @staticmethod
+    def _on_input_grid(probabilities: np.ndarray, grid: sitk.Image, image: sitk.Image,
+                       with_uncertainty: bool) -> tuple[sitk.Image, sitk.Image | None]:
+        """Labels (argmax of the linearly resampled probabilities) and, if asked, the normalised entropy of those
+        probabilities, both on the input's grid; one class at a time, so memory holds a few input-sized arrays."""
+        best = labels = entropy = None
+        for index in range(probabilities.shape[0]):
+            channel = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[index], dtype=np.float32))
+            channel.CopyInformation(grid)
+            resampled = sitk.Resample(channel, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+            values = np.clip(sitk.GetArrayFromImage(resampled), 0.0, 1.0)
+            if best is None:
+                best, labels = values, np.zeros(values.shape, np.uint8)
+            else:
+                better = values > best
+                labels[better] = index
+                np.maximum(best, values, out=best)
+            if with_uncertainty:
+                term = -values * np.log(np.maximum(values, 1e-12))
+                entropy = term if entropy is None else entropy + term
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        if entropy is None:
+            return label_image, None
+        normalised = np.clip(entropy / math.log(probabilities.shape[0]), 0.0, 1.0).astype(np.float32)
+        uncertainty = sitk.GetImageFromArray(normalised)
+        uncertainty.CopyInformation(image)
+        return label_image, uncertainty
