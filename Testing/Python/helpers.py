@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue")  # Resources/Models/models.json, in order
+
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
     """3x3 rotation about coordinate axis 0, 1 or 2, for oblique test grids."""

@@ -191,7 +191,8 @@ REFUSALS = {
     "single_slice": (_single_slice, [], ["single slice", "3D volume"]),
     "nan": (_with_nan, [], ["7 voxels that are NaN or infinite"]),
     "missing": (lambda folder: folder / "absent.nii.gz", [], ["absent.nii.gz does not exist"]),
-    "unknown_model": (_good, ["--model", "nope"], ["Unknown model 'nope' (available: deepbet, thick-slice-sr)"]),
+    "unknown_model": (_good, ["--model", "nope"],
+                      ["Unknown model 'nope' (available: deepbet, thick-slice-sr, brain-tissue)"]),
     "cuda_on_cpu_torch": (_good, ["--device", "cuda"], ["CUDA was requested but cannot be used"]),
 }
 

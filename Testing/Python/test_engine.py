@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import dice, rotation
+from helpers import SHIPPED_IDS, dice, rotation
 
 from MIADeepLearningLib.engine import devices, geometry, imageio, registry, tasks
 from MIADeepLearningLib.engine.errors import InputError, ModelError
@@ -95,7 +95,7 @@ def extra_package(tmp_path, monkeypatch):
 
 
 def test_extra_package_intact_copy_loads_and_verifies(extra_package):
-    assert [model.id for model in registry.list_models()] == ["deepbet", "thick-slice-sr", "localbet"]
+    assert [model.id for model in registry.list_models()] == [*SHIPPED_IDS, "localbet"]
     model = registry.get_model("localbet")
     assert model.package_dir == extra_package
     assert model.title == "Brain extraction (site copy)"

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import SHIPPED_IDS
 
 from MIADeepLearningLib import paths
 from MIADeepLearningLib.engine import downloads, model_store, registry
@@ -29,7 +30,6 @@ from MIADeepLearningLib.engine.errors import ModelError
 
 SOURCE_MODELS = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 TINY_ID, TINY_VERSION = "tinybet", "0.1.0"
-SHIPPED_IDS = ("deepbet", "thick-slice-sr")  # Resources/Models/models.json, in order
 
 
 def _one_sentence(message: str) -> bool:

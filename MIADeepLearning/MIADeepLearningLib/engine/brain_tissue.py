@@ -52,8 +52,8 @@ DEFAULT_FLIP_AXES = ("LR",)
 #   types "Gray Matter" SCT 389081007 (recommended colour 200, 200, 235) and "White Matter" SCT 389080008
 #   (250, 250, 210).
 # - CSF: that list has no cerebrospinal fluid type; SNOMED CT 65216001 "Cerebrospinal fluid" (a substance) under the
-#   list's category "Body Substance" SCT 91720002. Colour 85, 188, 255: "cerebro-spinal fluid" in Slicer's
-#   GenericAnatomyColors table (from that table's published values; no copy of it was at hand to check).
+#   list's category "Body Substance" SCT 91720002. Colour 85, 188, 255, a light blue believed to be
+#   "cerebro-spinal fluid" in Slicer's GenericAnatomyColors table (not checked against a copy of that table).
 SLICER_ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_REGION_CONTEXT = "Anatomic codes - DICOM master list"
 

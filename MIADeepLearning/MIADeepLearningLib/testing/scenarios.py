@@ -34,6 +34,12 @@ MODEL_ID = "deepbet"
 BRAIN_TERMINOLOGY_CODE = "SCT^12738006^Brain"
 MIN_DICE_VS_ROBEX = 0.95
 MIN_DICE_BETWEEN_COPIES = 0.98
+TISSUE_MODEL_ID = "brain-tissue"
+TISSUE_CODES = {"CSF": "SCT^65216001", "Gray matter": "SCT^389081007", "White matter": "SCT^389080008"}
+# Adult tissue volumes (mL) far outside these mean the model, not the head, went wrong (the ROBEX head measures about
+# CSF 200, GM 650, WM 370 with brain-tissue 0.1.0).
+TISSUE_ML_RANGES = {"CSF": (80.0, 600.0), "Gray matter": (400.0, 1000.0), "White matter": (250.0, 800.0)}
+MIN_TISSUE_INSIDE_BRAIN = 0.9  # share of gray + white matter voxels inside ROBEX's brain mask
 
 
 class ScenarioSkipped(Exception):
@@ -188,6 +194,61 @@ def assert_brain_segmentation(result: SegmentationResult, input_volume, expected
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
+def scenario_brain_tissue_end_to_end() -> None:
+    """ROBEX head -> brain-tissue with uncertainty and volume table: three coded segments on the input grid with
+    plausible volumes inside the brain, an uncertainty map in [0, 1], a table that matches the segments, provenance
+    on every output, the input untouched; a copy flipped in voxel order (same anatomy) gives the same tissues."""
+    model = require_model(TISSUE_MODEL_ID)
+    head, robex_mask = load_sample_head()
+    before = volume_fingerprint(head)
+    result = make_logic().run(head, TISSUE_MODEL_ID, device="cpu", create_uncertainty=True, create_volume_table=True)
+    segmentation_node = result.segmentation_node
+    assert segmentation_node.GetName() == "ROBEX head tissue", segmentation_node.GetName()
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+    assert names == list(TISSUE_CODES), names
+    assert segmentation.ContainsRepresentation("Closed surface"), "no closed surfaces"
+    voxel_ml = float(np.prod(head.GetSpacing())) / 1000.0
+    masks = {}
+    for name, code in TISSUE_CODES.items():
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+        assert code in (segment.GetTerminology() or ""), (name, segment.GetTerminology())
+        masks[name] = label_array(segmentation_node, name, head)
+        low, high = TISSUE_ML_RANGES[name]
+        assert low <= masks[name].sum() * voxel_ml <= high, f"{name}: {masks[name].sum() * voxel_ml:.0f} mL"
+    brain_tissue = masks["Gray matter"] | masks["White matter"]
+    inside = float((brain_tissue & robex_mask).sum()) / max(int(brain_tissue.sum()), 1)
+    assert inside >= MIN_TISSUE_INSIDE_BRAIN, f"only {inside:.3f} of gray + white matter is inside the brain"
+
+    uncertainty = result.uncertainty_node
+    assert uncertainty is not None and uncertainty.GetName() == "ROBEX head tissue uncertainty"
+    assert np.abs(ijk_to_ras(uncertainty) - ijk_to_ras(head)).max() < 1e-6, "uncertainty is not on the input grid"
+    values = slicer.util.arrayFromVolume(uncertainty)
+    assert values.min() >= 0.0 and values.max() <= 1.0 + 1e-6 and values.max() > 0.1, (values.min(), values.max())
+
+    table = result.volume_table_node.GetTable()
+    rows = {table.GetValue(row, 0).ToString(): (table.GetValue(row, 1).ToInt(), table.GetValue(row, 2).ToDouble())
+            for row in range(table.GetNumberOfRows())}
+    for name, mask in masks.items():
+        assert rows[name][0] == int(mask.sum()), (name, rows[name], int(mask.sum()))
+        assert abs(rows[name][1] - mask.sum() * voxel_ml) < 1e-6 * max(rows[name][1], 1.0)
+    for node in (segmentation_node, uncertainty, result.volume_table_node):
+        provenance = get_provenance(node)
+        assert provenance is not None and provenance["model_id"] == TISSUE_MODEL_ID, node.GetName()
+        assert provenance["model_version"] == model.version, provenance
+    assert volume_fingerprint(head) == before, "the input volume was modified"
+
+    matrix = ijk_to_ras(head)
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, slicer.util.arrayFromVolume(head).shape[2] - 1  # i -> n - 1 - i
+    flipped = volume_from_array(slicer.util.arrayFromVolume(head)[:, :, ::-1].copy(), matrix @ flip,
+                                "ROBEX head flipped voxel order")
+    copy = make_logic().run(flipped, TISSUE_MODEL_ID, device="cpu", create_uncertainty=True).segmentation_node
+    for name, mask in masks.items():
+        score = dice(label_array(copy, name, flipped)[:, :, ::-1], mask)
+        assert score >= MIN_DICE_BETWEEN_COPIES, f"{name}: Dice {score:.4f} between the head and its flipped copy"
+
+
 def scenario_brain_extraction_end_to_end() -> None:
     """ROBEX head -> Apply -> 'ROBEX head brain' with one Brain segment, Dice >= 0.95 vs ROBEX; input untouched."""
     require_model()
@@ -414,4 +475,5 @@ SCENARIOS: list[tuple[str, Callable[[], None]]] = [
     ("bad inputs fail cleanly", scenario_bad_inputs_fail_cleanly),
     ("cancel during inference", scenario_cancel_during_inference),
     ("worker crash is reported", scenario_worker_crash_is_reported),
+    ("brain tissue end to end (segments, volumes, uncertainty, flipped copy)", scenario_brain_tissue_end_to_end),
 ]
