@@ -38,7 +38,6 @@ Usage: python Testing/Benchmarks/brain_tissue.py [--label-maps FOLDER] [--held-o
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import statistics
@@ -322,11 +321,7 @@ def main() -> int:
     if args.list_cases:
         print("\n".join(case.name for case in cases))
         return 0
-    if args.cases:
-        patterns = [pattern.strip() for pattern in args.cases.split(",") if pattern.strip()]
-        cases = [case for case in cases if any(fnmatch.fnmatchcase(case.name, p) for p in patterns)]
-        if not cases:
-            raise SystemExit(f"No case matches {args.cases!r}; --list-cases shows the names.")
+    cases = thick_slice_benchmark.select_cases(cases, args.cases, quick=False)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]

@@ -164,3 +164,16 @@ def write_tissue_package(root: Path, segments: list | None = None, edit=None, **
     (package / "docs" / "README.md").write_text("Test package: random weights.\n", encoding="utf-8")
     (package / "LICENSE").write_text("Apache-2.0\n", encoding="utf-8")
     return package
+
+
+def run_worker_job(job) -> tuple[int, list]:
+    """Run a jobs.Job in this process through worker.run; (exit code, the events it reported, all parseable)."""
+    import io
+
+    from MIADeepLearningLib import jobs, worker
+
+    stream = io.StringIO()
+    code = worker.run(job.write(), worker.Reporter(stream))
+    events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
+    assert all(event is not None for event in events), stream.getvalue()
+    return code, events

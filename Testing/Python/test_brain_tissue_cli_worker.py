@@ -6,16 +6,15 @@ runs that do not ask behave as before."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import TISSUE_MODEL_ID, write_tissue_package
+from helpers import TISSUE_MODEL_ID, run_worker_job, write_tissue_package
 
-from MIADeepLearningLib import cli, jobs, worker
+from MIADeepLearningLib import cli, jobs
 from MIADeepLearningLib.engine import registry
 
 
@@ -144,20 +143,12 @@ def test_cli_segment_uncertainty_refusals(tissue_model, tmp_path, capsys, case):
 # --------------------------------------------------------------------------------------------------- worker
 
 
-def _run_job(job: jobs.Job) -> tuple[int, list[jobs.Event]]:
-    stream = io.StringIO()
-    code = worker.run(job.write(), worker.Reporter(stream))
-    events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
-    assert all(event is not None for event in events), stream.getvalue()
-    return code, events
-
-
 def test_worker_segment_job_writes_the_uncertainty_map(tissue_model, tmp_path):
     head = _head(tmp_path / "head.nrrd")
     job = jobs.Job(task="segment", model=tissue_model, inputs={"image": str(head)}, folder=str(tmp_path / "job"),
                    outputs={"label": "label.nrrd", "uncertainty": "uncertainty.nrrd"}, device="cpu",
                    options={"input_name": "T2 head"})
-    code, events = _run_job(job)
+    code, events = run_worker_job(job)
     assert code == 0, events[-1]
     result = events[-1].result
     assert result["outputs"] == {"label": str(job.outputs_dir / "label.nrrd"),
@@ -170,7 +161,7 @@ def test_worker_segment_job_writes_the_uncertainty_map(tissue_model, tmp_path):
 
     plain = jobs.Job(task="segment", model=tissue_model, inputs={"image": str(head)}, folder=str(tmp_path / "job2"),
                      outputs={"label": "label.nrrd"}, device="cpu")
-    code, events = _run_job(plain)
+    code, events = run_worker_job(plain)
     assert code == 0 and set(events[-1].result["outputs"]) == {"label"}
     assert "uncertainty" not in events[-1].result["provenance"]["parameters"]
 
@@ -179,7 +170,7 @@ def test_worker_refuses_uncertainty_from_a_model_without_it(tmp_path):
     head = _head(tmp_path / "head.nrrd")
     job = jobs.Job(task="segment", model="deepbet", inputs={"image": str(head)}, folder=str(tmp_path / "job"),
                    outputs={"label": "label.nrrd", "uncertainty": "uncertainty.nrrd"}, device="cpu")
-    code, events = _run_job(job)
+    code, events = run_worker_job(job)
     assert code == 2 and events[-1].error_type == "ModelError"
     assert events[-1].message == "Model 'Brain extraction (deepbet)' makes no uncertainty map."
     assert not Path(job.outputs_dir).exists() and not job.partial_dir.exists()

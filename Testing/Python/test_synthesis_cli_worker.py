@@ -5,7 +5,6 @@ Sanity only: the shipped weights are still being trained, so no accuracy is asse
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -15,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import run_worker_job
 
-from MIADeepLearningLib import cli, jobs, worker
+from MIADeepLearningLib import cli, jobs
 from MIADeepLearningLib.engine import synthesis
 from MIADeepLearningLib.paths import library_parent_dir
 
@@ -187,19 +187,11 @@ def test_cli_synthesize_leaves_nothing_when_writing_fails(thick_scan, tmp_path, 
 # --------------------------------------------------------------------------------------------------- worker
 
 
-def _run_job(job: jobs.Job) -> tuple[int, list[jobs.Event]]:
-    stream = io.StringIO()
-    code = worker.run(job.write(), worker.Reporter(stream))
-    events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
-    assert all(event is not None for event in events), stream.getvalue()
-    return code, events
-
-
 def test_worker_synthesize_job(thick_scan, tmp_path):
     job = jobs.Job(task="synthesize", model=MODEL, inputs={"image": str(thick_scan)}, folder=str(tmp_path / "job"),
                    outputs={"image": "thick 1mm.nrrd", "difference": "difference.nrrd"}, device="cpu",
                    options={"input_name": "Thick T2"})
-    code, events = _run_job(job)
+    code, events = run_worker_job(job)
     assert code == 0, events[-1]
     stages = [event.stage for event in events]
     assert stages[0] == "start" and stages[-1] == "done", stages
@@ -241,7 +233,7 @@ def test_worker_synthesize_job_errors_leave_nothing(thick_scan, tmp_path, case):
         sitk.WriteImage(sitk.Image([32, 32], sitk.sitkFloat32) + 1.0, str(image))
     job = jobs.Job(task="synthesize", model=model, inputs={"image": str(image)}, folder=str(tmp_path / "job"),
                    outputs={"image": "sr.nrrd"}, device="cpu")
-    code, events = _run_job(job)
+    code, events = run_worker_job(job)
     assert code == 2, events[-1]
     final = events[-1]
     assert final.stage == "error" and final.traceback and "Traceback" in final.traceback
