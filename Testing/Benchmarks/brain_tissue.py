@@ -32,7 +32,7 @@ where the contrast fixes it: T1 dark→bright = CSF, GM, WM; T2 the reverse; ran
 baseline is given the brain mask; the network is not.
 
 Usage: python Testing/Benchmarks/brain_tissue.py [--label-maps FOLDER] [--held-out NAME ...] [--cases PATTERN,...]
-       [--threads 2] [--device cpu] [--json out.json] [--list-cases]
+       [--threads 2] [--device cpu] [--uncertainty] [--json out.json] [--list-cases]
 """
 
 from __future__ import annotations
@@ -217,10 +217,10 @@ def mni_case() -> tuple[sitk.Image, np.ndarray, np.ndarray]:
 
 
 def run_case(case: Case, image: sitk.Image, truth: np.ndarray, brain: np.ndarray | None, folder: Path,
-             device: str, cache: tasks.PipelineCache) -> Result:
+             device: str, cache: tasks.PipelineCache, options: dict[str, Any]) -> Result:
     path = imageio.write_image(image, folder / (case.name.replace("/", "_") + ".nrrd"), compress=False)
     cpu, wall = time.process_time(), time.perf_counter()
-    output = tasks.segment_image(path, MODEL_ID, device=device, pipeline_cache=cache)
+    output = tasks.segment_image(path, MODEL_ID, device=device, options=options, pipeline_cache=cache)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     prediction = sitk.GetArrayFromImage(output.label).astype(np.int64)
     if prediction.shape != truth.shape:
@@ -253,11 +253,12 @@ def mean_scores(items: list[dict[str, float] | None]) -> dict[str, float] | None
 
 
 def print_report(results: list[Result], threads: int, device: str, load: tuple[float, float],
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, uncertainty: bool) -> dict[str, Any]:
     model = registry.get_model(MODEL_ID)
     print()
     print(f"# Brain tissue segmentation — {devices.cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-          f"{threads} threads, device {device}")
+          f"{threads} threads, device {device}"
+          + (", uncertainty option on (labels from the mean over the input and its mirror)" if uncertainty else ""))
     print()
     print(f"Model {MODEL_ID} {model.version} (sha256 {', '.join(w.sha256[:12] for w in model.weights)}…). Dice per "
           "class on the model's output grid (= the input's); Otsu = three-class Otsu inside the true brain mask "
@@ -316,6 +317,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--uncertainty", action="store_true",
+                        help="run with the uncertainty option (labels from the mean over the input and its mirror)")
     args = parser.parse_args()
     cases = all_cases(args.held_out)
     if args.list_cases:
@@ -346,14 +349,16 @@ def main() -> int:
                 label_map, direction, origin = loaded[case.source]
                 image, truth = render_case(case, label_map, direction, origin, args.seed)
             print(f"  {case.name}: {'x'.join(map(str, image.GetSize()))} ...", end="", flush=True)
-            result = run_case(case, image, truth, brain, Path(folder), args.device, cache)
+            result = run_case(case, image, truth, brain, Path(folder), args.device, cache,
+                              {"uncertainty": True} if args.uncertainty else {})
             results.append(result)
             print(" " + ", ".join(f"{name} {value:.3f}" for name, value in result.network.items())
                   + f", {result.cpu_s:.1f} CPU s", flush=True)
     means = print_report(results, args.threads, args.device, (load_before, os.getloadavg()[0]),
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, args.uncertainty)
     if args.json:
         payload = {"model": MODEL_ID, "device": args.device, "threads": args.threads, "seed": args.seed,
+                   "uncertainty": args.uncertainty,
                    "cpu": devices.cpu_name(), "torch": torch.__version__,
                    "cases": [{"name": r.case.name, "group": r.case.group, "size": r.size, "spacing": r.spacing,
                               "network": r.network, "otsu": r.otsu, "cpu_s": r.cpu_s, "wall_s": r.wall_s,

@@ -218,6 +218,19 @@ def test_flips_are_undone_and_uncertainty_lies_in_0_1_on_the_input_grid(weights,
     assert fractions == sorted(fractions) and fractions[-1] < 1.0
 
 
+def test_flip_average_gives_the_labels_of_the_uncertainty_run_without_the_map(weights):
+    """With flip_average (a package default) the labels come from the mean over the mirrored copies whether or not
+    the uncertainty map is asked for, so asking for it does not change the segmentation."""
+    image, _, _ = _phantom(*GRIDS["thick_k"], DIRECTIONS["oblique"])
+    averaged = _pipeline(weights, flip_average=True).predict(image, _no_progress)
+    with_map = _pipeline(weights, flip_average=True, uncertainty=True).predict(image, _no_progress)
+    assert averaged["provenance"]["test_time_flips"] == ["none", "LR"] and "uncertainty" not in averaged
+    assert "uncertainty" in with_map
+    assert np.array_equal(sitk.GetArrayFromImage(averaged["label"]), sitk.GetArrayFromImage(with_map["label"]))
+    plain = _pipeline(weights).predict(image, _no_progress)
+    assert plain["provenance"]["test_time_flips"] == ["none"], "without either option the input runs once"
+
+
 def test_random_network_copies_disagree_but_stay_in_range(weights):
     image, _, _ = _phantom(*GRIDS["thick_k"], DIRECTIONS["oblique"])
     result = _pipeline(weights, uncertainty=True).predict(image, _no_progress)
