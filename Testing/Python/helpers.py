@@ -177,3 +177,66 @@ def run_worker_job(job) -> tuple[int, list]:
     events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
     assert all(event is not None for event in events), stream.getvalue()
     return code, events
+
+
+# --- registration geometry (displacement fields), shared by the engine and the MRML tests -----------------------
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+# Fixed grids (direction, spacing) a displacement field must survive; the moving grid is always another one.
+REGISTRATION_GRIDS = {
+    "oblique_anisotropic": (rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0), (1.5, 2.0, 2.6)),
+    "left_handed": (np.diag([-1.0, 1.0, 1.0]) @ rotation(2, 25.0), (2.2, 1.4, 1.8)),  # one axis flipped, oblique
+    "permuted": (np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]), (1.6, 2.4, 2.0)),
+}
+
+
+def ijk_to_ras(image) -> np.ndarray:
+    """4x4 IJK->RAS matrix of a SimpleITK image (what Slicer's volume node holds for the same grid)."""
+    matrix = np.eye(4)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    matrix[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin())
+    return matrix
+
+
+def grid_image(direction: np.ndarray, spacing, size, centre_lps=(3.0, -4.0, 5.0)):
+    """An empty float32 SimpleITK image of the given geometry centred on `centre_lps`."""
+    import SimpleITK as sitk
+
+    image = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetDirection([float(v) for v in np.asarray(direction).ravel()])
+    half = np.asarray(direction) @ ((np.asarray(size) - 1) * np.asarray(spacing) / 2.0)
+    image.SetOrigin([float(v) for v in np.asarray(centre_lps) - half])
+    return image
+
+
+def smooth_field(fixed) -> np.ndarray:
+    """(z, y, x, 3) LPS displacement on the fixed grid: smooth, non-constant, up to ~4 mm, no folding."""
+    p = physical_points(fixed) - np.array([3.0, -4.0, 5.0])
+    return np.stack([3.0 * np.sin(p[..., 1] / 9.0) + 1.0,
+                     2.5 * np.cos(p[..., 2] / 11.0) - 0.5 * np.sin(p[..., 0] / 7.0),
+                     2.0 * np.sin((p[..., 0] + p[..., 1]) / 13.0)], axis=-1)
+
+
+def registration_case(kind: str):
+    """(fixed, moving image, moving label map, field array) on different fixed and moving grids: the moving grid is
+    axis-aligned with 1.7 mm voxels and covers the fixed grid plus a margin, so every warped point has data."""
+    import SimpleITK as sitk
+
+    direction, spacing = REGISTRATION_GRIDS[kind]
+    fixed = grid_image(direction, spacing, (22, 20, 16))
+    moving = grid_image(rotation(2, -8.0), (1.7, 1.7, 1.9), (46, 46, 40), centre_lps=(2.0, -3.0, 6.0))
+    p = physical_points(moving) - np.array([3.0, -4.0, 5.0])
+    voxels = 100.0 * np.sin(p[..., 0] / 6.0) * np.cos(p[..., 1] / 8.0) + 40.0 * np.sin(p[..., 2] / 5.0)
+    radius = np.linalg.norm(p * np.array([1.0, 1.2, 0.9]), axis=-1)
+    labels = np.zeros(radius.shape, np.int16)
+    labels[radius < 14.0] = 1
+    labels[radius < 9.0] = 2
+    labels[(np.abs(p[..., 0] - 6.0) < 4.0) & (np.abs(p[..., 2]) < 5.0) & (radius < 14.0)] = 3
+    moving_image = sitk.GetImageFromArray(voxels.astype(np.float32))
+    moving_image.CopyInformation(moving)
+    moving_labels = sitk.GetImageFromArray(labels)
+    moving_labels.CopyInformation(moving)
+    return fixed, moving_image, moving_labels, smooth_field(fixed)
