@@ -231,6 +231,62 @@ def test_flip_average_gives_the_labels_of_the_uncertainty_run_without_the_map(we
     assert plain["provenance"]["test_time_flips"] == ["none"], "without either option the input runs once"
 
 
+def _blurred_prior(labels: np.ndarray, shift: int, classes: int = 4) -> np.ndarray:
+    """What a coarse network gives: one-hot labels moved by `shift` voxels along the last axis and smoothed."""
+    one_hot = np.eye(classes, dtype=np.float32)[np.roll(labels, shift, axis=-1)].transpose(3, 0, 1, 2)
+    kernel = np.array([1.0, 2.0, 3.0, 2.0, 1.0]) / 9.0
+    blurred = np.apply_along_axis(lambda row: np.convolve(row, kernel, mode="same"), -1, one_hot)
+    edge = one_hot.copy()
+    edge[..., 2:-2] = blurred[..., 2:-2]
+    return edge / edge.sum(axis=0, keepdims=True)
+
+
+def test_intensity_refinement_puts_boundaries_where_the_scan_shows_them():
+    """A prior that puts every tissue boundary 2 voxels off (a 2 mm network interpolated onto a 1 mm scan) is pulled
+    back by the scan's own intensities, whatever their order (T1-like or T2-like): Gaussian models fitted to this
+    scan with the prior as weights."""
+    labels = np.zeros((4, 4, 60), np.int64)
+    labels[..., 5:20], labels[..., 20:35], labels[..., 35:55] = 1, 2, 3  # CSF | GM | WM, background at the ends
+    prior = _blurred_prior(labels, shift=2)
+    assert np.count_nonzero(prior.argmax(axis=0) != labels) >= 4 * 4 * 6, "the prior is off by 2 voxels per boundary"
+    rng = np.random.default_rng(0)
+    for means in ({0: 0.0, 1: 0.15, 2: 0.5, 3: 0.8}, {0: 0.0, 1: 0.9, 2: 0.55, 3: 0.35}):  # T1-like, T2-like
+        image = np.vectorize(means.get)(labels).astype(np.float64) + rng.normal(0.0, 0.02, labels.shape)
+        refined = brain_tissue.refine_with_intensities(prior, image, iterations=2)
+        assert refined.shape == prior.shape and np.allclose(refined.sum(axis=0), 1.0, atol=1e-5)
+        assert np.allclose(refined[0], prior[0]), "the background probability is the network's"
+        inside = (labels > 0) & (np.roll(labels, 2, axis=-1) > 0)  # where the prior knows it is inside the head
+        before = np.count_nonzero((prior.argmax(axis=0) != labels) & inside)
+        wrong = np.count_nonzero((refined.argmax(axis=0) != labels) & inside)
+        # each class's two-Gaussian model may keep a little of the neighbour it was mixed with: a few voxels, not 96
+        assert wrong <= 0.05 * before, f"{wrong} of {before} voxels still on the wrong side ({means})"
+
+
+def test_intensity_refinement_without_intensity_contrast_keeps_the_network_labels():
+    labels = np.zeros((3, 3, 40), np.int64)
+    labels[..., 5:15], labels[..., 15:25], labels[..., 25:35] = 1, 2, 3
+    prior = _blurred_prior(labels, shift=1)
+    flat = np.full(labels.shape, 7.0)
+    refined = brain_tissue.refine_with_intensities(prior, flat, iterations=2)
+    assert np.array_equal(refined.argmax(axis=0), prior.argmax(axis=0))
+    no_wm = prior.copy()
+    no_wm[3] = 0.0  # a class the network never predicts: nothing to fit, nothing breaks
+    refined = brain_tissue.refine_with_intensities(no_wm, flat, iterations=2)
+    assert np.isfinite(refined).all() and not (refined.argmax(axis=0) == 3).any()
+    assert np.array_equal(brain_tissue.refine_with_intensities(prior, flat, iterations=0), prior.astype(np.float32))
+
+
+def test_pipeline_with_intensity_refinement_stays_on_the_input_grid(weights):
+    image, _, _ = _phantom(*GRIDS["thick_k"], DIRECTIONS["oblique"])
+    result = _banded(weights, intensity_refinement_iterations=2, uncertainty=True).predict(image, _no_progress)
+    _assert_on_grid(result["label"], image, "label")
+    _assert_on_grid(result["uncertainty"], image, "uncertainty")
+    assert result["provenance"]["intensity_refinement_iterations"] == 2
+    plain = _banded(weights).predict(image, _no_progress)
+    labels, reference = sitk.GetArrayFromImage(result["label"]), sitk.GetArrayFromImage(plain["label"])
+    assert np.count_nonzero(labels != reference) <= 0.02 * labels.size, "a banded phantom is already right"
+
+
 def test_random_network_copies_disagree_but_stay_in_range(weights):
     image, _, _ = _phantom(*GRIDS["thick_k"], DIRECTIONS["oblique"])
     result = _pipeline(weights, uncertainty=True).predict(image, _no_progress)

@@ -110,6 +110,76 @@ def load_network(path: Any, title: str) -> tuple[UNet3D, list[str], float]:
     return network, classes, spacing
 
 
+REFINEMENT_REGION = 0.9  # voxels whose background probability is below this are refined
+MIXTURE_STEPS = 5  # EM steps of each class's intensity mixture per refinement iteration
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, quantiles: tuple[float, ...]) -> np.ndarray:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    cumulative /= cumulative[-1]
+    return values[order][np.minimum(np.searchsorted(cumulative, quantiles), values.size - 1)]
+
+
+def _class_likelihood(values: np.ndarray, weights: np.ndarray, components: int, floor: float) -> np.ndarray:
+    """Likelihood of every value under a Gaussian mixture (`components` Gaussians) fitted to the values weighted by
+    one class's probabilities: weighted EM from the weighted quantiles, a few steps."""
+    total = float(weights.sum())
+    mean = float((weights * values).sum()) / total
+    variance = max(float((weights * (values - mean) ** 2).sum()) / total, floor)
+    if components == 1:
+        return np.exp(-0.5 * (values - mean) ** 2 / variance) / math.sqrt(variance)
+    quantiles = tuple((index + 0.5) / components for index in range(components))
+    means = _weighted_quantiles(values, weights, quantiles).astype(np.float64)[:, None]
+    variances = np.full((components, 1), max(variance / components**2, floor))
+    shares = np.full((components, 1), 1.0 / components)
+    for _ in range(MIXTURE_STEPS):
+        densities = shares * np.exp(-0.5 * (values - means) ** 2 / variances) / np.sqrt(variances)
+        responsibilities = densities / np.maximum(densities.sum(axis=0, keepdims=True), 1e-300) * weights
+        mass = np.maximum(responsibilities.sum(axis=1, keepdims=True), 1e-12)
+        shares = mass / mass.sum()
+        means = (responsibilities * values).sum(axis=1, keepdims=True) / mass
+        variances = np.maximum((responsibilities * (values - means) ** 2).sum(axis=1, keepdims=True) / mass, floor)
+    return (shares * np.exp(-0.5 * (values - means) ** 2 / variances) / np.sqrt(variances)).sum(axis=0)
+
+
+def refine_with_intensities(probabilities: np.ndarray, intensities: np.ndarray, iterations: int = 2,
+                            components: int = 2) -> np.ndarray:
+    """The network's tissue probabilities sharpened with the scan's own intensities, on the input's grid.
+
+    Why: the network works on a 2 mm grid, so its probabilities, interpolated onto a finer input, blur every tissue
+    boundary; the input itself still shows those boundaries. Inside the head (background probability below
+    REFINEMENT_REGION) each tissue class gets an intensity model fitted to this scan — a mixture of `components`
+    Gaussians (two: a tissue's sub-structures need not share one intensity, e.g. deep gray nuclei and cortex),
+    weighted by the network's probabilities, so no contrast is assumed: a T1, a T2 or any other contrast fits its own
+    — and the tissue posterior is prior × likelihood, renormalised: a per-scan mixture model with the network as
+    spatial prior, refitted `iterations` times (EM). Where two tissues look alike the likelihoods cancel and the
+    network decides; the background probability is kept as the network gave it; a class with less than one voxel of
+    probability is not fitted. probabilities: (K, ...) with class 0 = background; returns the same shape, float32.
+    """
+    total = np.maximum(probabilities.sum(axis=0, keepdims=True), 1e-6)
+    probabilities = (probabilities / total).astype(np.float32)
+    region = probabilities[0] < REFINEMENT_REGION
+    if iterations <= 0 or probabilities.shape[0] < 3 or not region.any():
+        return probabilities
+    values = np.asarray(intensities, dtype=np.float64)[region]
+    prior = probabilities[1:, region].astype(np.float64)
+    floor = (1e-3 * (float(values.max() - values.min()) or 1.0)) ** 2
+    posterior = prior
+    for _ in range(iterations):
+        usable = posterior.sum(axis=1) > 1.0
+        if usable.sum() < 2:
+            return probabilities
+        likelihood = np.ones_like(posterior)
+        for index in np.flatnonzero(usable):
+            likelihood[index] = _class_likelihood(values, posterior[index], components, floor)
+        joint = prior * likelihood
+        posterior = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-300)
+    refined = probabilities.copy()
+    refined[1:, region] = (posterior * (1.0 - probabilities[0, region])).astype(np.float32)
+    return refined
+
+
 class BrainTissueSegmentation:
     """Pipeline class for the engine's PIPELINES table (see tasks.py for the interface)."""
 
@@ -120,6 +190,7 @@ class BrainTissueSegmentation:
         self.network = network.eval().to(device)
         self.device = device
         self.options = {"roi_size": 96, "overlap": 0.5, "uncertainty": False, "flip_average": False,
+                        "intensity_refinement_iterations": 0,
                         "orientation": DEFAULT_ORIENTATION,
                         "flip_axes": list(DEFAULT_FLIP_AXES), **options}
         orientation = self.options["orientation"]
@@ -202,7 +273,8 @@ class BrainTissueSegmentation:
         assert total is not None
         mean = (total / len(flips)).numpy()
         progress("postprocess", 0.88, "Resampling the probabilities onto the input grid")
-        labels, uncertainty = self._on_input_grid(mean, grid, image, bool(self.options.get("uncertainty")))
+        refinement = int(self.options.get("intensity_refinement_iterations", 0))
+        labels, uncertainty = self._on_input_grid(mean, grid, image, bool(self.options.get("uncertainty")), refinement)
         result: dict[str, Any] = {"label": labels, "warnings": []}
         if uncertainty is not None:
             result["uncertainty"] = uncertainty
@@ -212,6 +284,7 @@ class BrainTissueSegmentation:
             "classes": self.classes,
             "normalisation": {"offset": offset, "scale": scale},
             "test_time_flips": list(flips),  # "none" (the input as it is), then the mirrored anatomical axes
+            "intensity_refinement_iterations": refinement,
             "inference": [{"device": r.device, "precision": r.precision, "windows": r.windows_evaluated,
                            "seconds": round(r.seconds, 3), "fallbacks": r.fallbacks, "notes": r.notes}
                           for r in reports],
@@ -219,30 +292,29 @@ class BrainTissueSegmentation:
         return result
 
     @staticmethod
-    def _on_input_grid(probabilities: np.ndarray, grid: sitk.Image, image: sitk.Image,
-                       with_uncertainty: bool) -> tuple[sitk.Image, sitk.Image | None]:
-        """Labels (argmax of the linearly resampled probabilities) and, if asked, the normalised entropy of those
-        probabilities, both on the input's grid; one class at a time, so memory holds a few input-sized arrays."""
-        best = labels = entropy = None
+    def _on_input_grid(probabilities: np.ndarray, grid: sitk.Image, image: sitk.Image, with_uncertainty: bool,
+                       refinement_iterations: int = 0) -> tuple[sitk.Image, sitk.Image | None]:
+        """Labels (argmax of the probabilities resampled linearly onto the input's grid, optionally refined with the
+        input's own intensities, see refine_with_intensities) and, if asked, the normalised entropy of the final
+        probabilities, both on the input's grid."""
+        stack = []
         for index in range(probabilities.shape[0]):
             channel = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[index], dtype=np.float32))
             channel.CopyInformation(grid)
             resampled = sitk.Resample(channel, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
-            values = np.clip(sitk.GetArrayFromImage(resampled), 0.0, 1.0)
-            if best is None:
-                best, labels = values, np.zeros(values.shape, np.uint8)
-            else:
-                better = values > best
-                labels[better] = index
-                np.maximum(best, values, out=best)
-            if with_uncertainty:
-                term = -values * np.log(np.maximum(values, 1e-12))
-                entropy = term if entropy is None else entropy + term
-        label_image = sitk.GetImageFromArray(labels)
+            stack.append(np.clip(sitk.GetArrayFromImage(resampled), 0.0, 1.0))
+        final = np.stack(stack)
+        del stack
+        if refinement_iterations > 0:
+            final = refine_with_intensities(final, sitk.GetArrayViewFromImage(image), refinement_iterations)
+        label_image = sitk.GetImageFromArray(final.argmax(axis=0).astype(np.uint8))
         label_image.CopyInformation(image)
-        if entropy is None:
+        if not with_uncertainty:
             return label_image, None
-        normalised = np.clip(entropy / math.log(probabilities.shape[0]), 0.0, 1.0).astype(np.float32)
+        entropy = np.zeros(final.shape[1:], np.float32)
+        for values in final:
+            entropy -= values * np.log(np.maximum(values, 1e-12))
+        normalised = np.clip(entropy / math.log(final.shape[0]), 0.0, 1.0).astype(np.float32)
         uncertainty = sitk.GetImageFromArray(normalised)
         uncertainty.CopyInformation(image)
         return label_image, uncertainty
