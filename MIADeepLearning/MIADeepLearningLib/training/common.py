@@ -12,6 +12,7 @@ next ones while the network trains on the GPU: the same batches either way, sinc
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -51,6 +52,18 @@ def save_atomically(payload: dict[str, Any], path: Path) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, best_metric: str) -> None:
+    """The options every training script has: where it runs, how batches are drawn, precision, and the export."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes drawing batches ahead (0: in the training process); same batches either way")
+    parser.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
+    parser.add_argument("--export", type=Path, help="write the weights-only file from the checkpoint and exit")
+    parser.add_argument("--export-best", action="store_true",
+                        help=f"with --export: take the copy saved at the best {best_metric} (<checkpoint>.best.pt)")
 
 
 def _on_cpu(value: Any) -> Any:

@@ -140,16 +140,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-half-life", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=20261125)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="where the network trains: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes drawing batches ahead (0: in the training process); same batches either way")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--validation-patch", type=int, default=64)
-    parser.add_argument("--no-autocast", action="store_true", help="train in float32 even where bf16 is native")
-    parser.add_argument("--export", type=Path, help="write the weights-only file from the checkpoint and exit")
-    parser.add_argument("--export-best", action="store_true",
-                        help="with --export: take the copy saved at the best validation PSNR (<checkpoint>.best.pt)")
+    common.add_run_arguments(parser, "validation PSNR")
     return parser.parse_args(argv)
 
 
