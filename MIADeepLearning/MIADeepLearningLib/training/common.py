@@ -66,6 +66,27 @@ def add_run_arguments(parser: argparse.ArgumentParser, best_metric: str) -> None
                         help=f"with --export: take the copy saved at the best {best_metric} (<checkpoint>.best.pt)")
 
 
+def export_or_prepare(args: argparse.Namespace, keys: Sequence[str] = ("features",)) -> torch.device | None:
+    """With --export: write the weights-only file, print its sha256 (sha256sum's format) and return None (the script
+    then exits). Otherwise set the run up — threads, the seed of the network's initialisation — and return the device
+    the network trains on."""
+    if args.export:
+        source = export_source(args.checkpoint, args.export_best)
+        print(f"sha256 {export_weights(source, args.export, keys)}  {args.export}")
+        return None
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch.device(args.device)
+
+
+def require_patch_multiple(network: torch.nn.Module, args: argparse.Namespace) -> None:
+    """SystemExit naming --patch or --validation-patch when it does not fit the network's poolings."""
+    multiple = network.size_multiple
+    for name, size in (("--patch", args.patch), ("--validation-patch", args.validation_patch)):
+        if size % multiple:
+            raise SystemExit(f"{name} {size} is not a multiple of {multiple} ({len(args.features)} levels).")
+
+
 def _on_cpu(value: Any) -> Any:
     """Tensors (nested in dicts and lists) moved to the CPU: a checkpoint saved on a GPU loads anywhere."""
     if isinstance(value, torch.Tensor):

@@ -12,6 +12,7 @@ grid's voxel size (``voxel_mm``), so the same settings mean the same anatomy at 
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -128,6 +129,23 @@ class SpatialSettings:
     deformation_spacing: float = 24.0  # mm between the velocity field's control points
     integration_steps: int = 7
     flip_axes: tuple[int, ...] = ()  # axes flipped with probability 0.5 each (left-right: tissue classes are symmetric)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, rotation: float, scaling: float, translation: float,
+                      what: str = "per axis") -> None:
+        """The command-line options of a training script for these strengths (its own defaults)."""
+        parser.add_argument("--rotation", type=float, default=rotation, help=f"degrees, {what}")
+        parser.add_argument("--scaling", type=float, default=scaling, help=f"relative, {what}")
+        parser.add_argument("--shear", type=float, default=0.02)
+        parser.add_argument("--translation", type=float, default=translation, help=f"mm, {what}")
+        parser.add_argument("--deformation-std", type=float, default=4.0, help="mm, largest std of the velocity field")
+        parser.add_argument("--deformation-spacing", type=float, default=24.0, help="mm between its control points")
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, flip_axes: tuple[int, ...] = ()) -> SpatialSettings:
+        return cls(rotation=args.rotation, scaling=args.scaling, shear=args.shear, translation=args.translation,
+                   deformation_std=args.deformation_std, deformation_spacing=args.deformation_spacing,
+                   flip_axes=tuple(flip_axes))
 
     @classmethod
     def identity(cls) -> SpatialSettings:

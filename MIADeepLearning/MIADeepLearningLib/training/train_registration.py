@@ -212,12 +212,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar=("RANDOM", "T1", "T2"), help="weights of the contrast families, drawn per side")
     parser.add_argument("--inter-subject", type=float, default=0.0,
                         help="share of pairs whose moving side comes from another training label map")
-    parser.add_argument("--rotation", type=float, default=10.0, help="degrees, per axis, per side")
-    parser.add_argument("--scaling", type=float, default=0.1, help="relative, per axis, per side")
-    parser.add_argument("--shear", type=float, default=0.02)
-    parser.add_argument("--translation", type=float, default=6.0, help="mm, per axis, per side")
-    parser.add_argument("--deformation-std", type=float, default=4.0, help="mm, largest std of the velocity field")
-    parser.add_argument("--deformation-spacing", type=float, default=24.0, help="mm between its control points")
+    SpatialSettings.add_arguments(parser, rotation=10.0, scaling=0.1, translation=6.0, what="per axis, per side")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--validation-patch", type=int, default=64)
     parser.add_argument("--validation-pairs", type=int, default=6, help="held-out pairs")
@@ -227,27 +222,19 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    if args.export:
-        source = common.export_source(args.checkpoint, args.export_best)
-        print(f"sha256 {common.export_weights(source, args.export, EXPORT_KEYS)}  {args.export}")
+    device = common.export_or_prepare(args, EXPORT_KEYS)
+    if device is None:
         return 0
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     features = list(args.features)
     network = build_network(features).to(device)
-    for name, size in (("--patch", args.patch), ("--validation-patch", args.validation_patch)):
-        if size % network.size_multiple:
-            raise SystemExit(f"{name} {size} is not a multiple of {network.size_multiple} ({len(features)} levels).")
+    common.require_patch_multiple(network, args)
     training_maps, held_out_maps = load_label_maps(args.label_maps, args.held_out)
     if not held_out_maps:
         raise SystemExit(f"None of the held-out maps {args.held_out} is in {args.label_maps}.")
     training_maps = [downsample_label_map(item, args.working_spacing) for item in training_maps]
     held_out_maps = [downsample_label_map(item, args.working_spacing) for item in held_out_maps]
     # no flips: a mirrored side cannot be reached by a diffeomorphism
-    spatial = SpatialSettings(rotation=args.rotation, scaling=args.scaling, shear=args.shear,
-                              translation=args.translation, deformation_std=args.deformation_std,
-                              deformation_spacing=args.deformation_spacing)
+    spatial = SpatialSettings.from_arguments(args)
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
     settings: dict[str, Any] = {
         "features": features, "working_spacing": args.working_spacing, "integration_steps": args.integration_steps,

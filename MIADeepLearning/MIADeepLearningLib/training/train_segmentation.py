@@ -201,12 +201,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution-probability", type=float, default=0.5, help="share of thick-slice examples")
     parser.add_argument("--slice-spacing-range", type=float, nargs=2, default=[2.0, 8.0], metavar=("LOW", "HIGH"),
                         help="mm, of the simulated thick-slice acquisitions")
-    parser.add_argument("--rotation", type=float, default=15.0, help="degrees, per axis")
-    parser.add_argument("--scaling", type=float, default=0.15, help="relative, per axis")
-    parser.add_argument("--shear", type=float, default=0.02)
-    parser.add_argument("--translation", type=float, default=10.0, help="mm, per axis")
-    parser.add_argument("--deformation-std", type=float, default=4.0, help="mm, largest std of the velocity field")
-    parser.add_argument("--deformation-spacing", type=float, default=24.0, help="mm between its control points")
+    SpatialSettings.add_arguments(parser, rotation=15.0, scaling=0.15, translation=10.0)
     parser.add_argument("--flip-axes", type=int, nargs="*", default=[2], help="array axes flipped with p=0.5 "
                         "(2: left-right in NIfTI/NRRD arrays; tissue classes are symmetric)")
     parser.add_argument("--validate-every", type=int, default=250)
@@ -218,26 +213,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    if args.export:
-        source = common.export_source(args.checkpoint, args.export_best)
-        print(f"sha256 {common.export_weights(source, args.export, EXPORT_KEYS)}  {args.export}")
+    device = common.export_or_prepare(args, EXPORT_KEYS)
+    if device is None:
         return 0
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     features = list(args.features)
     network = UNet3D(in_channels=1, out_channels=len(gen.TISSUE_CLASSES), features=features).to(device)
-    for name, size in (("--patch", args.patch), ("--validation-patch", args.validation_patch)):
-        if size % network.size_multiple:
-            raise SystemExit(f"{name} {size} is not a multiple of {network.size_multiple} ({len(features)} levels).")
+    common.require_patch_multiple(network, args)
     training_maps, held_out_maps = load_label_maps(args.label_maps, args.held_out)
     if not held_out_maps:
         raise SystemExit(f"None of the held-out maps {args.held_out} is in {args.label_maps}.")
     training_maps = [downsample_label_map(item, args.working_spacing) for item in training_maps]
     held_out_maps = [downsample_label_map(item, args.working_spacing) for item in held_out_maps]
-    spatial = SpatialSettings(rotation=args.rotation, scaling=args.scaling, shear=args.shear,
-                              translation=args.translation, deformation_std=args.deformation_std,
-                              deformation_spacing=args.deformation_spacing, flip_axes=tuple(args.flip_axes))
+    spatial = SpatialSettings.from_arguments(args, flip_axes=tuple(args.flip_axes))
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
     settings: dict[str, Any] = {
         "features": features, "working_spacing": args.working_spacing, "classes": list(gen.TISSUE_CLASSES),

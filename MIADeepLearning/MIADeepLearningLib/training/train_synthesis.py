@@ -148,13 +148,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    if args.export:
-        source = export_source(args.checkpoint, args.export_best)
-        print(f"sha256 {export_weights(source, args.export)}  {args.export}")  # the format of sha256sum
+    device = common.export_or_prepare(args)
+    if device is None:
         return 0
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     training_maps, held_out_maps = load_label_maps(args.label_maps, args.held_out)
     if not held_out_maps:
         raise SystemExit(f"None of the held-out maps {args.held_out} is in {args.label_maps}.")
