@@ -18,8 +18,8 @@ pooled per class then averaged), ``val_dice_identity`` (the same before registra
 voxels whose Jacobian determinant is <= 0). Checkpoints resume exactly like train_segmentation (training/common.py);
 ``--export`` writes the weights-only file with what rebuilds the network (``--export-best``: from the best val_dice).
 
-Status: the code runs, resumes and exports (tested), but the network does not learn yet in CPU smoke runs (val_dice
-stays at the identity's; see Docs/Developers.md) — no weights from it are shipped.
+Status: the code runs, resumes and exports (tested), but CPU smoke runs of a few hundred iterations showed no learning
+yet (val_dice stayed at the identity's; see Docs/Developers.md) — no weights from it are shipped.
 """
 
 from __future__ import annotations
