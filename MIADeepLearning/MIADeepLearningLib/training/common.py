@@ -87,6 +87,11 @@ def require_patch_multiple(network: torch.nn.Module, args: argparse.Namespace) -
             raise SystemExit(f"{name} {size} is not a multiple of {multiple} ({len(args.features)} levels).")
 
 
+def autocast(device: torch.device, precision: torch.dtype | None) -> torch.autocast:
+    """Reduced-precision forward passes where `precision` is set (autocast_dtype's choice), float32 where it is None."""
+    return torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
+
+
 def _on_cpu(value: Any) -> Any:
     """Tensors (nested in dicts and lists) moved to the CPU: a checkpoint saved on a GPU loads anywhere."""
     if isinstance(value, torch.Tensor):

@@ -108,7 +108,7 @@ def one_hot(classes: torch.Tensor) -> torch.Tensor:
 def displacements(network: nn.Module, inputs: torch.Tensor, steps: int,
                   precision: torch.dtype | None = None) -> torch.Tensor:
     """(B, 3, P, P, P) voxel displacements of the flows of the predicted velocity fields (integrated in float32)."""
-    with torch.autocast(inputs.device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+    with common.autocast(inputs.device, precision):
         velocity = network(inputs)
     return torch.stack([integrate_velocity(field.float(), steps) for field in velocity])
 

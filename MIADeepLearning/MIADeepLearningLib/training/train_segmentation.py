@@ -161,7 +161,7 @@ def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precis
     device = device or torch.device("cpu")
     network.eval()
     counts = {setting: np.zeros((len(CLASS_NAMES), 3)) for setting, _ in samples}
-    with torch.no_grad(), torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+    with torch.no_grad(), common.autocast(device, precision):
         for setting, sample in samples:
             prediction = network(sample.inputs[None].to(device)).argmax(dim=1)[0].cpu()
             for index in range(len(CLASS_NAMES)):
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, target = batch
-        with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+        with common.autocast(device, precision):
             logits = network(inputs)
         return segmentation_loss(logits, target)
 

@@ -114,7 +114,7 @@ def evaluate(network: torch.nn.Module, samples: list[tuple[str, Sample]], precis
     network.eval()
     gains: dict[str, list[float]] = {}
     network_psnr, linear_psnr = [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+    with torch.no_grad(), common.autocast(device, precision):
         for contrast, sample in samples:
             prediction = network(sample.inputs[None].to(device))[0].float().cpu()
             value, baseline = psnr(prediction, sample.target, sample.mask), psnr(sample.linear, sample.target,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, target = batch
-        with torch.autocast(device.type, dtype=precision or torch.bfloat16, enabled=precision is not None):
+        with common.autocast(device, precision):
             prediction = network(inputs)
         return functional.l1_loss(prediction.float(), target)
 
