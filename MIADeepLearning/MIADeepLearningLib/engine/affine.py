@@ -6,7 +6,7 @@ Learned deformable registration assumes the two heads are already roughly aligne
 - initialisation from the centres of mass of the two FOREGROUNDS (binary masks, not intensities), so a contrast
   change that makes different tissues bright cannot pull the centre;
 - a light multi-resolution rigid, then affine registration with Mattes mutual information (contrast-independent)
-  on shrunk, smoothed images, with a fixed sampling seed so two runs give the same transform (to ~1e-12 mm:
+  on shrunk, smoothed images, with a fixed sampling seed so two runs give the same transform (to ~1e-6 mm:
   ITK's threaded sums may round differently).
 
 The result follows the conventions of `engine/displacement.py`: a resampling transform that takes a FIXED point to
