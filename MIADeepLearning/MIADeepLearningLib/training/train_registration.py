@@ -56,6 +56,7 @@ VALIDATION_CONTRASTS = (("t1", "t2"), ("t2", "random"), ("random", "t1"))  # (fi
 EXPORT_KEYS = ("features", "working_spacing", "integration_steps", "classes")
 GRADIENT_CLIP = 1.0
 HEAD_STD = 1e-2
+CURRICULUM_FAMILIES = ("t1", "t2")  # families whose two draws keep the same tissue order, so intensities still match
 
 
 @dataclass
@@ -213,8 +214,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contrast-mix", type=float, nargs=3, default=[0.5, 0.25, 0.25],
                         metavar=("RANDOM", "T1", "T2"), help="weights of the contrast families, drawn per side")
     parser.add_argument("--same-family-until", type=int, default=3000,
-                        help="curriculum: before this cumulative iteration both sides of a pair share the fixed "
-                             "side's contrast family (each still rendered with its own draw); after it, independent")
+                        help="curriculum: before this cumulative iteration both sides of a pair are T1-like or both "
+                             "T2-like (each still rendered with its own draw); after it, families drawn independently")
     parser.add_argument("--inter-subject", type=float, default=0.0,
                         help="share of pairs whose moving side comes from another training label map")
     # small affine differences: the engine pre-aligns affinely before the network runs
@@ -268,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                 moving_index = (fixed_index + 1 + int(torch.randint(0, len(training_maps) - 1, (),
                                                                     generator=generator))) % len(training_maps)
             contrasts = (draw_contrast(generator, args.contrast_mix), draw_contrast(generator, args.contrast_mix))
-            if iteration < args.same_family_until:
-                contrasts = (contrasts[0], contrasts[0])
+            if iteration < args.same_family_until:  # T1/T1 or T2/T2: two "random" draws would differ entirely
+                family = CURRICULUM_FAMILIES[int(torch.randint(0, len(CURRICULUM_FAMILIES), (), generator=generator))]
+                contrasts = (family, family)
             pairs.append(make_pair(training_maps[fixed_index], training_maps[moving_index], contrasts, generator,
                                    pair_settings))
         return tuple(torch.stack([getattr(pair, key) for pair in pairs]) for key in ("inputs", "fixed", "moving"))
