@@ -1,0 +1,211 @@
+"""RegistrationLogic end to end on a headless scene, with a stand-in for the registration worker.
+
+Why a stand-in: the logic's side of the job contract (what it exports, how it reads the .h5 transform, the warped
+volume, the propagated labels and the report) must be right whatever network fills the field. The stand-in runs in
+this process on the files the logic exported, with the engine's own functions: affine pre-alignment with the
+masks, the field of that affine on the fixed grid (``affine.compose_with_field``), the engine's warps, Jacobian
+statistics and Dice. So the scenarios of ``registration_scenarios`` that need no worker process run here unchanged
+(an affine alone already beats the phantom's shift), and the real network runs them in test_scenarios.py once its
+package ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MIADeepLearningLib import jobs, runner
+from MIADeepLearningLib.engine import affine, displacement, registry
+from MIADeepLearningLib.engine.errors import InputError
+
+MODEL_ID = "tiny-registration"
+
+
+def fake_register(job: jobs.Job) -> dict:
+    """What the worker's "register" task returns, computed with an affine instead of the network."""
+    read = {role: sitk.ReadImage(path) for role, path in job.inputs.items()}
+    fixed, moving = sitk.Cast(read["fixed"], sitk.sitkFloat32), sitk.Cast(read["moving"], sitk.sitkFloat32)
+    for role in ("fixed_mask", "moving_mask", "moving_labels", "fixed_labels"):
+        if role in read:  # masks and labels on their image's grid, as the contract says
+            image = read["fixed" if role.startswith("fixed") else "moving"]
+            assert read[role].GetSize() == image.GetSize(), role
+            assert np.allclose(read[role].GetOrigin(), image.GetOrigin(), atol=1e-4), role
+            assert np.allclose(read[role].GetDirection(), image.GetDirection(), atol=1e-6), role
+    aligned = affine.affine_prealign(fixed, moving, read.get("fixed_mask"), read.get("moving_mask"))
+    field = affine.compose_with_field(aligned.transform, fixed)
+    partial = job.partial_dir
+    partial.mkdir(parents=True)
+    files = {"transform": displacement.write_field(field, partial / job.outputs["transform"], fixed)}
+    warped = displacement.warp_image(moving, fixed, field)
+    files["warped"] = partial / job.outputs["warped"]
+    sitk.WriteImage(warped, str(files["warped"]))
+    stats = displacement.jacobian_stats(displacement.jacobian_determinant(field, fixed))
+    report = {"jacobian_non_positive_percent": stats.non_positive_percent, "jacobian_log_std": stats.log_std,
+              "jacobian_mean": stats.mean, "jacobian_min": stats.minimum, "jacobian_max": stats.maximum}
+    if "moving_labels" in read:
+        propagated = displacement.warp_labels(read["moving_labels"], fixed, field)
+        files["warped_labels"] = partial / job.outputs["warped_labels"]
+        sitk.WriteImage(propagated, str(files["warped_labels"]))
+        if "fixed_labels" in read:
+            identity = displacement.warp_labels(read["moving_labels"], fixed, np.zeros(
+                (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
+            scores = displacement.dice_per_label(propagated, read["fixed_labels"])
+            before = displacement.dice_per_label(identity, read["fixed_labels"])
+            report["dice"] = {str(label): score for label, score in scores.items()}
+            report["dice_mean"] = float(np.nanmean(list(scores.values())))
+            report["dice_before"] = float(np.nanmean(list(before.values())))
+            report["dice_affine"] = report["dice_mean"]
+    files["report"] = partial / job.outputs["report"]
+    files["report"].write_text(json.dumps(report), encoding="utf-8")
+    partial.rename(job.outputs_dir)
+    model = registry.get_model(job.model)
+    provenance = {"model_id": model.id, "model_version": model.version, "device": "cpu",
+                  "created_utc": "2026-01-01T00:00:00+00:00", "extension_version": "test",
+                  "weights_sha256": {weight.role: weight.sha256 for weight in model.weights}}
+    return {"outputs": {role: str(job.outputs_dir / path.name) for role, path in files.items()}, "report": report,
+            "provenance": provenance, "timings": {"inference": 0.1}, "warnings": [], "model_cached": False}
+
+
+class FakeWorker(runner._JobHandle):
+    """A finished job: the stand-in ran when the logic started it (or failed with the error it raised)."""
+
+    def __init__(self, job: jobs.Job, on_event=None, **kwargs) -> None:
+        super().__init__(job, on_event, None, None)
+        self.pid = None
+        events = [jobs.Event(stage="start", progress=0.0, message="stand-in worker")]
+        try:
+            result = fake_register(job)
+        except InputError as error:
+            events.append(jobs.Event(stage=jobs.STAGE_ERROR, message=str(error), error_type="InputError"))
+            self.state = runner.STATE_ERROR
+        else:
+            events.append(jobs.Event(stage=jobs.STAGE_DONE, progress=1.0, result=result))
+            self.state = runner.STATE_DONE
+        self.final_event = events[-1]
+        self._pending = events
+
+    def poll(self) -> list[jobs.Event]:
+        events, self._pending = self._pending, []
+        for event in events:
+            if self.on_event is not None:
+                self.on_event(event)
+        return events
+
+    def _kill(self) -> int | None:
+        return None
+
+
+@pytest.fixture
+def stand_in(scene, tmp_path, monkeypatch):
+    """A registration model package (tiny weights file) and the stand-in worker; jobs under tmp_path."""
+    from MIADeepLearningLib.testing import registration_scenarios
+
+    package = tmp_path / "models" / MODEL_ID
+    weights = package / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"not a network: the stand-in worker never loads it")
+    metadata = {"version": "0.0.1", "name": "Registration (test package)", "license": "Apache-2.0",
+                "slicer": {"id": MODEL_ID, "title": "Registration (test package)", "task": "registration",
+                           "modality": "MR", "pipeline": "test",
+                           "files": [{"role": "network", "path": "models/model.pt",
+                                      "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                                      "size": weights.stat().st_size}]}}
+    (package / "configs").mkdir()
+    (package / "configs" / "metadata.json").write_text(json.dumps(metadata), encoding="utf-8")
+    monkeypatch.setenv(registry.EXTRA_MODELS_ENV, str(tmp_path / "models"))
+    monkeypatch.setattr(registration_scenarios, "MODEL_ID", MODEL_ID)
+    monkeypatch.setattr(registration_scenarios, "JOBS_ROOT", tmp_path / "jobs")
+    started: list[jobs.Job] = []
+
+    def start(job: jobs.Job, **kwargs) -> FakeWorker:
+        started.append(job)
+        return FakeWorker(job, **kwargs)
+
+    monkeypatch.setattr(runner, "start", start)
+    return started
+
+
+def test_phantom_pair_scenario_with_stand_in_worker(stand_in):
+    """The full scenario (transform conventions, hardening, warped volume, propagated segments, report, provenance,
+    untouched inputs) on the logic's real exports and imports."""
+    from MIADeepLearningLib.testing import registration_scenarios
+
+    registration_scenarios.scenario_register_phantom_pair()
+    (job,) = stand_in
+    assert job.task == "register" and job.model == MODEL_ID
+    assert set(job.inputs) == {"fixed", "moving", "fixed_mask", "moving_mask", "moving_labels", "fixed_labels"}
+    assert job.outputs == {"transform": "transform.h5", "warped": "warped.nrrd", "warped_labels": "warped_labels.nrrd",
+                           "report": "report.json"}
+    assert job.options["instance_steps"] == 0 and job.device == "cpu"
+
+
+def test_bad_inputs_scenario(stand_in):
+    from MIADeepLearningLib.testing import registration_scenarios
+
+    registration_scenarios.scenario_bad_inputs_fail_cleanly()
+    assert not stand_in, "a refused run started a worker"
+
+
+def test_exported_labels_follow_the_segments(stand_in):
+    """Moving segments travel as 1..N in display order (a later segment wins where they overlap); the fixed
+    segmentation sends only segments whose names match, under the moving segment's value; masks are 0/1."""
+    import slicer
+
+    from MIADeepLearningLib.mrml.registration_logic import RegistrationLogic, _prepare
+    from MIADeepLearningLib.testing import registration_scenarios
+
+    pair = registration_scenarios.phantom_pair()
+    prepared = _prepare(pair["fixed"], pair["moving"], None, None, pair["moving_segmentation"],
+                        pair["fixed_segmentation"])
+    assert [(label.value, label.name) for label in prepared.labels] == [
+        (1, "Brain"), (2, "Left ventricle"), (3, "Right ventricle"), (4, "Lesion")]
+    assert [label.segment_id for label in prepared.labels] == ["Brain", "Left_ventricle", "Right_ventricle", "Lesion"]
+    assert [label.value for label in prepared.compared] == [1, 2, 3, 4]  # "brain " matches "Brain"
+    moving_points = registration_scenarios.moving_to_anatomy(registration_scenarios.voxel_centres(pair["moving"]))
+    assert np.array_equal(prepared.moving_labels, registration_scenarios.anatomy_labels(moving_points))
+    fixed_points = registration_scenarios.voxel_centres(pair["fixed"])
+    assert np.array_equal(prepared.fixed_labels, registration_scenarios.anatomy_labels(fixed_points)), \
+        "the fixed labels are not the matched segments under the moving values (or Scalp was sent)"
+    assert prepared.moving_labels.dtype == np.uint8 and not prepared.warnings
+
+    # a moving segment the fixed side lacks is propagated but gets no Dice; the engine's means are then not shown
+    fixed = pair["fixed_segmentation"].GetSegmentation()
+    fixed.RemoveSegment(fixed.GetSegmentIdBySegmentName("Lesion"))
+    result = RegistrationLogic().run(pair["fixed"], pair["moving"], MODEL_ID, device="cpu",
+                                     moving_segmentation=pair["moving_segmentation"],
+                                     fixed_segmentation=pair["fixed_segmentation"])
+    measures = [row.measure for row in result.quality]
+    assert "Dice: Lesion" not in measures and "Dice: Brain" in measures
+    assert "Mean Dice before registration" not in measures and "Mean Dice" in measures
+    assert result.segmentation_node.GetSegmentation().GetSegment("Lesion") is not None
+
+    # a fixed segmentation without a common name: a warning, no Dice, no fixed labels sent
+    other = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other names")
+    other.SetReferenceImageGeometryParameterFromVolumeNode(pair["fixed"])
+    segment_id = other.GetSegmentation().AddEmptySegment("Tumour", "Tumour", (1.0, 0.0, 0.0))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(np.ones((28, 34, 44), np.uint8), other, segment_id,
+                                                     pair["fixed"])
+    prepared = _prepare(pair["fixed"], pair["moving"], None, pair["moving_segmentation"], pair["moving_segmentation"],
+                        other)
+    assert prepared.fixed_labels is None and not prepared.compared
+    assert prepared.moving_mask is not None and set(np.unique(prepared.moving_mask)) == {0, 1}
+    assert any("No segment of 'other names'" in warning for warning in prepared.warnings), prepared.warnings
+
+
+def test_quality_rows_ignore_missing_and_non_finite_values():
+    from MIADeepLearningLib.mrml.registration_logic import QualityRow, SegmentLabel, quality_rows
+
+    labels = [SegmentLabel(1, "a", "A", (1.0, 0.0, 0.0), ""), SegmentLabel(2, "b", "B", (0.0, 1.0, 0.0), "")]
+    report = {"jacobian_non_positive_percent": 0.25, "jacobian_log_std": math.nan, "jacobian_mean": "1.01",
+              "dice": {"1": 0.8, "2": None, "3": 0.0}, "dice_before": 0.5, "dice_affine": 0.6}
+    rows = quality_rows(report, labels, all_labels_compared=False)
+    assert [row.measure for row in rows] == ["Folded voxels (det J <= 0), %", "Mean det J", "Dice: A", "Mean Dice"]
+    assert rows[-1] == QualityRow("Mean Dice", 0.8, "over the 1 segment(s) present in both segmentations")
+    rows = quality_rows(report, labels, all_labels_compared=True)
+    assert [row.value for row in rows[-2:]] == [0.5, 0.6]
+    assert quality_rows({}, labels, True) == []
