@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +210,46 @@ def test_quality_rows_ignore_missing_and_non_finite_values():
     rows = quality_rows(report, labels, all_labels_compared=True)
     assert [row.value for row in rows[-2:]] == [0.5, 0.6]
     assert quality_rows({}, labels, True) == []
+
+
+def test_a_failing_import_or_worker_leaves_the_scene_as_it_was(stand_in, monkeypatch, tmp_path):
+    """Propagated labels the logic never sent (the transform and the warped volume are already in the scene by then)
+    and an engine that refuses the pair: the run fails with one sentence, and the scene, the inputs and the job
+    folders are as before."""
+    from MIADeepLearningLib.engine.errors import InputError as EngineInputError
+    from MIADeepLearningLib.mrml.registration_logic import RegistrationLogic
+    from MIADeepLearningLib.testing import registration_scenarios, scenarios
+
+    pair = registration_scenarios.phantom_pair()
+    logic = RegistrationLogic(jobs_root=tmp_path / "jobs")
+    arguments = {"device": "cpu", "moving_segmentation": pair["moving_segmentation"],
+                 "fixed_segmentation": pair["fixed_segmentation"]}
+    segmentations = {name: registration_scenarios.segmentation_fingerprint(pair[name])
+                     for name in ("moving_segmentation", "fixed_segmentation")}
+
+    original = fake_register
+
+    def with_unknown_label(job):
+        result = original(job)
+        path = result["outputs"]["warped_labels"]
+        labels = sitk.ReadImage(path)
+        voxels = sitk.GetArrayFromImage(labels)
+        voxels[0, 0, 0] = 99
+        corrupted = sitk.GetImageFromArray(voxels)
+        corrupted.CopyInformation(labels)
+        sitk.WriteImage(corrupted, path)
+        return result
+
+    monkeypatch.setattr(sys.modules[__name__], "fake_register", with_unknown_label)
+    scenarios.assert_fails_cleanly(lambda: logic.run(pair["fixed"], pair["moving"], MODEL_ID, **arguments),
+                                   RuntimeError, "99", "no segment describes", watched_volume=pair["moving"])
+
+    def refusing(job):
+        raise EngineInputError("The fixed and the moving image do not overlap after the affine step.")
+
+    monkeypatch.setattr(sys.modules[__name__], "fake_register", refusing)
+    scenarios.assert_fails_cleanly(lambda: logic.run(pair["fixed"], pair["moving"], MODEL_ID, **arguments),
+                                   InputError, "do not overlap", watched_volume=pair["fixed"])
+    assert {name: registration_scenarios.segmentation_fingerprint(pair[name]) for name in segmentations} \
+        == segmentations
+    assert len(stand_in) == 2 and not list((tmp_path / "jobs").iterdir()), "a failed run left its job folder"
