@@ -334,8 +334,8 @@ class DLRegistrationTest(ScriptedLoadableModuleTest):
         params.fixedVolume = None
         params.movingVolume = None
         widget.initializeParameterNode()
-        self.assertIs(params.fixedVolume, pair["fixed"])
-        self.assertIs(params.movingVolume, pair["moving"])
+        self.assertEqual(params.fixedVolume.GetID(), pair["fixed"].GetID())
+        self.assertEqual(params.movingVolume.GetID(), pair["moving"].GetID())
         params.modelId = DEFAULT_MODEL_ID
         self.assertTrue(ui.applyButton.enabled, ui.applyButton.toolTip)
         params.movingVolume = None

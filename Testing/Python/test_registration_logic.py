@@ -145,6 +145,32 @@ def test_phantom_pair_scenario_with_stand_in_worker(stand_in):
     assert job.options["instance_steps"] == 0 and job.device == "cpu"
 
 
+def test_warm_worker_scenario_with_stand_in_worker(stand_in, monkeypatch):
+    """The volumes-only scenario through a stand-in kept-alive worker: jobs go to its submit(), and it reports the
+    model as already loaded from the second job on."""
+    from MIADeepLearningLib.testing import registration_scenarios
+
+    class FakeWarmWorker:
+        def __init__(self) -> None:
+            self.submitted: list[jobs.Job] = []
+
+        def __enter__(self) -> FakeWarmWorker:
+            return self
+
+        def __exit__(self, *exc_info) -> None:
+            pass
+
+        def submit(self, job: jobs.Job, on_event=None, timeout_s=None) -> FakeWorker:
+            handle = FakeWorker(job, on_event=on_event)
+            handle.final_event.result["model_cached"] = bool(self.submitted)
+            self.submitted.append(job)
+            return handle
+
+    monkeypatch.setattr(runner, "WarmWorker", FakeWarmWorker)
+    registration_scenarios.scenario_volumes_only_with_warm_worker()
+    assert not stand_in, "a job bypassed the kept-alive worker"
+
+
 def test_bad_inputs_scenario(stand_in):
     from MIADeepLearningLib.testing import registration_scenarios
 

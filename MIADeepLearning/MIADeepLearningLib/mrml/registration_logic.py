@@ -121,6 +121,19 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _scored_labels(report: dict[str, Any]) -> set[int]:
+    """The label values the worker gave a Dice score (keys that are not label values are ignored)."""
+    labels = set()
+    for value, score in (report.get("dice") or {}).items():
+        try:
+            label = int(value)
+        except (TypeError, ValueError):
+            continue
+        if _number(score) is not None:
+            labels.add(label)
+    return labels
+
+
 def quality_rows(report: dict[str, Any], compared: list[SegmentLabel], all_labels_compared: bool
                  ) -> list[QualityRow]:
     """The rows of the quality table from the worker's report.
@@ -324,8 +337,7 @@ class RegistrationRun(TaskRun):
             report = json.loads(Path(files["report"]).read_text(encoding="utf-8"))
         report = dict(report or {})
         prepared = self._prepared
-        all_compared = {int(value) for value, score in (report.get("dice") or {}).items()
-                        if _number(score) is not None} == {label.value for label in prepared.compared}
+        all_compared = _scored_labels(report) == {label.value for label in prepared.compared}
         rows = quality_rows(report, prepared.compared, all_compared)
         scene = fixed.GetScene() or slicer.mrmlScene
         with SceneGuard(scene):

@@ -423,9 +423,9 @@ def scenario_volumes_only_with_warm_worker() -> None:
         rows = _table_rows(result.report_table_node)
         assert FOLDING in rows and not any(measure.startswith("Dice") or "Dice" in measure for measure in rows), rows
     assert first.transform_node.GetName() != second.transform_node.GetName(), "a re-run reused an output name"
-    added = set(scene_node_ids()) - set(nodes_before)
-    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
-    assert len([node_id for node_id in added if "Transform" in node_id and "Storage" not in node_id]) >= 2
+    added = [slicer.mrmlScene.GetNodeByID(node_id) for node_id in set(scene_node_ids()) - set(nodes_before)]
+    kinds = sorted(node.GetClassName() for node in added if not node.IsA("vtkMRMLDisplayNode"))
+    assert kinds == sorted(["vtkMRMLGridTransformNode", "vtkMRMLScalarVolumeNode", "vtkMRMLTableNode"] * 2), kinds
 
 
 def scenario_bad_inputs_fail_cleanly() -> None:
