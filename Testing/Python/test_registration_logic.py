@@ -279,3 +279,36 @@ def test_a_failing_import_or_worker_leaves_the_scene_as_it_was(stand_in, monkeyp
     assert {name: registration_scenarios.segmentation_fingerprint(pair[name]) for name in segmentations} \
         == segmentations
     assert len(stand_in) == 2 and not list((tmp_path / "jobs").iterdir()), "a failed run left its job folder"
+
+
+def test_segments_of_a_surface_segmentation_are_exported_without_touching_it(scene):
+    """A segmentation that holds only closed surfaces (e.g. imported models) is converted on a copy: the label map
+    covers the sphere on the reference grid, and the user's node still has no binary labelmap, in no changed scene."""
+    import slicer
+    import vtk
+
+    from MIADeepLearningLib.mrml.segmentations import segments_label_array
+    from MIADeepLearningLib.testing import scenarios
+
+    reference = scenarios.volume_from_array(np.zeros((20, 24, 22), np.float32), np.diag([2.0, 2.0, 2.5, 1.0]),
+                                            "reference")
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(20.0, 24.0, 25.0)
+    sphere.SetRadius(10.0)
+    sphere.SetThetaResolution(32)
+    sphere.SetPhiResolution(32)
+    sphere.Update()
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    node.GetSegmentation().SetSourceRepresentationName(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+    segment_id = node.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "Ball", (1.0, 0.0, 0.0))
+    labelmap = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    assert not node.GetSegmentation().ContainsRepresentation(labelmap)
+    nodes_before = scenarios.scene_node_ids()
+
+    voxels = segments_label_array(node, reference, [(segment_id, 7)])
+    assert voxels.shape == (20, 24, 22) and set(np.unique(voxels)) == {0, 7}
+    ball_ml = np.count_nonzero(voxels) * 2.0 * 2.0 * 2.5 / 1000.0
+    assert abs(ball_ml - 4.0 / 3.0 * np.pi * 10.0**3 / 1000.0) < 0.5, ball_ml
+    assert not node.GetSegmentation().ContainsRepresentation(labelmap), "the user's segmentation was converted"
+    assert scenarios.scene_node_ids() == nodes_before

@@ -150,16 +150,21 @@ def segments_label_array(
     Why a copy of the segmentation: the merge may have to convert closed surfaces to binary labelmaps, which must
     not change the user's node; the copy is in no scene, so the export adds, removes and modifies nothing there.
     """
-    copy = slicer.vtkMRMLSegmentationNode()
-    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
-    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    if not copy.GetSegmentation().ContainsRepresentation(labelmap_name):
-        copy.GetSegmentation().CreateRepresentation(labelmap_name)
     geometry = slicer.vtkOrientedImageData()
     matrix = vtk.vtkMatrix4x4()
     reference_volume.GetIJKToRASMatrix(matrix)
     geometry.SetImageToWorldMatrix(matrix)
     geometry.SetExtent(reference_volume.GetImageData().GetExtent())
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    converter = slicer.vtkSegmentationConverter
+    if not copy.GetSegmentation().ContainsRepresentation(converter.GetBinaryLabelmapRepresentationName()):
+        # surfaces are rasterised straight onto the reference grid (not onto a default, much finer one)
+        copy.GetSegmentation().SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                                      converter.SerializeImageGeometry(geometry))
+        if not copy.GetSegmentation().CreateRepresentation(converter.GetBinaryLabelmapRepresentationName()):
+            raise RuntimeError(f"Slicer could not turn the segments of '{segmentation_node.GetName()}' into a "
+                               "label map.")
     ids, values = vtk.vtkStringArray(), vtk.vtkIntArray()
     for segment_id, value in segment_values:
         ids.InsertNextValue(segment_id)
