@@ -285,7 +285,11 @@ def _prepare(fixed, moving, fixed_mask, moving_mask, moving_segmentation, fixed_
         by_name = {}
         for segment_id, name in _segments(fixed_segmentation):
             by_name.setdefault(_key(name), segment_id)
-        pairs = [(by_name[_key(label.name)], label) for label in prepared.labels if _key(label.name) in by_name]
+        pairs = []
+        for label in prepared.labels:  # a fixed segment is compared with the first moving segment of its name
+            segment_id = by_name.pop(_key(label.name), None)
+            if segment_id is not None:
+                pairs.append((segment_id, label))
         if not pairs:
             prepared.warnings.append(f"No segment of {_name(fixed_segmentation)} has the name of a segment of "
                                      f"{_name(moving_segmentation)}; Dice compares segments of the same name, so the "
