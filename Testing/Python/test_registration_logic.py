@@ -55,12 +55,13 @@ def fake_register(job: jobs.Job) -> dict:
         if "fixed_labels" in read:
             identity = displacement.warp_labels(read["moving_labels"], fixed, np.zeros(
                 (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
-            scores = displacement.dice_per_label(propagated, read["fixed_labels"])
-            before = displacement.dice_per_label(identity, read["fixed_labels"])
-            report["dice"] = {str(label): score for label, score in scores.items()}
-            report["dice_mean"] = float(np.nanmean(list(scores.values())))
-            report["dice_before"] = float(np.nanmean(list(before.values())))
-            report["dice_affine"] = report["dice_mean"]
+            fixed_values = sitk.GetArrayViewFromImage(read["fixed_labels"])
+            labels = sorted(int(value) for value in np.union1d(
+                np.unique(fixed_values), np.unique(sitk.GetArrayViewFromImage(read["moving_labels"]))) if value)
+            for key, on_fixed in (("dice", propagated), ("dice_before", identity), ("dice_affine", propagated)):
+                scores = displacement.dice_per_label(sitk.GetArrayViewFromImage(on_fixed), fixed_values, labels)
+                report[key] = {str(label): None if math.isnan(score) else score for label, score in scores.items()}
+                report[f"{key}_mean"] = float(np.nanmean(list(scores.values())))
     files["report"] = partial / job.outputs["report"]
     files["report"].write_text(json.dumps(report), encoding="utf-8")
     partial.rename(job.outputs_dir)
@@ -142,7 +143,12 @@ def test_phantom_pair_scenario_with_stand_in_worker(stand_in):
     assert set(job.inputs) == {"fixed", "moving", "fixed_mask", "moving_mask", "moving_labels", "fixed_labels"}
     assert job.outputs == {"transform": "transform.h5", "warped": "warped.nrrd", "warped_labels": "warped_labels.nrrd",
                            "report": "report.json"}
-    assert job.options["instance_steps"] == 0 and job.device == "cpu"
+    assert job.options["instance_steps"] == 0 and job.options["model_options"] == {"instance_steps": 0}
+    assert job.options["input_names"] == {"fixed": "fixed phantom", "moving": "moving phantom",
+                                          "fixed_mask": "fixed head", "moving_mask": "moving head",
+                                          "moving_segmentation": "moving structures",
+                                          "fixed_segmentation": "fixed structures"}
+    assert job.device == "cpu"
 
 
 def test_warm_worker_scenario_with_stand_in_worker(stand_in, monkeypatch):
@@ -200,7 +206,7 @@ def test_exported_labels_follow_the_segments(stand_in):
         "the fixed labels are not the matched segments under the moving values (or Scalp was sent)"
     assert prepared.moving_labels.dtype == np.uint8 and not prepared.warnings
 
-    # a moving segment the fixed side lacks is propagated but gets no Dice; the engine's means are then not shown
+    # a moving segment the fixed side lacks is propagated but gets no Dice, and the means leave it out
     fixed = pair["fixed_segmentation"].GetSegmentation()
     fixed.RemoveSegment(fixed.GetSegmentIdBySegmentName("Lesion"))
     result = RegistrationLogic().run(pair["fixed"], pair["moving"], MODEL_ID, device="cpu",
@@ -208,7 +214,12 @@ def test_exported_labels_follow_the_segments(stand_in):
                                      fixed_segmentation=pair["fixed_segmentation"])
     measures = [row.measure for row in result.quality]
     assert "Dice: Lesion" not in measures and "Dice: Brain" in measures
-    assert "Mean Dice before registration" not in measures and "Mean Dice" in measures
+    rows = {row.measure: row.value for row in result.quality}
+    assert rows["Mean Dice"] == pytest.approx(np.mean([rows[f"Dice: {name}"] for name in (
+        "Brain", "Left ventricle", "Right ventricle")]))
+    before = {key: value for key, value in result.report["dice_before"].items() if key != "4"}
+    assert rows["Mean Dice before registration"] == pytest.approx(np.mean(list(before.values())))
+    assert result.report["dice"]["4"] == 0.0, "the stand-in scored the unmatched label (as the engine does)"
     assert result.segmentation_node.GetSegmentation().GetSegment("Lesion") is not None
 
     # a fixed segmentation without a common name: a warning, no Dice, no fixed labels sent
@@ -225,6 +236,8 @@ def test_exported_labels_follow_the_segments(stand_in):
 
 
 def test_quality_rows_ignore_missing_and_non_finite_values():
+    """Means over the compared segments only, from per-label scores; a worker's plain mean only when its labels are
+    the compared ones; NaN, None and missing values are left out."""
     from MIADeepLearningLib.mrml.registration_logic import QualityRow, SegmentLabel, quality_rows
 
     labels = [SegmentLabel(1, "a", "A", (1.0, 0.0, 0.0), ""), SegmentLabel(2, "b", "B", (0.0, 1.0, 0.0), "")]
@@ -236,6 +249,16 @@ def test_quality_rows_ignore_missing_and_non_finite_values():
     rows = quality_rows(report, labels, all_labels_compared=True)
     assert [row.value for row in rows[-2:]] == [0.5, 0.6]
     assert quality_rows({}, labels, True) == []
+
+    per_label = {"jacobian_region": "fixed mask", "jacobian_non_positive_percent": 0.0,
+                 "dice": {"1": 0.9, "2": 0.7, "3": 0.0}, "dice_before": {"1": 0.5, "2": 0.3, "3": 0.0},
+                 "dice_affine": {"1": 0.8, "2": None, "3": 0.0}}
+    rows = {row.measure: row for row in quality_rows(per_label, labels, all_labels_compared=False)}
+    assert rows["Folded voxels (det J <= 0), %"].meaning.endswith("(over the fixed mask)")
+    assert rows["Dice: A"].meaning.endswith("; before registration 0.500; after the affine step 0.800")
+    assert rows["Dice: B"].meaning.endswith("; before registration 0.300")
+    assert rows["Mean Dice"].value == pytest.approx(0.8) and rows["Mean Dice before registration"].value == 0.4
+    assert "Mean Dice after affine only" not in rows, "a mean over fewer segments than the others"
 
 
 def test_a_failing_import_or_worker_leaves_the_scene_as_it_was(stand_in, monkeypatch, tmp_path):

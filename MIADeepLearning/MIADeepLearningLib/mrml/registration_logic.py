@@ -138,33 +138,50 @@ def quality_rows(report: dict[str, Any], compared: list[SegmentLabel], all_label
                  ) -> list[QualityRow]:
     """The rows of the quality table from the worker's report.
 
-    Dice is shown only for segments present in both segmentations (`compared`); the worker scores every label of
-    either map, and a segment the fixed side lacks would score 0 for a reason that is not the registration. Its
-    means before registration and after the affine step are over all its labels, so they are shown only when those
-    are exactly the compared segments (`all_labels_compared`).
+    Dice is shown only for segments present in both segmentations (`compared`): the worker scores every label of
+    either map, and a segment the fixed side lacks would score 0 for a reason that is not the registration. So the
+    means are taken here, over the compared segments. Before registration and after the affine step the worker
+    gives per-label scores (``dice_before``/``dice_affine`` as {label: score}), which are averaged the same way; a
+    worker that gives only a mean over all its labels has it shown only when those are exactly the compared
+    segments (`all_labels_compared`).
     """
     rows = []
+    region = report.get("jacobian_region")
     for key, measure, meaning in _JACOBIAN_ROWS:
         value = _number(report.get(key))
         if value is not None:
+            if region:
+                meaning = f"{meaning} (over the {region})"
             rows.append(QualityRow(measure, value, meaning))
     dice = report.get("dice") or {}
-    scores = []
+    stages = {"before": report.get("dice_before"), "affine": report.get("dice_affine")}
+    per_label = {stage: scores for stage, scores in stages.items() if isinstance(scores, dict)}
+    scores: dict[str, list[float]] = {"after": [], "before": [], "affine": []}
     for label in compared:
         value = _number(dice.get(str(label.value)))
-        if value is not None:
-            scores.append(value)
-            rows.append(QualityRow(f"Dice: {label.name}", value,
-                                   "overlap of the propagated and the fixed segment; 1 is identical"))
-    if scores:
-        rows.append(QualityRow(MEAN_DICE, float(np.mean(scores)),
-                               f"over the {len(scores)} segment(s) present in both segmentations"))
-        for key, measure, meaning in (
-            ("dice_before", MEAN_DICE_BEFORE, "the same segments, moving segmentation on the fixed grid as it was"),
-            ("dice_affine", MEAN_DICE_AFFINE, "the same segments after the affine pre-alignment alone"),
+        if value is None:
+            continue
+        scores["after"].append(value)
+        meaning = "overlap of the carried-over and the fixed segment; 1 is identical"
+        for stage, words in (("before", "before registration"), ("affine", "after the affine step")):
+            earlier = _number(per_label[stage].get(str(label.value))) if stage in per_label else None
+            if earlier is not None:
+                scores[stage].append(earlier)
+                meaning += f"; {words} {earlier:.3f}"
+        rows.append(QualityRow(f"Dice: {label.name}", value, meaning))
+    if scores["after"]:
+        count = len(scores["after"])
+        rows.append(QualityRow(MEAN_DICE, float(np.mean(scores["after"])),
+                               f"over the {count} segment(s) present in both segmentations"))
+        for stage, measure, meaning in (
+            ("before", MEAN_DICE_BEFORE, "the same segments, the moving segmentation on the fixed grid as it was"),
+            ("affine", MEAN_DICE_AFFINE, "the same segments after the affine pre-alignment alone"),
         ):
-            value = _number(report.get(key))
-            if value is not None and all_labels_compared:
+            if stage in per_label:
+                value = float(np.mean(scores[stage])) if len(scores[stage]) == count else None
+            else:
+                value = _number(stages[stage]) if all_labels_compared else None
+            if value is not None:
                 rows.append(QualityRow(measure, value, meaning))
     return rows
 
@@ -421,7 +438,10 @@ class RegistrationLogic(TaskLogic):
             ("fixed", fixed_volume), ("moving", moving_volume), ("fixed_mask", fixed_mask),
             ("moving_mask", moving_mask), ("moving_segmentation", moving_segmentation),
             ("fixed_segmentation", fixed_segmentation)) if node is not None}
-        options = {"instance_steps": instance_steps, "moving_name": moving_volume.GetName()}
+        input_names = {role[:-len("_node")]: name for role, name in node_names.items()}
+        # instance_steps both where the job contract names it and where the pipeline reads its options
+        options = {"instance_steps": instance_steps, "model_options": {"instance_steps": instance_steps},
+                   "input_names": input_names}
         worker, export_seconds = launch(WORKER_TASK, fixed_volume, model, outputs, device, options, self.jobs_root,
                                         self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
                                         export_inputs=_exporter(fixed_volume, moving_volume, prepared))
