@@ -408,3 +408,28 @@ def test_inputs_that_cannot_be_registered(phantom_files, tmp_path, case):
         tasks.register_images(fixed, moving, MODEL_ID, device="cpu", **arguments)
     message = str(caught.value)
     assert expected in message and "\n" not in message and message.endswith("."), message
+
+
+def test_affine_runs_on_the_working_spacing_for_finer_images():
+    """A 1 mm image is aligned on 2 mm voxels over the same extent (same axes); a coarser one as it is."""
+    fine = grid_image(rotation(1, 10.0), (1.0, 1.0, 1.2), (60, 50, 40))
+    coarse = grid_image(np.eye(3), (2.5, 2.5, 2.5), (20, 20, 20))
+    box = np.zeros(tuple(reversed(fine.GetSize())), np.uint8)
+    box[10:30, 15:35, 20:40] = 1
+    mask = sitk.GetImageFromArray(box)
+    mask.CopyInformation(fine)
+    fixed, moving, fixed_mask, moving_mask = registration.affine_inputs(fine, coarse, mask, None, 2.0)
+    assert fixed.GetSpacing() == (2.0, 2.0, 2.0) and fixed.GetSize() == (30, 25, 24)
+    np.testing.assert_allclose(fixed.GetDirection(), fine.GetDirection())
+    centre = fine.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fine.GetSize()])
+    np.testing.assert_allclose(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]),
+                               centre, atol=1e-9)
+    assert fixed_mask.GetSize() == fixed.GetSize()
+    assert int(sitk.GetArrayViewFromImage(fixed_mask).sum()) == pytest.approx(20 * 20 * 20 * 1.2 / 8, rel=0.15)
+    assert moving is coarse and moving_mask is None
+    box[:] = 0
+    box[20, 25, 30] = 1
+    speck = sitk.GetImageFromArray(box)
+    speck.CopyInformation(fine)
+    with pytest.raises(InputError, match="The fixed mask is thinner than the 2 mm voxels"):
+        registration.affine_inputs(fine, coarse, speck, None, 2.0)

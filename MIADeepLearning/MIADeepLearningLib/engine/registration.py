@@ -50,7 +50,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "deformable": True,  # False: the affine pre-alignment alone (as a field), e.g. as a benchmark baseline
     "instance_steps": 0,  # Adam steps refining the network's map on the pair (0: the network alone)
     "instance_lr": 0.2,  # Adam step size of the correction velocity (voxels of its half-resolution grid)
-    "instance_smoothness": 0.5,  # weight of the diffusion regulariser of the correction (working-grid voxels)
+    "instance_smoothness": 1.0,  # weight of the diffusion regulariser of the correction (working-grid voxels)
     "similarity": "mind",  # what instance optimisation matches (MIND-SSC, contrast-independent)
     "orientation": DEFAULT_ORIENTATION,
     # how the affine pre-alignment starts: "moments" (centres of the foregrounds) or "none" (the identity, for images
@@ -191,6 +191,35 @@ def total_field(affine: sitk.Transform, fixed: sitk.Image, displacement: np.ndar
     if grid is None:
         raise ValueError("A working-grid displacement needs its grid.")
     return affine_module.compose_with_field(affine, fixed, field_on_fixed(displacement, grid, fixed))
+
+
+def _coarser(image: sitk.Image, spacing_mm: float, mask: sitk.Image | None, what: str
+             ) -> tuple[sitk.Image, sitk.Image | None]:
+    """The image (and its mask) on an isotropic `spacing_mm` grid over its extent, in its own axes, when its voxels
+    are finer than that; else as they are."""
+    if min(image.GetSpacing()) >= geometry.ANTI_ALIAS_BELOW * spacing_mm:
+        return image, mask
+    grid, _ = geometry.isotropic_grid(image, spacing_mm)
+    coarse = geometry.resample_anti_aliased(image, grid)
+    if mask is not None:
+        mask = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0,
+                             sitk.sitkFloat32) >= 0.5
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError(f"{what} is thinner than the {spacing_mm:g} mm voxels the registration works on; give "
+                             "a larger mask or none.")
+    return coarse, mask
+
+
+def affine_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+                  spacing_mm: float) -> tuple[sitk.Image, sitk.Image, sitk.Image | None, sitk.Image | None]:
+    """(fixed, moving, fixed mask, moving mask) for the affine pre-alignment: each image resampled (anti-aliased)
+    onto isotropic voxels of the network's working spacing when it is finer. Why: the affine's last level would
+    otherwise run at the input's full resolution (measured 30 s for a 1 mm head pair on 2 CPU cores instead of a few)
+    while the network, which runs at that spacing anyway, corrects what remains; the transform, in physical space,
+    applies to the original images unchanged."""
+    fixed, fixed_mask = _coarser(fixed, spacing_mm, fixed_mask, "The fixed mask")
+    moving, moving_mask = _coarser(moving, spacing_mm, moving_mask, "The moving mask")
+    return fixed, moving, fixed_mask, moving_mask
 
 
 # -------------------------------------------------------------------------------------- instance optimisation
@@ -384,8 +413,9 @@ class DeformableRegistration:
 
         mark = time.perf_counter()
         progress("affine", 0.15, "Affine pre-alignment (mutual information)")
-        aligned = affine_module.affine_prealign(fixed, moving, fixed_mask, moving_mask,
-                                                initialization=str(self.options["affine_initialization"]))
+        aligned = affine_module.affine_prealign(
+            *affine_inputs(fixed, moving, fixed_mask, moving_mask, self.working_spacing),
+            initialization=str(self.options["affine_initialization"]))
         timings["affine"] = time.perf_counter() - mark
         if aligned.overlap < LOW_OVERLAP:
             warnings.append(f"After the affine pre-alignment the two foregrounds overlap only {aligned.overlap:.0%} "
