@@ -21,14 +21,15 @@ import pytest
 import SimpleITK as sitk
 
 from MIADeepLearningLib import jobs, runner
-from MIADeepLearningLib.engine import affine, displacement, registry
+from MIADeepLearningLib.engine import affine, displacement, registry, tasks
 from MIADeepLearningLib.engine.errors import InputError
 
 MODEL_ID = "tiny-registration"
 
 
 def fake_register(job: jobs.Job) -> dict:
-    """What the worker's "register" task returns, computed with an affine instead of the network."""
+    """What the worker's "register" task returns, computed with an affine instead of the network (the report by
+    the engine's own tasks.registration_report)."""
     read = {role: sitk.ReadImage(path) for role, path in job.inputs.items()}
     fixed, moving = sitk.Cast(read["fixed"], sitk.sitkFloat32), sitk.Cast(read["moving"], sitk.sitkFloat32)
     for role in ("fixed_mask", "moving_mask", "moving_labels", "fixed_labels"):
@@ -45,23 +46,13 @@ def fake_register(job: jobs.Job) -> dict:
     warped = displacement.warp_image(moving, fixed, field)
     files["warped"] = partial / job.outputs["warped"]
     sitk.WriteImage(warped, str(files["warped"]))
-    stats = displacement.jacobian_stats(displacement.jacobian_determinant(field, fixed))
-    report = {"jacobian_non_positive_percent": stats.non_positive_percent, "jacobian_log_std": stats.log_std,
-              "jacobian_mean": stats.mean, "jacobian_min": stats.minimum, "jacobian_max": stats.maximum}
+    propagated = None
     if "moving_labels" in read:
         propagated = displacement.warp_labels(read["moving_labels"], fixed, field)
         files["warped_labels"] = partial / job.outputs["warped_labels"]
         sitk.WriteImage(propagated, str(files["warped_labels"]))
-        if "fixed_labels" in read:
-            identity = displacement.warp_labels(read["moving_labels"], fixed, np.zeros(
-                (*sitk.GetArrayViewFromImage(fixed).shape, 3)))
-            fixed_values = sitk.GetArrayViewFromImage(read["fixed_labels"])
-            labels = sorted(int(value) for value in np.union1d(
-                np.unique(fixed_values), np.unique(sitk.GetArrayViewFromImage(read["moving_labels"]))) if value)
-            for key, on_fixed in (("dice", propagated), ("dice_before", identity), ("dice_affine", propagated)):
-                scores = displacement.dice_per_label(sitk.GetArrayViewFromImage(on_fixed), fixed_values, labels)
-                report[key] = {str(label): None if math.isnan(score) else score for label, score in scores.items()}
-                report[f"{key}_mean"] = float(np.nanmean(list(scores.values())))
+    report = tasks.registration_report(fixed, field, aligned.transform, read.get("fixed_mask"),
+                                       read.get("moving_labels"), read.get("fixed_labels"), propagated)
     files["report"] = partial / job.outputs["report"]
     files["report"].write_text(json.dumps(report), encoding="utf-8")
     partial.rename(job.outputs_dir)
@@ -143,7 +134,7 @@ def test_phantom_pair_scenario_with_stand_in_worker(stand_in):
     assert set(job.inputs) == {"fixed", "moving", "fixed_mask", "moving_mask", "moving_labels", "fixed_labels"}
     assert job.outputs == {"transform": "transform.h5", "warped": "warped.nrrd", "warped_labels": "warped_labels.nrrd",
                            "report": "report.json"}
-    assert job.options["instance_steps"] == 0 and job.options["model_options"] == {"instance_steps": 0}
+    assert job.options["model_options"] == {"instance_steps": 0}
     assert job.options["input_names"] == {"fixed": "fixed phantom", "moving": "moving phantom",
                                           "fixed_mask": "fixed head", "moving_mask": "moving head",
                                           "moving_segmentation": "moving structures",
@@ -236,24 +227,21 @@ def test_exported_labels_follow_the_segments(stand_in):
 
 
 def test_quality_rows_ignore_missing_and_non_finite_values():
-    """Means over the compared segments only, from per-label scores; a worker's plain mean only when its labels are
-    the compared ones; NaN, None and missing values are left out."""
+    """Means over the compared segments only, from per-label scores; NaN, None and missing values are left out."""
     from MIADeepLearningLib.mrml.registration_logic import QualityRow, SegmentLabel, quality_rows
 
     labels = [SegmentLabel(1, "a", "A", (1.0, 0.0, 0.0), ""), SegmentLabel(2, "b", "B", (0.0, 1.0, 0.0), "")]
     report = {"jacobian_non_positive_percent": 0.25, "jacobian_log_std": math.nan, "jacobian_mean": "1.01",
-              "dice": {"1": 0.8, "2": None, "3": 0.0}, "dice_before": 0.5, "dice_affine": 0.6}
-    rows = quality_rows(report, labels, all_labels_compared=False)
+              "dice": {"1": 0.8, "2": None, "3": 0.0}, "dice_mean": 0.4, "dice_before_mean": 0.5}
+    rows = quality_rows(report, labels)
     assert [row.measure for row in rows] == ["Folded voxels (det J <= 0), %", "Mean det J", "Dice: A", "Mean Dice"]
     assert rows[-1] == QualityRow("Mean Dice", 0.8, "over the 1 segment(s) present in both segmentations")
-    rows = quality_rows(report, labels, all_labels_compared=True)
-    assert [row.value for row in rows[-2:]] == [0.5, 0.6]
-    assert quality_rows({}, labels, True) == []
+    assert quality_rows({}, labels) == []
 
     per_label = {"jacobian_region": "fixed mask", "jacobian_non_positive_percent": 0.0,
                  "dice": {"1": 0.9, "2": 0.7, "3": 0.0}, "dice_before": {"1": 0.5, "2": 0.3, "3": 0.0},
                  "dice_affine": {"1": 0.8, "2": None, "3": 0.0}}
-    rows = {row.measure: row for row in quality_rows(per_label, labels, all_labels_compared=False)}
+    rows = {row.measure: row for row in quality_rows(per_label, labels)}
     assert rows["Folded voxels (det J <= 0), %"].meaning.endswith("(over the fixed mask)")
     assert rows["Dice: A"].meaning.endswith("; before registration 0.500; after the affine step 0.800")
     assert rows["Dice: B"].meaning.endswith("; before registration 0.300")

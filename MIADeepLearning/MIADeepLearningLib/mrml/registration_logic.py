@@ -121,29 +121,14 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _scored_labels(report: dict[str, Any]) -> set[int]:
-    """The label values the worker gave a Dice score (keys that are not label values are ignored)."""
-    labels = set()
-    for value, score in (report.get("dice") or {}).items():
-        try:
-            label = int(value)
-        except (TypeError, ValueError):
-            continue
-        if _number(score) is not None:
-            labels.add(label)
-    return labels
-
-
-def quality_rows(report: dict[str, Any], compared: list[SegmentLabel], all_labels_compared: bool
-                 ) -> list[QualityRow]:
-    """The rows of the quality table from the worker's report.
+def quality_rows(report: dict[str, Any], compared: list[SegmentLabel]) -> list[QualityRow]:
+    """The rows of the quality table from the worker's report (Docs/Developers.md, task ``register``).
 
     Dice is shown only for segments present in both segmentations (`compared`): the worker scores every label of
     either map, and a segment the fixed side lacks would score 0 for a reason that is not the registration. So the
-    means are taken here, over the compared segments. Before registration and after the affine step the worker
-    gives per-label scores (``dice_before``/``dice_affine`` as {label: score}), which are averaged the same way; a
-    worker that gives only a mean over all its labels has it shown only when those are exactly the compared
-    segments (`all_labels_compared`).
+    means are taken here, over the compared segments, from the per-label scores after registration (``dice``),
+    before it (``dice_before``) and after the affine step alone (``dice_affine``); a mean is shown only when every
+    compared segment has its score.
     """
     rows = []
     region = report.get("jacobian_region")
@@ -177,12 +162,8 @@ def quality_rows(report: dict[str, Any], compared: list[SegmentLabel], all_label
             ("before", MEAN_DICE_BEFORE, "the same segments, the moving segmentation on the fixed grid as it was"),
             ("affine", MEAN_DICE_AFFINE, "the same segments after the affine pre-alignment alone"),
         ):
-            if stage in per_label:
-                value = float(np.mean(scores[stage])) if len(scores[stage]) == count else None
-            else:
-                value = _number(stages[stage]) if all_labels_compared else None
-            if value is not None:
-                rows.append(QualityRow(measure, value, meaning))
+            if len(scores[stage]) == count:
+                rows.append(QualityRow(measure, float(np.mean(scores[stage])), meaning))
     return rows
 
 
@@ -358,8 +339,7 @@ class RegistrationRun(TaskRun):
             report = json.loads(Path(files["report"]).read_text(encoding="utf-8"))
         report = dict(report or {})
         prepared = self._prepared
-        all_compared = _scored_labels(report) == {label.value for label in prepared.compared}
-        rows = quality_rows(report, prepared.compared, all_compared)
+        rows = quality_rows(report, prepared.compared)
         scene = fixed.GetScene() or slicer.mrmlScene
         with SceneGuard(scene):
             transform = load_grid_transform(files["transform"],
@@ -439,9 +419,7 @@ class RegistrationLogic(TaskLogic):
             ("moving_mask", moving_mask), ("moving_segmentation", moving_segmentation),
             ("fixed_segmentation", fixed_segmentation)) if node is not None}
         input_names = {role[:-len("_node")]: name for role, name in node_names.items()}
-        # instance_steps both where the job contract names it and where the pipeline reads its options
-        options = {"instance_steps": instance_steps, "model_options": {"instance_steps": instance_steps},
-                   "input_names": input_names}
+        options = {"model_options": {"instance_steps": instance_steps}, "input_names": input_names}
         worker, export_seconds = launch(WORKER_TASK, fixed_volume, model, outputs, device, options, self.jobs_root,
                                         self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
                                         export_inputs=_exporter(fixed_volume, moving_volume, prepared))
