@@ -105,7 +105,7 @@ MEAN_DICE = "Mean Dice"
 MEAN_DICE_BEFORE = "Mean Dice before registration"
 MEAN_DICE_AFFINE = "Mean Dice after affine only"
 _JACOBIAN_ROWS = (
-    ("jacobian_non_positive_percent", FOLDING, "share of the fixed grid where the transform folds; 0 is ideal"),
+    ("jacobian_non_positive_percent", FOLDING, "share of voxels where the transform folds; 0 is ideal"),
     ("jacobian_log_std", LOG_STD, "spread of the local volume change; lower is smoother"),
     ("jacobian_mean", "Mean det J", "average local volume change; 1 keeps the volume"),
     ("jacobian_min", "Min det J", "strongest local shrinking (<= 0: folding)"),
