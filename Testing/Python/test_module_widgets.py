@@ -8,7 +8,7 @@ progress, finish, cancel, errors and declined installs the same way in every mod
 
 Each case runs in a subprocess of its own: the stand-ins replace `qt`, `slicer` and `vtk` in sys.modules, which must
 not leak into the other suites (they use slicer-core's real `slicer`). The real widgets, layout and dialogs are
-covered by the Slicer self-tests (DLSegmentationTest, DLSynthesisTest).
+covered by the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "MIADeepLearning"
 UI_DIR = ROOT / "Resources" / "UI"
-MODULES = ("DLSegmentation", "DLSynthesis")
+MODULES = ("DLSegmentation", "DLSynthesis", "DLRegistration")
 
 
 # Stand-ins (installed only in the subprocess)
@@ -294,6 +294,12 @@ class FakeScene:
     def GetFirstNodeByClass(self, class_name: str) -> Any:
         return self.nodes[0] if self.nodes else None
 
+    def GetNumberOfNodesByClass(self, class_name: str) -> int:
+        return len(self.nodes)
+
+    def GetNthNodeByClass(self, index: int, class_name: str) -> Any:
+        return self.nodes[index]
+
     def IsNodePresent(self, node: Any) -> bool:
         return node in self.nodes
 
@@ -313,6 +319,11 @@ class FakeNode:
 
     def IsA(self, class_name: str) -> bool:
         return class_name == "vtkMRMLScalarVolumeNode"
+
+
+class FakeLabelMapNode(FakeNode):
+    def IsA(self, class_name: str) -> bool:
+        return class_name in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode")
 
 
 class FakeRun:
@@ -385,6 +396,13 @@ _SYNTHESIS_RESULT = types.SimpleNamespace(
     volume_node=FakeNode("head 1mm", "vtkMRMLScalarVolumeNode9"), uncertainty_node=None, difference_node=None,
     warnings=[], timings={"total": 3.0},
 )
+_REGISTRATION_RESULT = types.SimpleNamespace(
+    transform_node=FakeNode("moving to fixed", "vtkMRMLGridTransformNode1"),
+    warped_volume_node=FakeNode("moving registered", "vtkMRMLScalarVolumeNode9"), segmentation_node=None,
+    report_table_node=FakeNode("moving to fixed registration quality", "vtkMRMLTableNode1"),
+    quality=[types.SimpleNamespace(measure="Folded voxels (det J <= 0), %", value=0.0)], warnings=[],
+    timings={"total": 2.0}, summary=lambda: "folding 0.00 % of voxels",
+)
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
@@ -397,6 +415,14 @@ CASES: dict[str, dict[str, Any]] = {
         "start_kwargs": {"outputVolume": None, "createUncertainty": False, "createDifference": False,
                          "keepModelLoaded": True},
         "result": _SYNTHESIS_RESULT, "done": "Done: volume 'head 1mm' in 3.0 s.",
+    },
+    "DLRegistration": {
+        "model": "brain-registration", "title": "DL Registration", "failed": "Registration failed: boom",
+        "inputs": ("fixedVolume", "movingVolume"), "missing": "Select a fixed volume.",
+        "start_kwargs": {"fixedMask": None, "movingMask": None, "movingSegmentation": None,
+                         "fixedSegmentation": None, "instanceSteps": 0, "keepModelLoaded": True},
+        "result": _REGISTRATION_RESULT,
+        "done": "Done: 'moving to fixed', 'moving registered', 'moving to fixed registration quality' in 2.0 s.",
     },
 }
 
@@ -420,17 +446,27 @@ def case_apply_poll_finish_cancel_errors(name: str) -> None:
     assert widget._pollTimer.interval == task_widget.POLL_INTERVAL_MS
     assert ui.applyButton.connections["clicked(bool)"] == widget.onApplyButton
     assert (ui.applyButton.text, ui.applyButton.enabled, ui.applyButton.toolTip) == (
-        "Apply", False, "Select an input volume.")
+        "Apply", False, case.get("missing", "Select an input volume."))
 
-    volume = FakeNode("head", "vtkMRMLScalarVolumeNode1")
-    slicer.mrmlScene.nodes.append(volume)
-    params.inputVolume = volume
+    inputs = case.get("inputs", ("inputVolume",))
+    volumes = [FakeNode(f"head {index}", f"vtkMRMLScalarVolumeNode{index + 1}") for index in range(len(inputs))]
+    for field, node in zip(inputs, volumes):
+        slicer.mrmlScene.nodes.append(node)
+        setattr(params, field, node)
+    volume = volumes[0]
     assert ui.applyButton.enabled, ui.applyButton.toolTip
     if name == "DLSynthesis":  # the module's own refusal, through the _inputProblem hook
         assert ui.disclaimerLabel.text.startswith("Synthesized")
         params.outputVolume = volume
         assert not ui.applyButton.enabled and "must not be the input volume" in ui.applyButton.toolTip
         params.outputVolume = None
+        assert ui.applyButton.enabled
+    if name == "DLRegistration":  # a moving volume, and two different volumes
+        params.movingVolume = None
+        assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select a moving volume."
+        params.movingVolume = volume
+        assert not ui.applyButton.enabled and "two different volumes" in ui.applyButton.toolTip
+        params.movingVolume = volumes[1]
         assert ui.applyButton.enabled
     params.modelId = "unknown"
     assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select a model."
@@ -453,7 +489,7 @@ def case_apply_poll_finish_cancel_errors(name: str) -> None:
     runs.append(FakeRun([[Event(stage="inference", progress=0.5, message="Half way")], []], result=case["result"]))
     widget.onApplyButton()
     assert ensured == [(case["model"], str(ROOT / "Resources" / "requirements.txt"))]
-    assert started == [((volume, case["model"]), {"device": "auto", **case["start_kwargs"]})]
+    assert started == [((*volumes, case["model"]), {"device": "auto", **case["start_kwargs"]})]
     assert (ui.applyButton.text, ui.applyButton.enabled) == ("Cancel", True)
     assert not ui.inputsCollapsibleButton.enabled and not ui.outputsCollapsibleButton.enabled
     assert widget._pollTimer.active
@@ -541,7 +577,8 @@ def case_logic_warm_worker(name: str) -> None:
     logic = getattr(modules[name], f"{name}Logic")()
     created: list[tuple] = []
     logic.createTaskLogic = lambda python, warm: created.append((python, warm)) or types.SimpleNamespace(warm=warm)
-    accessor = logic.segmentationLogic if name == "DLSegmentation" else logic.synthesisLogic
+    accessor = getattr(logic, {"DLSegmentation": "segmentationLogic", "DLSynthesis": "synthesisLogic",
+                               "DLRegistration": "registrationLogic"}[name])
 
     cold = accessor(False)
     assert accessor(False) is cold and cold.warm is None
@@ -613,17 +650,66 @@ def case_segmentation_optional_outputs(name: str) -> None:
     assert ui.volumesTableView.tableNode is None and not ui.resultsCollapsibleButton.visible
 
 
+def case_registration_inputs_and_report(name: str) -> None:
+    """Entering the module picks the first two image volumes (label maps skipped) as fixed and moving; the masks,
+    segmentations and refinement steps are passed on as chosen; one segmentation on both sides is refused; after a
+    run the quality report is shown (table, summary, rows in the log) and the moving image over the fixed one."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    labels = FakeLabelMapNode("labels", "vtkMRMLLabelMapVolumeNode1")
+    fixed, moving = FakeNode("t1", "vtkMRMLScalarVolumeNode2"), FakeNode("t2", "vtkMRMLScalarVolumeNode3")
+    slicer.mrmlScene.nodes.extend([labels, fixed, moving])
+    widget = _widget(modules[name], name, [_model("brain-registration")])
+    ui, params = widget.ui, widget._parameterNode
+    assert params.fixedVolume is fixed and params.movingVolume is moving, (params.fixedVolume, params.movingVolume)
+    assert params.instanceSteps == 0 and params.fixedMask is None and params.movingSegmentation is None
+    assert not ui.resultsCollapsibleButton.visible and ui.reportTableView.tableNode is None
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+
+    mask, structures = FakeNode("brain", "vtkMRMLSegmentationNode1"), FakeNode("tissue", "vtkMRMLSegmentationNode2")
+    params.movingSegmentation = structures
+    params.fixedSegmentation = structures
+    assert not ui.applyButton.enabled and "two different segmentations" in ui.applyButton.toolTip
+    params.fixedSegmentation = None
+    params.fixedMask = mask
+    params.instanceSteps = 50
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+
+    task_widget.ensureDependencies = lambda *args: None
+    started: list[tuple] = []
+    widget.logic.start = lambda *args, **kwargs: started.append((args, kwargs)) or FakeRun(
+        [[]], result=_REGISTRATION_RESULT)
+    widget.onApplyButton()
+    widget._onPollTimer()
+    ((args, kwargs),) = started
+    assert args == (fixed, moving, "brain-registration")
+    assert kwargs == {"device": "auto", "fixedMask": mask, "movingMask": None, "movingSegmentation": structures,
+                      "fixedSegmentation": None, "instanceSteps": 50, "keepModelLoaded": True}, kwargs
+    assert ui.reportTableView.tableNode is _REGISTRATION_RESULT.report_table_node
+    assert ui.resultsCollapsibleButton.visible and not ui.resultsCollapsibleButton.collapsed
+    assert ui.reportSummaryLabel.text == "folding 0.00 % of voxels"
+    assert "  Folded voxels (det J <= 0), %: 0" in ui.logTextEdit.lines, ui.logTextEdit.lines
+    ((_, layers_kwargs),) = recorder.named("setSliceViewerLayers")
+    assert layers_kwargs == {"background": fixed, "foreground": _REGISTRATION_RESULT.warped_volume_node,
+                             "foregroundOpacity": 0.5, "fit": True}, layers_kwargs
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
     for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
-                     case_segmentation_optional_outputs)
+                     case_segmentation_optional_outputs, case_registration_inputs_and_report)
 }
 
 
 # pytest side
 
 
-MODULE_CASES = {"case_segmentation_optional_outputs": ("DLSegmentation",)}  # cases for some modules only
+MODULE_CASES = {  # cases for some modules only
+    "case_segmentation_optional_outputs": ("DLSegmentation",),
+    "case_registration_inputs_and_report": ("DLRegistration",),
+}
 
 
 @pytest.mark.parametrize(("case", "module"), [(case, module) for case in sorted(CASE_FUNCTIONS)

@@ -1,8 +1,9 @@
-"""The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest), run here on a headless
-MRML scene.
+"""The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest), run
+here on a headless MRML scene.
 
-Same functions, same SegmentationLogic / SynthesisLogic, real worker processes and the real networks (deepbet,
-thick-slice-sr); in CI every prerequisite is installed, so a skip here is a failure of the setup, not a pass.
+Same functions, same SegmentationLogic / SynthesisLogic / RegistrationLogic, real worker processes and the real
+networks (deepbet, thick-slice-sr, brain-registration); in CI every prerequisite is installed, so a skip here is a
+failure of the setup, not a pass.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from MIADeepLearningLib.testing import scenarios, synthesis_scenarios
+from MIADeepLearningLib.testing import registration_scenarios, scenarios, synthesis_scenarios
 
 
 def _run(scenario: Callable[[], None]) -> None:
@@ -34,4 +35,11 @@ def test_scenario(scene, name, scenario):
 @pytest.mark.parametrize("name,scenario", synthesis_scenarios.SCENARIOS,
                          ids=[name for name, _ in synthesis_scenarios.SCENARIOS])
 def test_synthesis_scenario(scene, name, scenario):
+    _run(scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scenario", registration_scenarios.SCENARIOS,
+                         ids=[name for name, _ in registration_scenarios.SCENARIOS])
+def test_registration_scenario(scene, name, scenario):
     _run(scenario)

@@ -51,9 +51,10 @@ class TaskWidgetMixin:
 
     The module calls ``TaskWidgetMixin.__init__(self)`` in its ``__init__`` and ``self._setupTaskWidget(...)`` in its
     ``setup()``, and implements ``_startRun``, ``_showResult``, ``_moduleTitle`` and ``_failureMessage``; the
-    parameter node must have inputVolume, modelId, device and keepModelLoaded. ``_inputProblem`` may refuse Apply
-    for a module's own reasons. The Logic must have ``availableModels()``, ``getParameterNode()`` and
-    ``shutdownWarmWorker()``.
+    parameter node must have modelId, device and keepModelLoaded, and inputVolume unless the module overrides
+    ``_primaryInput``, ``_missingInput`` and ``_selectDefaultInputs`` (registration: a fixed and a moving volume).
+    ``_inputProblem`` may refuse Apply for a module's own reasons. The Logic must have ``availableModels()``,
+    ``getParameterNode()`` and ``shutdownWarmWorker()``.
     """
 
     def __init__(self) -> None:
@@ -89,6 +90,21 @@ class TaskWidgetMixin:
     def _inputProblem(self, params: Any) -> str | None:
         """Why Apply is refused for a module's own reason (the tooltip), checked after the input volume; None: fine."""
         return None
+
+    def _primaryInput(self, params: Any) -> Any:
+        """The volume a run is for (handed to _showResult): the input volume, or a registration's fixed volume."""
+        return params.inputVolume
+
+    def _missingInput(self, params: Any) -> str | None:
+        """What the user must still select before Apply (the tooltip); None when the inputs are there."""
+        return None if params.inputVolume else _("Select an input volume.")
+
+    def _selectDefaultInputs(self, params: Any) -> None:
+        """Fill empty inputs when the module is entered: the first scalar volume of the scene (not a label map)."""
+        if not params.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                params.inputVolume = firstVolumeNode
 
     # Setup and life cycle
 
@@ -153,10 +169,7 @@ class TaskWidgetMixin:
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-                self._parameterNode.inputVolume = firstVolumeNode
+        self._selectDefaultInputs(self._parameterNode)
 
     def setParameterNode(self, inputParameterNode: Any) -> None:
         if self._parameterNode:
@@ -237,10 +250,10 @@ class TaskWidgetMixin:
             return
         self.ui.applyButton.text = _("Apply")
         params = self._parameterNode
-        if not params or not params.inputVolume:
+        if not params:
             refusal = _("Select an input volume.")
         else:
-            refusal = self._inputProblem(params)
+            refusal = self._missingInput(params) or self._inputProblem(params)
             if not refusal and self.ui.modelComboBox.currentIndex < 0:
                 refusal = _("Select a model.")
         self.ui.applyButton.toolTip = refusal or _("Run the model in a background process.")
@@ -260,7 +273,7 @@ class TaskWidgetMixin:
             self._cancelRun()
             return
         params = self._parameterNode
-        if not params or not params.inputVolume:
+        if not params or self._missingInput(params):
             return
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
@@ -285,7 +298,7 @@ class TaskWidgetMixin:
             self._run = None
             self._reportError(error, traceback.format_exc(), [])
             return
-        self._runInput = params.inputVolume
+        self._runInput = self._primaryInput(params)
         self._cancelRequested = False
         self._log(_("Started model '{modelId}' on device '{device}'.").format(
             modelId=params.modelId, device=params.device))

@@ -30,8 +30,9 @@ def segmentation_from_label_file(
     name: str,
     segmentation_node: slicer.vtkMRMLSegmentationNode | None = None,
 ) -> slicer.vtkMRMLSegmentationNode:
-    """One segment per ``segments`` item (``value``, ``name``, ``color`` 0-255, ``terminology``) from a label file
-    on the reference volume's grid; segment ID = segment name, empty labels still get their (empty) segment.
+    """One segment per ``segments`` item (``value``, ``name``, ``color`` 0-255, ``terminology``, optional ``id``)
+    from a label file on the reference volume's grid; segment ID = ``id``, else the segment name; empty labels still
+    get their (empty) segment.
 
     A given ``segmentation_node`` is reused (its old segments replaced) only once the file has been read and
     verified. Raises RuntimeError when the file is unreadable, off the reference grid or holds undescribed labels.
@@ -60,9 +61,9 @@ def segmentation_from_label_file(
 
         segment_ids = vtk.vtkStringArray()
         for spec in specs:
-            segment_id = segmentation.AddEmptySegment(spec["name"], spec["name"], spec["color"])
-            if segment_id != spec["name"]:
-                raise RuntimeError(f"Slicer renamed segment {spec['name']!r} to {segment_id!r}.")
+            segment_id = segmentation.AddEmptySegment(spec["id"], spec["name"], spec["color"])
+            if segment_id != spec["id"]:
+                raise RuntimeError(f"Slicer renamed segment {spec['id']!r} to {segment_id!r}.")
             segment = segmentation.GetSegment(segment_id)
             if spec["terminology"]:
                 segment.SetTag(segment.GetTerminologyEntryTagName(), spec["terminology"])
@@ -80,20 +81,24 @@ def segmentation_from_label_file(
 
 
 def _validated_specs(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Normalise segment descriptions (colour to 0-1 floats) and refuse duplicates, which would merge segments."""
+    """Normalise segment descriptions (colour to 0-1 floats, ID defaulting to the name) and refuse duplicate labels or
+    IDs, which would merge segments. Two segments may share a name only with IDs of their own (a propagated
+    segmentation keeps the original's IDs and names)."""
     if not segments:
         raise ValueError("At least one segment description is needed to import a label file.")
-    specs, values, names = [], set(), set()
+    specs, values, ids = [], set(), set()
     for item in segments:
         value, seg_name = int(item["value"]), str(item["name"])
-        if value <= 0 or value in values or not seg_name or seg_name in names:
-            raise ValueError(f"Segment {seg_name!r} (label {value}) is not a unique positive label with a unique name.")
+        segment_id = str(item.get("id") or seg_name)
+        if value <= 0 or value in values or not seg_name or segment_id in ids:
+            raise ValueError(f"Segment {seg_name!r} (label {value}) is not a unique positive label with a unique ID.")
         values.add(value)
-        names.add(seg_name)
+        ids.add(segment_id)
         color = [float(c) / 255.0 for c in item.get("color", (128, 128, 128))]
         if len(color) != 3:
             raise ValueError(f"Segment {seg_name!r} needs an RGB colour, got {item.get('color')!r}.")
-        specs.append({"value": value, "name": seg_name, "color": color, "terminology": item.get("terminology", "")})
+        specs.append({"value": value, "name": seg_name, "id": segment_id, "color": color,
+                      "terminology": item.get("terminology", "")})
     return specs
 
 
@@ -132,3 +137,45 @@ def segment_names(segmentation_node: slicer.vtkMRMLSegmentationNode) -> list[str
     """Segment names in display order."""
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def segments_label_array(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume: slicer.vtkMRMLVolumeNode,
+    segment_values: list[tuple[str, int]],
+) -> np.ndarray:
+    """The given segments (segment ID, label value) as one (k, j, i) label array on the reference volume's grid;
+    where segments overlap, the later one in the list wins (as in Slicer's own labelmap export).
+
+    Why a copy of the segmentation: the merge may have to convert closed surfaces to binary labelmaps, which must
+    not change the user's node; the copy is in no scene, so the export adds, removes and modifies nothing there.
+    """
+    geometry = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    reference_volume.GetIJKToRASMatrix(matrix)
+    geometry.SetImageToWorldMatrix(matrix)
+    geometry.SetExtent(reference_volume.GetImageData().GetExtent())
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    converter = slicer.vtkSegmentationConverter
+    if not copy.GetSegmentation().ContainsRepresentation(converter.GetBinaryLabelmapRepresentationName()):
+        # surfaces are rasterised straight onto the reference grid (not onto a default, much finer one)
+        copy.GetSegmentation().SetConversionParameter(converter.GetReferenceImageGeometryParameterName(),
+                                                      converter.SerializeImageGeometry(geometry))
+        if not copy.GetSegmentation().CreateRepresentation(converter.GetBinaryLabelmapRepresentationName()):
+            raise RuntimeError(f"Slicer could not turn the segments of '{segmentation_node.GetName()}' into a "
+                               "label map.")
+    ids, values = vtk.vtkStringArray(), vtk.vtkIntArray()
+    for segment_id, value in segment_values:
+        ids.InsertNextValue(segment_id)
+        values.InsertNextValue(int(value))
+    merged = slicer.vtkOrientedImageData()
+    if not copy.GenerateMergedLabelmapForAllSegments(merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY,
+                                                     geometry, ids, values):
+        raise RuntimeError(f"Slicer could not turn the segments of '{segmentation_node.GetName()}' into a label map.")
+    if merged.GetDimensions() != reference_volume.GetImageData().GetDimensions():
+        raise RuntimeError(f"The label map of '{segmentation_node.GetName()}' is not on the grid of "
+                           f"'{reference_volume.GetName()}'.")
+    voxels = array_from_image(merged)
+    dtype = np.uint8 if max((value for _, value in segment_values), default=0) < 256 else np.uint16
+    return voxels.astype(dtype)

@@ -16,6 +16,7 @@ from MIADeepLearningLib.engine import errors, registry
 from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume
 
 EventCallback = Callable[[jobs.Event], None]
+ExportInputs = Callable[[Path], dict[str, str]]
 
 _ERRORS_BY_TYPE = {
     "InputError": errors.InputError,
@@ -82,9 +83,10 @@ class TaskRun:
         timings["total"] = round(time.perf_counter() - self._started_at, 3)
         return timings
 
-    def _copy_display(self, volume_node) -> None:
-        """Show an output volume like its input (same colours and window/level), not with an automatic window."""
-        source = self.input_volume.GetDisplayNode()
+    def _copy_display(self, volume_node, like=None) -> None:
+        """Show an output volume like its input (same colours and window/level), not with an automatic window;
+        `like` is another volume to copy the display from (a registration shows the moving image)."""
+        source = (like if like is not None else self.input_volume).GetDisplayNode()
         volume_node.CreateDefaultDisplayNodes()
         target = volume_node.GetDisplayNode()
         if source is not None and target is not None:
@@ -127,9 +129,12 @@ class TaskLogic:
 def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str, str], device: str,
            options: dict[str, Any], jobs_root: Path | None, python_executable: str | None,
            warm_worker: runner.WarmWorker | None, timeout_s: float | None, on_event: EventCallback | None,
-           worker_env: dict[str, str] | None) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
+           worker_env: dict[str, str] | None, export_inputs: ExportInputs | None = None,
+           ) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
     """Export the input and start the job; (worker handle, export seconds). Nothing is left behind on failure.
 
+    By default `input_volume` is the job's only input (role "image"); a task with several inputs (registration)
+    passes `export_inputs`, which writes them into the job folder it is given and returns role -> absolute path.
     `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
     """
     started_at = time.perf_counter()
@@ -139,8 +144,11 @@ def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str
         jobs_root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="miadl-job-", dir=jobs_root))
     try:
-        image_path = export_volume(input_volume, folder / "input.nrrd")
-        job = jobs.Job(task=task, model=model.id, inputs={"image": str(image_path)}, folder=str(folder),
+        if export_inputs is None:
+            inputs = {"image": str(export_volume(input_volume, folder / "input.nrrd"))}
+        else:
+            inputs = export_inputs(folder)
+        job = jobs.Job(task=task, model=model.id, inputs=inputs, folder=str(folder),
                        outputs=outputs, device=device, options={"input_name": input_volume.GetName(), **options})
         export_seconds = time.perf_counter() - started_at
         if warm_worker is not None:

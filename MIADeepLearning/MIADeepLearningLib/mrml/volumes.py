@@ -220,3 +220,17 @@ def place_beside(node: slicer.vtkMRMLNode, reference: slicer.vtkMRMLNode) -> Non
         sh.SetItemParent(item, parent)
     else:
         sh.CreateItem(parent, node)
+
+
+def export_label_array(voxels: np.ndarray, reference: slicer.vtkMRMLVolumeNode, path: str | os.PathLike) -> Path:
+    """Write (k, j, i) labels on the reference volume's grid to a NRRD label file for the engine, through a label map
+    node that is never added to the scene (e.g. a segmentation exported for a registration job)."""
+    if voxels.shape != tuple(reversed(reference.GetImageData().GetDimensions())):
+        raise RuntimeError(f"The label map ({voxels.shape}) is not on the grid of '{reference.GetName()}'.")
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    node.SetAndObserveImageData(image_from_array(voxels))
+    matrix = vtk.vtkMatrix4x4()
+    reference.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    node.SetName(reference.GetName())
+    return export_volume(node, path)
