@@ -313,9 +313,21 @@ def test_instance_optimisation_works_across_contrasts(phantom_files):
     assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
 
 
-def test_network_improves_dice_over_the_affine_without_folding(network_only):
+# The shipped weights come from a training run that has not learnt to register yet (its validation Dice is still at
+# or below the identity's); these two tests state what the network alone must do. Strict: once re-exported weights
+# pass, the mark makes the suite fail until it is removed.
+NETWORK_NOT_TRAINED_YET = pytest.mark.xfail(
+    strict=True, reason="brain-registration 0.1.0 weights (250 training iterations): network alone gives phantom Dice "
+                        "0.586 vs 0.569 after the affine, and 0.85 mm mean displacement for identical images")
+
+
+def test_network_alone_does_not_fold(network_only):
+    assert network_only.report["jacobian_non_positive_percent"] < FOLDS_LIMIT
+
+
+@NETWORK_NOT_TRAINED_YET
+def test_network_improves_dice_over_the_affine(network_only):
     report = network_only.report
-    assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
     assert report["dice_mean"] > report["dice_affine_mean"] + 0.02, report
 
 
@@ -329,6 +341,7 @@ def test_affine_only_option_gives_the_affine_field(phantom_files):
     assert "working_grid" not in result.provenance["pipeline"]
 
 
+@NETWORK_NOT_TRAINED_YET
 def test_identical_images_give_a_near_zero_field(phantom_files):
     fixed = sitk.ReadImage(str(phantom_files["fixed"]))
     result = _pipeline().register(fixed, fixed)
