@@ -420,7 +420,7 @@ CASES: dict[str, dict[str, Any]] = {
         "model": "brain-registration", "title": "DL Registration", "failed": "Registration failed: boom",
         "inputs": ("fixedVolume", "movingVolume"), "missing": "Select a fixed volume.",
         "start_kwargs": {"fixedMask": None, "movingMask": None, "movingSegmentation": None,
-                         "fixedSegmentation": None, "instanceSteps": 0, "keepModelLoaded": True},
+                         "fixedSegmentation": None, "instanceSteps": 50, "keepModelLoaded": True},
         "result": _REGISTRATION_RESULT,
         "done": "Done: 'moving to fixed', 'moving registered', 'moving to fixed registration quality' in 2.0 s.",
     },
@@ -664,7 +664,7 @@ def case_registration_inputs_and_report(name: str) -> None:
     widget = _widget(modules[name], name, [_model("brain-registration")])
     ui, params = widget.ui, widget._parameterNode
     assert params.fixedVolume is fixed and params.movingVolume is moving, (params.fixedVolume, params.movingVolume)
-    assert params.instanceSteps == 0 and params.fixedMask is None and params.movingSegmentation is None
+    assert params.instanceSteps == 50 and params.fixedMask is None and params.movingSegmentation is None
     assert not ui.resultsCollapsibleButton.visible and ui.reportTableView.tableNode is None
     assert ui.applyButton.enabled, ui.applyButton.toolTip
 
@@ -674,7 +674,7 @@ def case_registration_inputs_and_report(name: str) -> None:
     assert not ui.applyButton.enabled and "two different segmentations" in ui.applyButton.toolTip
     params.fixedSegmentation = None
     params.fixedMask = mask
-    params.instanceSteps = 50
+    params.instanceSteps = 20
     assert ui.applyButton.enabled, ui.applyButton.toolTip
 
     task_widget.ensureDependencies = lambda *args: None
@@ -686,7 +686,7 @@ def case_registration_inputs_and_report(name: str) -> None:
     ((args, kwargs),) = started
     assert args == (fixed, moving, "brain-registration")
     assert kwargs == {"device": "auto", "fixedMask": mask, "movingMask": None, "movingSegmentation": structures,
-                      "fixedSegmentation": None, "instanceSteps": 50, "keepModelLoaded": True}, kwargs
+                      "fixedSegmentation": None, "instanceSteps": 20, "keepModelLoaded": True}, kwargs
     assert ui.reportTableView.tableNode is _REGISTRATION_RESULT.report_table_node
     assert ui.resultsCollapsibleButton.visible and not ui.resultsCollapsibleButton.collapsed
     assert ui.reportSummaryLabel.text == "folding 0.00 % of voxels"
