@@ -1,4 +1,4 @@
-"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|models|device ...`.
+"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|register|models|device ...`.
 
 Runs the same engine code as the Slicer worker, in-process; outputs land exactly on the input's grid.
 
@@ -19,6 +19,11 @@ writes a voxel-wise uncertainty map on the input grid: `--uncertainty FILE` for 
 `synthesize --model ID -i in.nii.gz -o out.nii.gz [--uncertainty U] [--difference D]` runs a synthesis model on one
 file (e.g. thick-slice MRI to a 1 mm volume over the input's extent, same orientation); all outputs are written, or
 none.
+
+`register --model ID --fixed F --moving M -o warped.nii.gz --transform field.h5 [--moving-labels L --warped-labels
+WL] [--fixed-labels FL] [--report report.json] [--fixed-mask FM] [--moving-mask MM] [--instance-steps N]` registers
+one pair; every output lies on the fixed grid, the transform is an ITK/Slicer .h5 displacement field; all outputs are
+written, or none.
 
 Exit codes: 0 success; 2 a problem with the command line, the input, the model or the device before any case ran,
 or a model that cannot be loaded (one sentence on stderr; in a batch the report lists what ran); 3 one or more cases
@@ -234,7 +239,8 @@ def _write_outputs(images: dict[Path, Any], staging: Path) -> None:
 
 def _write_all(images: dict[Path, Any]) -> None:
     """Write every image into a staging folder beside its destination, then move them all into place: a failure
-    while writing leaves none of the outputs (a .mhd/.nhdr header and its data file move together)."""
+    while writing leaves none of the outputs (a .mhd/.nhdr header and its data file move together). A value may also
+    be a function that writes its file at the path it is given (a transform, a JSON report)."""
     from MIADeepLearningLib.engine import imageio
 
     stagings: dict[Path, Path] = {}
@@ -243,7 +249,10 @@ def _write_all(images: dict[Path, Any]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = stagings.setdefault(target.parent, target.parent / f".miadl-staging-{os.getpid()}")
             staging.mkdir(exist_ok=True)
-            imageio.write_image(image, staging / target.name)
+            if callable(image):
+                image(staging / target.name)
+            else:
+                imageio.write_image(image, staging / target.name)
         for destination, staging in stagings.items():
             for written in sorted(staging.iterdir()):
                 os.replace(written, destination / written.name)
@@ -354,6 +363,75 @@ def command_synthesize(args: argparse.Namespace) -> int:
         Path(args.provenance).write_text(json.dumps(result.provenance, indent=2))
     if not args.quiet:
         sys.stderr.write(f"wrote {', '.join(str(path) for path in targets.values())}\n")
+    return EXIT_OK
+
+
+def command_register(args: argparse.Namespace) -> int:
+    """Two files in (fixed, moving), the warped moving image, the transform, the warped labels and the report out,
+    all on the fixed grid; nothing is written unless everything succeeded."""
+    from MIADeepLearningLib.engine import displacement
+    from MIADeepLearningLib.engine.tasks import register_images
+
+    inputs = {"fixed": args.fixed, "moving": args.moving, "fixed-mask": args.fixed_mask,
+              "moving-mask": args.moving_mask, "moving-labels": args.moving_labels, "fixed-labels": args.fixed_labels}
+    inputs = {role: Path(path) for role, path in inputs.items() if path}
+    for role, path in inputs.items():
+        if not path.is_file():
+            raise InputError(f"--{role} {path} is not a file.")
+    targets = {"output": args.output, "transform": args.transform, "warped-labels": args.warped_labels,
+               "report": args.report}
+    targets = {role: Path(path) for role, path in targets.items() if path}
+    if "output" not in targets and "transform" not in targets:
+        raise UsageError("Nothing to write: give -o WARPED and/or --transform FIELD.h5.")
+    if "warped-labels" in targets and "moving-labels" not in inputs:
+        raise UsageError("--warped-labels needs --moving-labels (the label map to propagate).")
+    if "fixed-labels" in inputs and "moving-labels" not in inputs:
+        raise UsageError("--fixed-labels is compared with the propagated --moving-labels; give both.")
+    for role in ("output", "warped-labels"):
+        if role in targets and image_suffix(targets[role].name) is None:
+            raise UsageError(f"--{role} {targets[role]} needs an image extension ({', '.join(IMAGE_SUFFIXES)}).")
+    if "transform" in targets and targets["transform"].suffix.lower() not in displacement.FIELD_SUFFIXES:
+        raise UsageError(f"--transform {targets['transform']} must end in .h5 (an ITK transform file Slicer reads).")
+    sources = {path.resolve() for path in inputs.values()}
+    for role, path in targets.items():
+        if path.resolve() in sources:
+            raise UsageError(f"--{role} would overwrite an input ({path}); choose another file.")
+    if len({path.resolve() for path in targets.values()}) != len(targets):
+        raise UsageError("The outputs (-o, --transform, --warped-labels, --report) must be different files.")
+    for path in targets.values():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"Cannot create the folder for {path} ({error.strerror or error}).") from error
+    check_model(args.model, args.device, task="registration")
+    options = {"instance_steps": args.instance_steps} if args.instance_steps is not None else None
+    result = register_images(inputs["fixed"], inputs["moving"], args.model, device=args.device, options=options,
+                             fixed_mask_path=inputs.get("fixed-mask"), moving_mask_path=inputs.get("moving-mask"),
+                             moving_labels_path=inputs.get("moving-labels"),
+                             fixed_labels_path=inputs.get("fixed-labels"), progress=_progress_printer(args.quiet))
+
+    def write_report(path: Path) -> None:
+        path.write_text(json.dumps(result.report, indent=2), encoding="utf-8")
+
+    files = {"output": result.warped, "warped-labels": result.warped_labels, "report": write_report,
+             "transform": lambda path: displacement.write_field(result.field, path)}
+    _write_all({path: files[role] for role, path in targets.items()})
+    for warning in result.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    if args.provenance:
+        Path(args.provenance).write_text(json.dumps(result.provenance, indent=2), encoding="utf-8")
+    if not args.quiet:
+        report = result.report
+
+        def number(key: str) -> str:
+            return "n/a" if report.get(key) is None else f"{report[key]:.3f}"
+
+        summary = (f"det J <= 0 in {number('jacobian_non_positive_percent')} % of the {report['jacobian_region']}, "
+                   f"SDlogJ {number('jacobian_log_std')}")
+        if "dice" in report:
+            summary += (f", mean Dice {number('dice_before_mean')} before -> {number('dice_affine_mean')} affine -> "
+                        f"{number('dice_mean')} registered")
+        sys.stderr.write(f"{summary}\nwrote {', '.join(str(path) for path in targets.values())}\n")
     return EXIT_OK
 
 
@@ -603,6 +681,35 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
     synthesize.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     synthesize.set_defaults(handler=command_synthesize)
+
+    register = commands.add_parser(
+        "register", help="register a moving image to a fixed one (deformable; any MRI contrast)",
+        description="Register --moving to --fixed. Every output lies on the fixed image's grid: the warped moving "
+                    "image (-o), the displacement field (--transform, .h5: an ITK/Slicer grid transform in LPS mm, "
+                    "the fixed point p samples the moving image at p + u(p), affine included), the propagated "
+                    "moving labels (--warped-labels) and a JSON report (--report: Jacobian determinant statistics "
+                    "over the fixed foreground; Dice before, after the affine and after registration with "
+                    "--moving-labels and --fixed-labels). Nothing is written unless everything succeeded. Exit "
+                    "codes: 0 success, 2 bad command line, input, model or device, 1 unexpected failure.")
+    register.add_argument("--model", required=True, help="model id (see `models --task registration`)")
+    register.add_argument("--fixed", required=True, help="the fixed (reference) image file")
+    register.add_argument("--moving", required=True, help="the moving image file, aligned to the fixed one")
+    register.add_argument("-o", "--output", help="the warped moving image (linear, on the fixed grid)")
+    register.add_argument("--transform", help="the displacement field as an ITK transform file (.h5)")
+    register.add_argument("--moving-labels", help="a label map on the moving image's grid, to propagate")
+    register.add_argument("--warped-labels", help="the moving labels on the fixed grid (nearest neighbour)")
+    register.add_argument("--fixed-labels", help="a label map on the fixed grid: the report gets Dice per label")
+    register.add_argument("--report", help="write the report (Jacobian statistics, Dice) as JSON here")
+    register.add_argument("--fixed-mask", help="a mask on the fixed grid (e.g. the brain): restricts the affine "
+                                               "metric, the instance optimisation and the Jacobian statistics")
+    register.add_argument("--moving-mask", help="a mask on the moving grid: restricts the affine metric")
+    register.add_argument("--instance-steps", type=int, metavar="N",
+                          help="refine the network's deformation on this pair by N optimisation steps (default: the "
+                               "model's, 0 for the shipped one; slow on CPUs)")
+    register.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    register.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
+    register.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    register.set_defaults(handler=command_register)
 
     models = commands.add_parser("models", help="list, download or import models")
     models.add_argument("--json", action="store_true", help="machine-readable output")

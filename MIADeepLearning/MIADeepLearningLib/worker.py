@@ -72,15 +72,20 @@ def import_engine() -> float:
 
 
 def _write_outputs(job: jobs.Job, reporter: Reporter, images: dict[str, Any], defaults: dict[str, str]) -> dict:
-    """Write the output images into job.partial_dir, then rename it to job.outputs_dir (all or nothing)."""
+    """Write the outputs into job.partial_dir, then rename it to job.outputs_dir (all or nothing). An output is an
+    image (written by imageio) or a function that writes its file at the path it is given and returns it."""
     from MIADeepLearningLib.engine import imageio
 
     reporter.progress("write", 0.95, "Writing results")
     partial = job.partial_dir
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    written = {role: imageio.write_image(image, partial / job.outputs.get(role, defaults.get(role, f"{role}.nrrd")))
-               for role, image in images.items() if image is not None}
+    written = {}
+    for role, image in images.items():
+        if image is None:
+            continue
+        path = partial / job.outputs.get(role, defaults.get(role, f"{role}.nrrd"))
+        written[role] = image(path) if callable(image) else imageio.write_image(image, path)
     shutil.rmtree(job.outputs_dir, ignore_errors=True)
     partial.rename(job.outputs_dir)
     return {role: str(job.outputs_dir / path.name) for role, path in written.items()}
@@ -148,7 +153,50 @@ def run_synthesize_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict |
     return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before))
 
 
-TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job}
+REGISTER_INPUTS = ("fixed", "moving", "fixed_mask", "moving_mask", "moving_labels", "fixed_labels")
+REGISTER_OUTPUTS = {"transform": "transform.h5", "warped": "warped.nrrd", "warped_labels": "warped_labels.nrrd",
+                    "report": "report.json"}
+
+
+def run_register_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Register ``job.inputs['moving']`` to ``job.inputs['fixed']`` (optional inputs: fixed_mask, moving_mask,
+    moving_labels, fixed_labels); writes the displacement field (``transform``, .h5 on the fixed grid), the warped
+    moving image (``warped``), the propagated moving labels (``warped_labels``, only with moving_labels) and the
+    report (``report``, JSON: Jacobian statistics, Dice with both label maps); the result carries ``report`` too."""
+    engine_import_s = import_engine()
+    from MIADeepLearningLib.engine import displacement
+    from MIADeepLearningLib.engine.tasks import register_images
+
+    unknown = sorted(set(job.inputs) - set(REGISTER_INPUTS))
+    if unknown:
+        raise MIADLError(f"Unknown registration input(s) {', '.join(unknown)} (known: {', '.join(REGISTER_INPUTS)}).")
+    missing = [role for role in ("fixed", "moving") if not job.inputs.get(role)]
+    if missing:
+        raise MIADLError(f"A registration job needs a {' and a '.join(missing)} image.")
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    output = register_images(
+        job.inputs["fixed"], job.inputs["moving"], job.model, device=job.device,
+        options=dict(job.options.get("model_options") or {}) or None,
+        fixed_mask_path=job.inputs.get("fixed_mask"), moving_mask_path=job.inputs.get("moving_mask"),
+        moving_labels_path=job.inputs.get("moving_labels"), fixed_labels_path=job.inputs.get("fixed_labels"),
+        progress=reporter.progress, input_names=job.options.get("input_names"), pipeline_cache=pipeline_cache,
+    )
+
+    def write_transform(path: Path) -> Path:
+        return displacement.write_field(output.field, path)
+
+    def write_report(path: Path) -> Path:
+        path.write_text(json.dumps(output.report, indent=2), encoding="utf-8")
+        return path
+
+    files = {"transform": write_transform, "warped": output.warped, "warped_labels": output.warped_labels,
+             "report": write_report}
+    outputs = _write_outputs(job, reporter, files, REGISTER_OUTPUTS)
+    return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
+                          report=output.report)
+
+
+TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,

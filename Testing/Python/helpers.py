@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue")  # Resources/Models/models.json, in order
+# Resources/Models/models.json, in order
+SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue", "brain-registration")
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
@@ -240,3 +241,63 @@ def registration_case(kind: str):
     moving_labels = sitk.GetImageFromArray(labels)
     moving_labels.CopyInformation(moving)
     return fixed, moving_image, moving_labels, smooth_field(fixed)
+
+
+# --- a head-like phantom pair for the registration engine (analytic in physical space, no interpolation) ----------
+
+PHANTOM_CENTRE = np.array([3.0, -4.0, 5.0])
+# (centre offset from PHANTOM_CENTRE in mm, radii in mm, label, T1-like intensity): head, brain, white matter,
+# ventricles and asymmetric blobs, so that a shift or a deformation changes the overlap of every label
+PHANTOM_PARTS = [((0, 0, 0), (36, 42, 32), 1, 0.35), ((0, 2, 2), (31, 37, 27), 2, 0.55),
+                 ((0, 4, 4), (20, 25, 17), 3, 0.85), ((-6, -4, 6), (4, 10, 5), 4, 0.15),
+                 ((7, -2, 5), (3, 9, 6), 4, 0.15), ((14, 18, -8), (6, 5, 7), 5, 0.7),
+                 ((-18, 10, -6), (5, 8, 4), 6, 0.25), ((10, -22, 8), (7, 4, 5), 7, 0.4)]
+
+
+def phantom_values(points: np.ndarray, t2: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(intensities, labels) of the phantom at LPS points (..., 3): soft-edged nested ellipsoids, labels where each
+    part's ellipsoid holds the point (later parts on top); `t2` maps each intensity v to 0.95 - v (inside the head)
+    and keeps dark air, as a T2 inverts a T1's tissue contrast."""
+    values = np.zeros(points.shape[:-1])
+    labels = np.zeros(points.shape[:-1], np.int16)
+    for offset, radii, label, value in PHANTOM_PARTS:
+        r = np.linalg.norm((points - PHANTOM_CENTRE - np.asarray(offset)) / np.asarray(radii), axis=-1)
+        weight = 1.0 / (1.0 + np.exp(-(1.0 - r) * np.mean(radii) / 1.5))
+        tissue = (0.95 - value) if (t2 and label > 1) else value
+        values = values * (1.0 - weight) + tissue * weight
+        labels[r < 1.0] = label
+    return values, labels
+
+
+def phantom_deformation(points: np.ndarray, amplitude: float = 4.0) -> np.ndarray:
+    """A smooth, invertible (max gradient well below 1) LPS displacement in mm at points (..., 3)."""
+    q = points - PHANTOM_CENTRE
+    return amplitude * np.stack([np.sin(q[..., 1] / 12.0), 0.9 * np.cos(q[..., 2] / 14.0),
+                                 0.75 * np.sin(q[..., 0] / 11.0)], axis=-1)
+
+
+def phantom_images(grid, points_to_sample=None, t2: bool = False):
+    """(image float32, labels int16) on a SimpleITK grid: the phantom sampled at `points_to_sample` (the grid's own
+    voxel centres by default, else an array (z, y, x, 3) of LPS points, one per voxel)."""
+    import SimpleITK as sitk
+
+    points = physical_points(grid) if points_to_sample is None else points_to_sample
+    values, labels = phantom_values(points, t2)
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.CopyInformation(grid)
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(grid)
+    return image, label_image
+
+
+def registration_phantom_pair(shift=(3.0, -2.0, 1.0), amplitude: float = 4.0, t2: bool = False):
+    """(fixed, fixed labels, moving, moving labels): the fixed phantom on an oblique, anisotropic 2.5-2.9 mm grid;
+    the moving one on an axis-aligned 2.4 mm grid, its content the fixed anatomy moved by a known shift and smooth
+    deformation: moving(q) = phantom(q + shift + deformation(q))."""
+    fixed_grid = grid_image(rotation(0, 8.0) @ rotation(2, -12.0), (2.5, 2.7, 2.9), (36, 34, 30), PHANTOM_CENTRE)
+    moving_grid = grid_image(np.eye(3), (2.4, 2.4, 2.4), (40, 40, 36), PHANTOM_CENTRE + np.array([2.0, -1.0, 1.0]))
+    fixed, fixed_labels = phantom_images(fixed_grid)
+    points = physical_points(moving_grid)
+    moving, moving_labels = phantom_images(moving_grid, points + np.asarray(shift) +
+                                           phantom_deformation(points, amplitude), t2)
+    return fixed, fixed_labels, moving, moving_labels

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import dice, rotation
+from helpers import SHIPPED_IDS, dice, rotation
 
 from MIADeepLearningLib.engine import devices
 from MIADeepLearningLib.paths import library_parent_dir
@@ -192,7 +192,7 @@ REFUSALS = {
     "nan": (_with_nan, [], ["7 voxels that are NaN or infinite"]),
     "missing": (lambda folder: folder / "absent.nii.gz", [], ["absent.nii.gz does not exist"]),
     "unknown_model": (_good, ["--model", "nope"],
-                      ["Unknown model 'nope' (available: deepbet, thick-slice-sr, brain-tissue)"]),
+                      [f"Unknown model 'nope' (available: {', '.join(SHIPPED_IDS)})"]),
     "cuda_on_cpu_torch": (_good, ["--device", "cuda"], ["CUDA was requested but cannot be used"]),
 }
 

@@ -80,11 +80,14 @@ STDLIB_ONLY = Layer(
 _ENGINE_FORBIDDEN = (
     "slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *_lib("mrml", "testing", "gui")
 )
-ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, engine/, training/)", forbidden=_ENGINE_FORBIDDEN)
+ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, training/)", forbidden=_ENGINE_FORBIDDEN)
+# engine/ runs models; training/ builds on it (shared flows, networks, encodings), never the other way round, so the
+# engine ships and runs without the training code's dependencies.
+ENGINE_CORE = Layer(name="engine (engine/)", forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")))
 # Imported by the Slicer side, which has no torch: importing them must not pull torch (engine/__init__ runs first).
 ENGINE_TORCH_FREE = Layer(
     name="torch-free engine part (engine/__init__.py, errors.py, registry.py, downloads.py, model_store.py)",
-    forbidden=_ENGINE_FORBIDDEN,
+    forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")),
     forbidden_at_import=("torch", "monai", "SimpleITK", "numpy", "itk"),
     allowed_lib_at_import=_lib(
         "engine.errors", "engine.registry", "engine.downloads", "engine.model_store", "paths", "jobs"
@@ -110,7 +113,9 @@ def layer_of(relpath: str) -> Layer | None:
         ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"]
     ):
         return ENGINE_TORCH_FREE
-    if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] in ("engine", "training") and len(inner) > 1):
+    if inner[0] == "engine" and len(inner) > 1:
+        return ENGINE_CORE
+    if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] == "training" and len(inner) > 1):
         return ENGINE
     return None
 
@@ -285,6 +290,9 @@ VIOLATIONS = [
     (f"{LIB}/engine/tasks.py", "from ..gui.task_widget import describeModel\n", f"{LIB}.gui.task_widget"),
     (f"{LIB}/engine/registry.py", "def f():\n    from MIADeepLearningLib import gui\n", f"{LIB}.gui"),
     (f"{LIB}/training/generator.py", "import MIADeepLearningLib.gui\n", f"{LIB}.gui"),
+    (f"{LIB}/engine/registration.py", "from MIADeepLearningLib.training.spatial import warp\n",
+     f"{LIB}.training.spatial"),
+    (f"{LIB}/engine/flow.py", "def f():\n    from ..training import generator\n", f"{LIB}.training.generator"),
 ]
 
 
@@ -303,6 +311,7 @@ ALLOWED = [
     (f"{LIB}/mrml/volumes.py", "import numpy as np\nimport slicer, vtk\nfrom . import scene_guard\n"),
     (f"{LIB}/runner.py", "import os, subprocess, queue\nfrom MIADeepLearningLib import jobs\nfrom . import paths\n"),
     (f"{LIB}/engine/tasks.py", "import torch\nimport SimpleITK as sitk\nfrom . import imageio\n"),
+    (f"{LIB}/training/spatial.py", "from MIADeepLearningLib.engine.flow import warp\n"),
     (f"{LIB}/engine/registry.py", "def f():\n    import torch\n"),
     (f"{LIB}/engine/registry.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import numpy\n"),
     (f"{LIB}/engine/registry.py", "from MIADeepLearningLib.engine.errors import ModelError\nfrom ..paths import x\n"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import process_gone, wait_until
+from helpers import SHIPPED_IDS, process_gone, wait_until
 
 from MIADeepLearningLib import jobs, runner, worker
 from MIADeepLearningLib.testing import sample_data
@@ -176,7 +176,7 @@ def test_unknown_model_is_an_error_event(tmp_path, phantom_file):
     assert run.state == runner.STATE_ERROR and run.returncode == 2
     final = run.final_event
     assert final.stage == "error" and final.error_type == "ModelError"
-    assert final.message == "Unknown model 'nope' (available: deepbet, thick-slice-sr, brain-tissue)."
+    assert final.message == f"Unknown model 'nope' (available: {', '.join(SHIPPED_IDS)})."
     assert _one_sentence(final.message)
     assert any("Traceback (most recent call last)" in line for line in run.log_lines)
     assert any("ModelError: Unknown model 'nope'" in line for line in run.log_lines)

@@ -82,10 +82,13 @@ def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0,
     return grid, offset
 
 
-def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequence[int] = ()) -> sitk.Image:
+def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequence[int] = (),
+                          transform: sitk.Transform | None = None) -> sitk.Image:
     """The input linearly resampled onto `grid` (float32, nearest-neighbour extrapolation at the border), after a
     Gaussian blur along every input axis whose voxels are finer than the grid's (sigma 1/2 sqrt(s_grid^2 - s^2) mm),
-    so that sampling at the coarser spacing does not alias; the axes in `keep_axes` are never blurred."""
+    so that sampling at the coarser spacing does not alias; the axes in `keep_axes` are never blurred. `transform`
+    (a resampling transform, grid point -> input point; default the identity) e.g. brings a registration's moving
+    image through its affine pre-alignment in the same single interpolation."""
     source = sitk.Cast(image, sitk.sitkFloat32)
     target = float(max(grid.GetSpacing()))
     sigmas = [0.0 if index in keep_axes or spacing >= ANTI_ALIAS_BELOW * target else
@@ -93,7 +96,7 @@ def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequen
     if any(sigmas):
         source = sitk.SmoothingRecursiveGaussian(source, [max(value, 1e-3) for value in sigmas])
         source = sitk.Cast(source, sitk.sitkFloat32)
-    return sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+    return sitk.Resample(source, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
 
 
 def foreground_physical_box(image: sitk.Image, fraction: float = 0.1, trim: float = 0.001,

@@ -12,30 +12,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
 from MIADeepLearningLib import __version__
-from MIADeepLearningLib.engine import checks, imageio, registry
+from MIADeepLearningLib.engine import affine, checks, displacement, imageio, registration, registry
 from MIADeepLearningLib.engine.brain_extraction import BrainExtraction
 from MIADeepLearningLib.engine.brain_tissue import PIPELINE_NAME as TISSUE_PIPELINE
 from MIADeepLearningLib.engine.brain_tissue import BrainTissueSegmentation
 from MIADeepLearningLib.engine.bundles import PIPELINE_NAME as BUNDLE_PIPELINE
 from MIADeepLearningLib.engine.bundles import MonaiBundle
 from MIADeepLearningLib.engine.devices import choose_device
-from MIADeepLearningLib.engine.errors import ModelError
+from MIADeepLearningLib.engine.errors import InputError, ModelError
+from MIADeepLearningLib.engine.registration import PIPELINE_NAME as REGISTRATION_PIPELINE
+from MIADeepLearningLib.engine.registration import DeformableRegistration
 from MIADeepLearningLib.engine.synthesis import PIPELINE_NAME as SYNTHESIS_PIPELINE
 from MIADeepLearningLib.engine.synthesis import ThickSliceSuperResolution
 
 ProgressCallback = Callable[[str, float, str], None]
 
 # pipeline name in a package's metadata -> class with __init__(model, weight_paths, device, options), to(device),
-# predict(image, progress) -> {"label": sitk.Image on the input grid, ...} (segmentation) or {"image": ...} (synthesis)
+# predict(image, progress) -> {"label": sitk.Image on the input grid, ...} (segmentation) or {"image": ...} (synthesis),
+# or, for registration, register(fixed, moving, fixed_mask, moving_mask, progress) -> {"field": vector image on the
+# fixed grid, "affine": ..., "warnings": [...], "provenance": {...}} (engine/registration.py).
 # A pipeline may also have `segments` (the labels it found in its package) and return "warnings" (one sentence each),
 # "provenance" (a JSON-able dict of what it decided) and optional outputs on the same grid (a segmentation's
 # "uncertainty", when the options ask for it and the package lists it in slicer.optional_outputs) from predict.
 PIPELINES = {"deepbet_brain_extraction": BrainExtraction, BUNDLE_PIPELINE: MonaiBundle,
-             SYNTHESIS_PIPELINE: ThickSliceSuperResolution, TISSUE_PIPELINE: BrainTissueSegmentation}
+             SYNTHESIS_PIPELINE: ThickSliceSuperResolution, TISSUE_PIPELINE: BrainTissueSegmentation,
+             REGISTRATION_PIPELINE: DeformableRegistration}
 PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
 
 
@@ -115,11 +121,12 @@ def _read_and_check(image_path: str | Path, model: registry.ModelInfo, progress:
     return image
 
 
-def _predict(loaded: _LoadedPipeline, image: sitk.Image, progress: ProgressCallback, warnings: list[str],
-             pipeline_cache: PipelineCache | None) -> tuple[dict[str, Any], torch.device]:
-    """pipeline.predict, run again on the CPU when the GPU runs out of memory."""
+def _run_with_cpu_fallback(loaded: _LoadedPipeline, run: Callable[[Any], dict[str, Any]], progress: ProgressCallback,
+                           warnings: list[str], pipeline_cache: PipelineCache | None
+                           ) -> tuple[dict[str, Any], torch.device]:
+    """run(pipeline), run again with the pipeline on the CPU when the GPU runs out of memory."""
     try:
-        return loaded.pipeline.predict(image, progress), loaded.choice.device
+        return run(loaded.pipeline), loaded.choice.device
     except RuntimeError as error:
         if not (loaded.choice.is_cuda and _is_out_of_memory(error)):
             raise
@@ -129,7 +136,14 @@ def _predict(loaded: _LoadedPipeline, image: sitk.Image, progress: ProgressCallb
     if pipeline_cache is not None:  # the cached entry is for the GPU; this one now lives on the CPU
         pipeline_cache.pop(loaded.cache_key, None)
     cpu = torch.device("cpu")
-    return loaded.pipeline.to(cpu).predict(image, progress), cpu
+    return run(loaded.pipeline.to(cpu)), cpu
+
+
+def _predict(loaded: _LoadedPipeline, image: sitk.Image, progress: ProgressCallback, warnings: list[str],
+             pipeline_cache: PipelineCache | None) -> tuple[dict[str, Any], torch.device]:
+    """pipeline.predict, run again on the CPU when the GPU runs out of memory."""
+    return _run_with_cpu_fallback(loaded, lambda pipeline: pipeline.predict(image, progress), progress, warnings,
+                                  pipeline_cache)
 
 
 def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: str, warnings: list[str],
@@ -216,3 +230,138 @@ def synthesize_image(image_path: str | Path, model_id: str, device: str = "auto"
     provenance = _provenance(loaded, device_used, input_name or Path(image_path).name, warnings, outputs)
     return SynthesisOutput(outputs["image"], outputs.get("uncertainty"), outputs.get("difference"), provenance,
                            warnings, timings)
+
+
+@dataclass
+class RegistrationOutput:
+    field: sitk.Image  # float64 3-vector image on the fixed grid, LPS mm, ITK resampling convention, affine included
+    warped: sitk.Image  # the moving image resampled linearly onto the fixed grid through the field (float32)
+    warped_labels: sitk.Image | None  # the moving label map through the field by nearest neighbour (its pixel type)
+    report: dict[str, Any]  # Jacobian statistics of the field (and Dice with label maps): see register_images
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    affine: sitk.Transform | None = None  # the affine pre-alignment alone (fixed point -> moving point)
+
+
+REGISTRATION_ROLES = ("fixed", "moving", "fixed_mask", "moving_mask", "moving_labels", "fixed_labels")
+
+
+def _finite(value: float, digits: int = 6) -> float | None:
+    """JSON has no NaN: a label absent from both maps has no Dice."""
+    return None if value != value else round(float(value), digits)
+
+
+def _dice_entry(scores: dict[int, float]) -> tuple[dict[str, float | None], float | None]:
+    values = [score for score in scores.values() if score == score]
+    mean = float(np.mean(values)) if values else float("nan")
+    return {str(label): _finite(score) for label, score in scores.items()}, _finite(mean)
+
+
+def registration_report(fixed: sitk.Image, field_image: sitk.Image, affine_transform: sitk.Transform | None,
+                        fixed_mask: sitk.Image | None = None, moving_labels: sitk.Image | None = None,
+                        fixed_labels: sitk.Image | None = None, warped_labels: sitk.Image | None = None
+                        ) -> dict[str, Any]:
+    """What a registration is judged by, on the fixed grid: the Jacobian determinant of the TOTAL field over the
+    fixed foreground (the mask when given, else affine.foreground(fixed)) — % of voxels with det <= 0 (folds),
+    the std of log det (SDlogJ: how unevenly it stretches), mean, min, max — and, with both label maps, the Dice per
+    label after registration, before it (the moving labels on the fixed grid as they are, identity in physical
+    space) and after the affine alone, each with its mean over the labels present."""
+    region = fixed_mask if fixed_mask is not None else affine.foreground(fixed)
+    inside = sitk.GetArrayViewFromImage(region) > 0
+    stats = displacement.jacobian_stats(displacement.jacobian_determinant(field_image), inside)
+    report: dict[str, Any] = {
+        "jacobian_non_positive_percent": _finite(stats.non_positive_percent),
+        "jacobian_log_std": _finite(stats.log_std),
+        "jacobian_mean": _finite(stats.mean),
+        "jacobian_min": _finite(stats.minimum),
+        "jacobian_max": _finite(stats.maximum),
+        "jacobian_voxels": stats.voxels,
+        "jacobian_region": "fixed mask" if fixed_mask is not None else "fixed foreground",
+    }
+    if moving_labels is not None and fixed_labels is not None and warped_labels is not None:
+        fixed_values = sitk.GetArrayViewFromImage(fixed_labels)
+        labels = sorted(int(value) for value in np.union1d(np.unique(fixed_values),
+                                                             np.unique(sitk.GetArrayViewFromImage(moving_labels)))
+                        if value != 0)
+        identity = sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                 moving_labels.GetPixelID())
+        stages = {"dice": warped_labels, "dice_before": identity}
+        if affine_transform is not None:
+            stages["dice_affine"] = sitk.Resample(moving_labels, fixed, affine_transform, sitk.sitkNearestNeighbor, 0,
+                                                  moving_labels.GetPixelID())
+        for key, labels_on_fixed in stages.items():
+            scores, mean = _dice_entry(displacement.dice_per_label(sitk.GetArrayViewFromImage(labels_on_fixed),
+                                                                   fixed_values, labels))
+            report[key], report[f"{key}_mean"] = scores, mean
+    return report
+
+
+def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: str, device: str = "auto",
+                    options: dict | None = None, fixed_mask_path: str | Path | None = None,
+                    moving_mask_path: str | Path | None = None, moving_labels_path: str | Path | None = None,
+                    fixed_labels_path: str | Path | None = None, progress: ProgressCallback = _no_progress,
+                    input_names: dict[str, str] | None = None,
+                    pipeline_cache: PipelineCache | None = None) -> RegistrationOutput:
+    """Register the moving image file to the fixed one; every output lies on the fixed image's grid.
+
+    Masks (optional, on their image's grid) restrict the affine metric and the Jacobian statistics; a moving label
+    map is propagated by nearest neighbour, and with a fixed label map too the report gets Dice before and after.
+    `options` go to the pipeline (engine/registration.py: deformable, instance_steps, instance_lr,
+    instance_smoothness, similarity, orientation) over the package's slicer.options. `input_names`: role -> name
+    for the provenance (default: the file names). InputError for inputs that cannot be registered."""
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    started = time.perf_counter()
+    progress("load_model", 0.02, f"Loading model {model_id}")
+    loaded = _load_pipeline(model_id, "registration", device, options, pipeline_cache)
+    timings["load_model"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    progress("read_input", 0.06, "Reading the fixed and moving images")
+    paths = {"fixed": fixed_path, "moving": moving_path, "fixed_mask": fixed_mask_path,
+             "moving_mask": moving_mask_path, "moving_labels": moving_labels_path, "fixed_labels": fixed_labels_path}
+    if fixed_labels_path is not None and moving_labels_path is None:
+        raise InputError("A fixed label map is only used with a moving label map (to measure Dice); give both.")
+    images = {role: imageio.read_image(path) for role, path in paths.items() if path is not None}
+    timings["read_input"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    progress("checks", 0.1, "Checking the inputs")
+    fixed, moving = images["fixed"], images["moving"]
+    registration.check_pair(fixed, moving, images.get("fixed_mask"), images.get("moving_mask"))
+    for role, reference, name in (("moving_labels", moving, "the moving image"),
+                                  ("fixed_labels", fixed, "the fixed image")):
+        if role in images:
+            what = "The moving label map" if role == "moving_labels" else "The fixed label map"
+            registration.check_on_grid(images[role], reference, what, name)
+    for role, name in (("fixed", "The fixed image"), ("moving", "The moving image")):
+        for warning in checks.check_input(images[role], loaded.model.metadata, name):
+            warnings.append(warning)
+            progress("checks", 0.1, f"Warning: {warning}")
+    timings["checks"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    outputs, device_used = _run_with_cpu_fallback(
+        loaded, lambda pipeline: pipeline.register(fixed, moving, images.get("fixed_mask"), images.get("moving_mask"),
+                                                   progress), progress, warnings, pipeline_cache)
+    warnings.extend(outputs.get("warnings", []))
+    timings["inference"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    progress("postprocess", 0.9, "Warping the moving image and measuring the field")
+    field_image = outputs["field"]
+    warped = displacement.warp_image(moving, fixed, field_image)
+    moving_labels = images.get("moving_labels")
+    warped_labels = displacement.warp_labels(moving_labels, fixed, field_image) if moving_labels is not None else None
+    report = registration_report(fixed, field_image, outputs.get("affine"), images.get("fixed_mask"), moving_labels,
+                                 images.get("fixed_labels"), warped_labels)
+    timings["postprocess"] = time.perf_counter() - mark
+
+    names = {role: Path(path).name for role, path in paths.items() if path is not None}
+    names.update(input_names or {})
+    provenance = _provenance(loaded, device_used, names["fixed"], warnings, outputs)
+    provenance["inputs"] = names
+    provenance["report"] = report
+    return RegistrationOutput(field_image, warped, warped_labels, report, provenance, warnings, timings,
+                              outputs.get("affine"))

@@ -36,17 +36,12 @@ import torch.nn.functional as functional
 from torch import nn
 
 from MIADeepLearningLib.engine.devices import autocast_dtype
+from MIADeepLearningLib.engine.flow import integrate_velocity, warp
 from MIADeepLearningLib.engine.networks import UNet3D
 from MIADeepLearningLib.training import common
 from MIADeepLearningLib.training import generator as gen
 from MIADeepLearningLib.training.label_maps import LabelMap, downsample_label_map, load_label_maps
-from MIADeepLearningLib.training.spatial import (
-    SpatialSettings,
-    integrate_velocity,
-    jacobian_determinant,
-    random_transform,
-    warp,
-)
+from MIADeepLearningLib.training.spatial import SpatialSettings, jacobian_determinant, random_transform
 from MIADeepLearningLib.training.train_segmentation import crop_centre, draw_contrast, margin
 
 MODULE = "MIADeepLearningLib.training.train_registration"

@@ -1,0 +1,456 @@
+"""Deformable registration of two head MRIs of any contrast with a SynthMorph-style network: the inference side of
+training/train_registration.py.
+
+The network was trained on pairs rendered from label maps with independent random contrasts on a 2 mm grid in the
+label maps' array orientation, after only a small affine difference. So at inference:
+
+1. both images are checked (3D, not a single slice, not constant);
+2. an affine pre-alignment (engine/affine.py, Mattes mutual information, contrast-independent) takes the moving
+   head onto the fixed one;
+3. a working grid of the network's spacing covers the FIXED image's extent in the training orientation ("LIA",
+   obliquity kept), one voxel wider on every side and padded to the network's size multiple; the fixed image is
+   resampled onto it (anti-aliased) and the moving image through the affine (same single interpolation), each
+   normalised as in training (minimum -> 0, 99.5th percentile -> 1);
+4. the network predicts a stationary velocity field in working-grid voxels, integrated by scaling and squaring into
+   a displacement u (the fixed voxel x samples the affinely resampled moving image at x + u(x)); optionally a few
+   Adam steps refine that map on this very pair with a contrast-independent similarity (instance optimisation: a
+   diffeomorphic correction composed with the network's flow, see `instance_optimise`);
+5. u is converted to LPS millimetres, interpolated linearly onto the fixed grid and composed with the affine:
+   v(p) = A(p + u(p)) - p, one displacement field on the fixed grid in the convention of engine/displacement.py
+   (a resampling transform that Slicer, ITK and ANTs read as is).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as functional
+
+from MIADeepLearningLib.engine import affine as affine_module
+from MIADeepLearningLib.engine import geometry
+from MIADeepLearningLib.engine.encoding import normalise
+from MIADeepLearningLib.engine.errors import InputError, ModelError
+from MIADeepLearningLib.engine.flow import integrate_velocity, warp
+from MIADeepLearningLib.engine.networks import UNet3D
+
+ProgressCallback = Callable[[str, float, str], None]
+PIPELINE_NAME = "synthmorph_registration"
+WEIGHTS_ROLE = "network"
+# The training pairs are crops of the shared label maps, whose arrays are all LIA, never permuted: the network saw
+# anatomy the LIA way round only. "input" keeps the fixed image's own axes.
+DEFAULT_ORIENTATION = "LIA"
+KEEP_INPUT_AXES = "input"
+SIMILARITIES = ("mind",)
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "deformable": True,  # False: the affine pre-alignment alone (as a field), e.g. as a benchmark baseline
+    "instance_steps": 0,  # Adam steps refining the network's map on the pair (0: the network alone)
+    "instance_lr": 0.2,  # Adam step size of the correction velocity (voxels of its half-resolution grid)
+    "instance_smoothness": 0.5,  # weight of the diffusion regulariser of the correction (working-grid voxels)
+    "similarity": "mind",  # what instance optimisation matches (MIND-SSC, contrast-independent)
+    "orientation": DEFAULT_ORIENTATION,
+    # how the affine pre-alignment starts: "moments" (centres of the foregrounds) or "none" (the identity, for images
+    # that already share a scanner frame, e.g. two scans of one session)
+    "affine_initialization": "moments",
+}
+MARGIN_VOXELS = 1  # working-grid voxels added on every side, so every fixed voxel centre lies inside its centres
+LOW_OVERLAP = 0.5  # warn when the foregrounds' Dice after the affine is below this
+# MIND-SSC: patch radius and the distance (voxels) of the six-neighbourhood whose 12 pairs are compared
+MIND_RADIUS = 1
+MIND_DILATION = 2
+
+
+def _no_progress(stage: str, fraction: float, message: str) -> None:
+    """Default progress sink."""
+
+
+def load_network(path: Any, title: str) -> tuple[UNet3D, float, int]:
+    """(network, working spacing in mm, integration steps) from the weights-only file that train_registration --export
+    writes; a ModelError naming the model when the file does not rebuild the network."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        spacing = float(payload["working_spacing"])
+        steps = int(payload["integration_steps"])
+        if not spacing > 0 or steps < 0:
+            raise ValueError(f"working spacing {spacing} mm and {steps} integration steps")
+        network = UNet3D(in_channels=2, out_channels=3, features=payload["features"])
+        network.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise ModelError(f"The weights of model '{title}' do not fit its network ({error}).") from error
+    return network, spacing, steps
+
+
+# ------------------------------------------------------------------------------------------------- input checks
+
+
+def check_volume(image: sitk.Image, what: str) -> None:
+    """InputError, one sentence, for what cannot be registered: not 3D, a single slice, several components, NaN or
+    infinite values, a constant (empty) volume."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} is {image.GetDimension()}D; registration needs a 3D volume.")
+    if min(image.GetSize()) < 2:
+        size = "×".join(str(n) for n in image.GetSize())
+        raise InputError(f"{what} is a single slice ({size} voxels); registration needs a 3D volume.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; registration "
+                         "needs a scalar volume.")
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(values).all():
+        raise InputError(f"{what} has values that are NaN or infinite; fix or mask them first.")
+    if float(values.max()) == float(values.min()):
+        raise InputError(f"{what} is empty (every voxel is {float(values.min()):g}); there is nothing to register.")
+
+
+def check_on_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_name: str,
+                  tolerance: float = 1e-4) -> None:
+    """InputError when a mask or label map does not lie on its image's voxel grid (it would be misplaced)."""
+    if image.GetDimension() != reference.GetDimension():
+        raise InputError(f"{what} is {image.GetDimension()}D but {reference_name} is {reference.GetDimension()}D; "
+                         "it must lie on that image's grid.")
+    same = (image.GetSize() == reference.GetSize()
+            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=tolerance)
+            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=tolerance)
+            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=tolerance))
+    if not same:
+        raise InputError(f"{what} is not on the grid of {reference_name} (size, origin, spacing or direction "
+                         "differ); resample it onto that image first.")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must have one component per voxel.")
+
+
+def check_pair(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
+               moving_mask: sitk.Image | None = None) -> None:
+    """All input checks of a registration, before anything runs."""
+    if fixed.GetDimension() != moving.GetDimension():
+        raise InputError(f"The fixed image is {fixed.GetDimension()}D and the moving image "
+                         f"{moving.GetDimension()}D; registration needs two 3D volumes.")
+    check_volume(fixed, "The fixed image")
+    check_volume(moving, "The moving image")
+    for mask, image, what, name in ((fixed_mask, fixed, "The fixed mask", "the fixed image"),
+                                    (moving_mask, moving, "The moving mask", "the moving image")):
+        if mask is None:
+            continue
+        check_on_grid(mask, image, what, name)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise InputError(f"{what} is empty; give a mask with at least one voxel inside, or none.")
+
+
+# ---------------------------------------------------------------------------------------------------- geometry
+
+
+def working_grid(fixed: sitk.Image, spacing_mm: float, orientation: str | None, multiple: int,
+                 margin: int = MARGIN_VOXELS) -> sitk.Image:
+    """The grid the network runs on: `spacing_mm` voxels over the fixed image's extent (geometry.isotropic_grid, in
+    `orientation` or the fixed image's axes), `margin` voxels wider on every side and padded (evenly on both sides)
+    to a multiple of `multiple` voxels per axis. The margin puts every fixed voxel centre strictly inside the
+    working grid's voxel centres, so the field is interpolated onto the fixed grid, never extrapolated."""
+    grid, _ = geometry.isotropic_grid(fixed, spacing_mm, orientation)
+    size = np.asarray(grid.GetSize(), dtype=int)
+    padded = -(-(size + 2 * margin) // multiple) * multiple
+    before = (padded - size) // 2
+    direction = np.asarray(grid.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.asarray(grid.GetOrigin(), dtype=float) - direction @ (before * spacing_mm)
+    result = sitk.Image([int(n) for n in padded], sitk.sitkUInt8)
+    result.SetSpacing([float(spacing_mm)] * 3)
+    result.SetDirection(grid.GetDirection())
+    result.SetOrigin([float(value) for value in origin])
+    return result
+
+
+def physical_displacement(displacement: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """(3, D, H, W) displacement in voxels of `grid`, channels in array-axis order (z, y, x) -> (D, H, W, 3) LPS mm.
+
+    u_phys = direction · diag(spacing) · u_index, with the index order (i, j, k) = the reversed array axes."""
+    values = np.asarray(displacement, dtype=np.float64)
+    if values.shape != (3, *reversed(grid.GetSize())):
+        raise ValueError(f"A displacement of shape {values.shape} does not fit a grid of size {grid.GetSize()}.")
+    index = np.stack([values[2], values[1], values[0]], axis=-1)  # (D, H, W, 3) in (i, j, k)
+    matrix = np.asarray(grid.GetDirection(), dtype=float).reshape(3, 3) @ np.diag(grid.GetSpacing())
+    return index @ matrix.T
+
+
+def field_on_fixed(displacement: np.ndarray, grid: sitk.Image, fixed: sitk.Image) -> np.ndarray:
+    """The working grid's voxel displacement as LPS mm vectors, interpolated linearly onto the fixed grid:
+    (z, y, x, 3) float64 in SimpleITK's array order (what displacement.field_image takes)."""
+    vectors = sitk.GetImageFromArray(physical_displacement(displacement, grid), isVector=True)
+    vectors.CopyInformation(grid)
+    resampled = sitk.Resample(vectors, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64, True)
+    return sitk.GetArrayFromImage(resampled)
+
+
+def total_field(affine: sitk.Transform, fixed: sitk.Image, displacement: np.ndarray | None = None,
+                grid: sitk.Image | None = None) -> sitk.Image:
+    """One field on the fixed grid for "affine, then the network's displacement on the affinely resampled moving
+    image": v(p) = A(p + u(p)) - p (affine.compose_with_field); without a displacement, the affine alone."""
+    if displacement is None:
+        return affine_module.compose_with_field(affine, fixed)
+    if grid is None:
+        raise ValueError("A working-grid displacement needs its grid.")
+    return affine_module.compose_with_field(affine, fixed, field_on_fixed(displacement, grid, fixed))
+
+
+# -------------------------------------------------------------------------------------- instance optimisation
+
+
+def _shifted(padded: torch.Tensor, offset: tuple[int, int, int], pad: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The volume (padded by `pad` on every side) read at x + offset, for every voxel x of the unpadded volume."""
+    z, y, x = (pad + value for value in offset)
+    return padded[..., z: z + shape[0], y: y + shape[1], x: x + shape[2]]
+
+
+SIX_NEIGHBOURS = ((-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1))
+# MIND-SSC compares the 12 pairs of six-neighbourhood points that are sqrt(2) apart (the edges of an octahedron)
+MIND_PAIRS = tuple((a, b) for index, a in enumerate(SIX_NEIGHBOURS) for b in SIX_NEIGHBOURS[index + 1:]
+                   if sum((p - q) ** 2 for p, q in zip(a, b)) == 2)
+
+
+def mind_ssc(volume: torch.Tensor, radius: int = MIND_RADIUS, dilation: int = MIND_DILATION) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al., MICCAI 2013) of a (D, H, W) volume: (12, D, H, W) in (0, 1].
+
+    For each of the 12 point pairs of the six-neighbourhood (`dilation` voxels from the centre) the patch distance
+    (squared difference averaged over a (2 radius + 1)^3 box) between the two points, minus the smallest of the 12,
+    divided by their mean (the local variance estimate), through exp(-d). Every step compares the image with
+    itself nearby, so a voxel's descriptor describes local structure whatever its contrast: T1 and T2 of one head
+    give nearly the same descriptors, and the squared difference of descriptors is a smooth, contrast-independent
+    dissimilarity."""
+    shape = tuple(volume.shape)
+    image = volume[None, None].float()
+    padded = functional.pad(image, (dilation,) * 6, mode="replicate")
+    distances = []
+    for first, second in MIND_PAIRS:
+        scaled = [tuple(dilation * value for value in offset) for offset in (first, second)]
+        difference = _shifted(padded, scaled[0], dilation, shape) - _shifted(padded, scaled[1], dilation, shape)
+        distances.append(difference**2)
+    squared = torch.cat(distances, dim=1)
+    squared = functional.pad(squared, (radius,) * 6, mode="replicate")
+    patch = functional.avg_pool3d(squared, 2 * radius + 1, stride=1)[0]  # (12, D, H, W)
+    patch = patch - patch.min(dim=0, keepdim=True).values
+    variance = patch.mean(dim=0, keepdim=True)
+    mean_variance = variance.mean()
+    variance = variance.clamp(float(mean_variance) * 1e-3 + 1e-12, float(mean_variance) * 1e3 + 1e-12)
+    return torch.exp(-patch / variance)
+
+
+def diffusion(displacement: torch.Tensor) -> torch.Tensor:
+    """Mean squared forward difference of a (3, D, H, W) displacement (voxels) along the three axes: the smoothness
+    term the network was trained with."""
+    return sum((displacement.diff(dim=axis) ** 2).mean() for axis in (1, 2, 3)) / 3.0
+
+
+def _dissimilarity(fixed_features: torch.Tensor, moving_features: torch.Tensor, displacement: torch.Tensor,
+                   weight: torch.Tensor | None) -> torch.Tensor:
+    per_voxel = ((warp(moving_features, displacement) - fixed_features) ** 2).mean(dim=0)
+    if weight is None:
+        return per_voxel.mean()
+    return (per_voxel * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def _coarse_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(max(2, (n + 1) // 2) for n in shape)
+
+
+def correction_displacement(velocity: torch.Tensor, shape: tuple[int, ...], integration_steps: int) -> torch.Tensor:
+    """The flow of a correction velocity given on a half-resolution grid (3, d, h, w; voxels of that grid),
+    integrated there by scaling and squaring and upsampled (trilinear, align_corners) to a displacement (3, *shape)
+    in voxels of the full grid — what training's random_deformation does for its deformations."""
+    coarse = tuple(velocity.shape[1:])
+    displacement = integrate_velocity(velocity, integration_steps)
+    to_full = torch.tensor([max(n - 1, 1) / max(c - 1, 1) for n, c in zip(shape, coarse)],
+                           dtype=displacement.dtype, device=displacement.device).view(3, 1, 1, 1)
+    return functional.interpolate(displacement[None], size=tuple(shape), mode="trilinear",
+                                  align_corners=True)[0] * to_full
+
+
+def compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The displacement of x -> y + first(y) with y = x + then(x): `then` applied first (both (3, D, H, W), voxels).
+    A refinement `then` of a map `first` that samples the moving image at x + first(x)."""
+    return then + warp(first, then)
+
+
+def instance_optimise(displacement: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, steps: int, lr: float,
+                      smoothness: float, integration_steps: int, weight: torch.Tensor | None = None,
+                      progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The network's displacement (3, D, H, W; working-grid voxels) refined on this pair by `steps` Adam steps.
+
+    The refinement is a diffeomorphic correction composed with the network's map: the fixed voxel x samples the
+    moving image at y + u_net(y), y = x + c(x), where c is the flow (scaling and squaring, `integration_steps`) of a
+    stationary correction velocity on a grid of half the working resolution, starting at zero. So the refined map
+    starts exactly at the network's, stays a composition of two diffeomorphisms (it cannot fold beyond what
+    interpolation does), keeps the network's full-resolution detail, and a step costs about a fifth of integrating a
+    full-resolution velocity (grid_sample in 3D is slow on CPUs). Loss: mean squared difference between the MIND-SSC
+    descriptors of the fixed image and of the moving image warped by the composed map (inside `weight` when given)
+    + `smoothness` x diffusion(c) (c in working-grid voxels).
+
+    Why MIND-SSC: the pair may differ in contrast (T1 vs T2), where local normalised cross-correlation fails (it
+    assumes a locally linear intensity relation) and mutual information is neither local nor smooth enough for a
+    dense field. MIND compares each image with itself, so its descriptors agree across contrasts; NGF (normalised
+    gradient fields) would be the other choice, but it is undefined in flat regions and needs a noise threshold per
+    image. fixed, moving: (D, H, W) normalised volumes on the working grid (moving already through the affine)."""
+    shape = tuple(fixed.shape)
+    network_displacement = displacement.detach().float()
+    with torch.no_grad():
+        fixed_features = mind_ssc(fixed)
+        moving_features = mind_ssc(warp(moving[None], network_displacement)[0])
+        zero = torch.zeros_like(network_displacement)
+        before = float(_dissimilarity(fixed_features, moving_features, zero, weight))
+    parameter = torch.zeros((3, *_coarse_shape(shape)), device=fixed.device, requires_grad=True)
+    optimiser = torch.optim.Adam([parameter], lr=lr)
+    for step in range(steps):
+        optimiser.zero_grad()
+        correction = correction_displacement(parameter, shape, integration_steps)
+        loss = (_dissimilarity(fixed_features, moving_features, correction, weight)
+                + smoothness * diffusion(correction))
+        loss.backward()
+        optimiser.step()
+        if progress is not None:
+            progress(step + 1)
+    with torch.no_grad():
+        correction = correction_displacement(parameter.detach(), shape, integration_steps)
+        after = float(_dissimilarity(fixed_features, moving_features, correction, weight))
+        refined = compose(network_displacement, correction)
+        largest = float(correction.norm(dim=0).max())
+    return refined, {"steps": steps, "lr": lr, "smoothness": smoothness, "similarity": "mind",
+                     "dissimilarity_before": round(before, 6), "dissimilarity_after": round(after, 6),
+                     "largest_correction_voxels": round(largest, 3)}
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+class DeformableRegistration:
+    """Pipeline class for the engine's PIPELINES table: `register(fixed, moving, ...)` (see tasks.register_images)."""
+
+    def __init__(self, model: Any, weight_paths: dict[str, Any], device: torch.device, options: dict[str, Any]):
+        self.title = getattr(model, "title", "registration")
+        network, self.working_spacing, self.integration_steps = load_network(weight_paths[WEIGHTS_ROLE], self.title)
+        self.network = network.eval().to(device)
+        self.device = device
+        self.options = {**DEFAULT_OPTIONS, **options}
+        orientation = str(self.options["orientation"])
+        if orientation != KEEP_INPUT_AXES:
+            try:
+                geometry.orientation_axes(orientation)
+            except ValueError as error:
+                raise ModelError(f"Model '{self.title}': option orientation {error}") from error
+        if self.options["affine_initialization"] not in affine_module.INITIALIZATIONS:
+            raise InputError(f"affine_initialization must be one of {', '.join(affine_module.INITIALIZATIONS)}, not "
+                             f"'{self.options['affine_initialization']}'.")
+        if self.options["similarity"] not in SIMILARITIES:
+            raise InputError(f"The similarity '{self.options['similarity']}' is not one of {', '.join(SIMILARITIES)}.")
+        try:
+            steps = int(self.options["instance_steps"])
+            learning_rate = float(self.options["instance_lr"])
+            smoothness = float(self.options["instance_smoothness"])
+        except (TypeError, ValueError) as error:
+            raise InputError(f"The instance optimisation options must be numbers ({error}).") from error
+        if steps < 0 or not learning_rate > 0 or smoothness < 0:
+            raise InputError("instance_steps must be 0 or more, instance_lr above 0 and instance_smoothness 0 or "
+                             "more.")
+        self.options.update(instance_steps=steps, instance_lr=learning_rate, instance_smoothness=smoothness,
+                            deformable=bool(self.options["deformable"]))
+
+    def to(self, device: torch.device) -> DeformableRegistration:
+        self.network = self.network.to(device)
+        self.device = device
+        return self
+
+    def working_grid(self, fixed: sitk.Image) -> sitk.Image:
+        orientation = str(self.options["orientation"])
+        return working_grid(fixed, self.working_spacing, None if orientation == KEEP_INPUT_AXES else orientation,
+                            int(self.network.size_multiple))
+
+    def _velocity(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The network's velocity (3, D, H, W), float32, for a (2, D, H, W) input, in one pass on self.device."""
+        precision = None
+        if self.device.type == "cuda":
+            precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=precision or torch.bfloat16,
+                                             enabled=precision is not None):
+            return self.network(inputs[None].to(self.device))[0].float()
+
+    def register(self, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None = None,
+                 moving_mask: sitk.Image | None = None, progress: ProgressCallback = _no_progress) -> dict[str, Any]:
+        """Register `moving` to `fixed`: {"field": float64 3-vector image on the fixed grid (LPS mm, affine
+        included), "affine": sitk.AffineTransform (fixed -> moving point), "warnings": [...], "provenance": {...}}."""
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        mark = time.perf_counter()
+        check_pair(fixed, moving, fixed_mask, moving_mask)
+        timings["checks"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        progress("affine", 0.15, "Affine pre-alignment (mutual information)")
+        aligned = affine_module.affine_prealign(fixed, moving, fixed_mask, moving_mask,
+                                                initialization=str(self.options["affine_initialization"]))
+        timings["affine"] = time.perf_counter() - mark
+        if aligned.overlap < LOW_OVERLAP:
+            warnings.append(f"After the affine pre-alignment the two foregrounds overlap only {aligned.overlap:.0%} "
+                            "(Dice); check that both images show the same body part.")
+            progress("affine", 0.3, f"Warning: {warnings[-1]}")
+        provenance: dict[str, Any] = {
+            "affine": {"metric": round(aligned.metric, 6), "overlap": round(aligned.overlap, 4),
+                       "seconds": round(aligned.seconds, 3), "iterations": aligned.iterations,
+                       "matrix": [round(value, 8) for value in aligned.transform.GetMatrix()],
+                       "translation": [round(value, 6) for value in aligned.transform.GetTranslation()],
+                       "center": [round(value, 6) for value in aligned.transform.GetCenter()]},
+            "deformable": self.options["deformable"],
+        }
+        if not self.options["deformable"]:
+            mark = time.perf_counter()
+            field = total_field(aligned.transform, fixed)
+            timings["field"] = time.perf_counter() - mark
+            provenance["timings"] = {stage: round(seconds, 3) for stage, seconds in timings.items()}
+            return {"field": field, "affine": aligned.transform, "warnings": warnings, "provenance": provenance}
+
+        mark = time.perf_counter()
+        progress("inference", 0.3, "Resampling both images onto the network's grid")
+        grid = self.working_grid(fixed)
+        fixed_grid = geometry.resample_anti_aliased(fixed, grid)
+        moving_grid = geometry.resample_anti_aliased(moving, grid, transform=aligned.transform)
+        fixed_values, _, _ = normalise(torch.from_numpy(sitk.GetArrayFromImage(fixed_grid)))
+        moving_values, _, _ = normalise(torch.from_numpy(sitk.GetArrayFromImage(moving_grid)))
+        timings["resample"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        progress("inference", 0.4, f"Network on a {'×'.join(str(n) for n in grid.GetSize())} grid")
+        velocity = self._velocity(torch.stack([fixed_values, moving_values]))
+        with torch.no_grad():
+            displacement_t = integrate_velocity(velocity, self.integration_steps)
+        timings["network"] = time.perf_counter() - mark
+        provenance["working_grid"] = {"size": list(grid.GetSize()), "spacing_mm": self.working_spacing,
+                                      "orientation": str(self.options["orientation"]),
+                                      "integration_steps": self.integration_steps}
+
+        steps = int(self.options["instance_steps"])
+        if steps > 0:
+            mark = time.perf_counter()
+            weight = None
+            if fixed_mask is not None:  # the similarity counts inside the fixed mask (a little dilated) only
+                mask_grid = sitk.Resample(sitk.Cast(fixed_mask > 0, sitk.sitkFloat32), grid, sitk.Transform(),
+                                          sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+                weight = functional.max_pool3d(torch.from_numpy(sitk.GetArrayFromImage(mask_grid))[None, None],
+                                               5, stride=1, padding=2)[0, 0].to(self.device)
+
+            def report(step: int) -> None:
+                if step == steps or step % max(1, steps // 10) == 0:
+                    progress("inference", 0.55 + 0.3 * step / steps, f"Instance optimisation: step {step}/{steps}")
+
+            displacement_t, provenance["instance_optimisation"] = instance_optimise(
+                displacement_t, fixed_values.to(self.device), moving_values.to(self.device), steps,
+                float(self.options["instance_lr"]), float(self.options["instance_smoothness"]),
+                self.integration_steps, weight, report)
+            timings["instance_optimisation"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        progress("inference", 0.87, "Composing the field on the fixed grid")
+        displacement = displacement_t.cpu().numpy()
+        field = total_field(aligned.transform, fixed, displacement, grid)
+        timings["field"] = time.perf_counter() - mark
+        provenance["timings"] = {stage: round(seconds, 3) for stage, seconds in timings.items()}
+        provenance["max_displacement_mm"] = round(float(np.linalg.norm(physical_displacement(displacement, grid),
+                                                                      axis=-1).max()), 3)
+        return {"field": field, "affine": aligned.transform, "warnings": warnings, "provenance": provenance}

@@ -1,0 +1,410 @@
+"""The registration engine (engine/registration.py, tasks.register_images) with the shipped brain-registration weights.
+
+- The flow operations moved from training to engine/flow.py are the ones training uses, unchanged in behaviour.
+- Exactness: the working grid, the working-grid -> fixed-grid conversion of the network's voxel displacement and the
+  composition with the affine reproduce analytic mappings on oblique, anisotropic, flipped and permuted fixed grids
+  (checked against SimpleITK's own index <-> physical maps), the network's velocity channels are the working grid's
+  array axes, and the written .h5 warps exactly as SimpleITK's Resample with a DisplacementFieldTransform.
+- Accuracy on a phantom pair (moving = fixed under a known shift and smooth deformation): Dice over the labels after
+  registration against after the affine alone, and folding (% of det J <= 0).
+- Inputs that cannot be registered are refused with one clear sentence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers import (
+    REGISTRATION_GRIDS,
+    grid_image,
+    physical_points,
+    registration_phantom_pair,
+    rotation,
+    smooth_field,
+)
+
+from MIADeepLearningLib.engine import affine, displacement, flow, geometry, registration, registry, tasks
+from MIADeepLearningLib.engine.errors import InputError
+
+MODEL_ID = "brain-registration"
+FOLDS_LIMIT = 0.1  # % of the fixed foreground where det J <= 0
+
+
+def _pipeline(**options) -> registration.DeformableRegistration:
+    model = registry.get_model(MODEL_ID)
+    return registration.DeformableRegistration(model, registry.verified_weight_paths(model), torch.device("cpu"),
+                                               {**model.slicer.get("options", {}), **options})
+
+
+def _affine(center=(3.0, -4.0, 5.0)) -> sitk.AffineTransform:
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter(center)
+    transform.SetMatrix((rotation(2, 6.0) @ rotation(0, -4.0) @ np.diag([1.04, 0.97, 1.02])).ravel().tolist())
+    transform.SetTranslation((2.5, -1.5, 3.0))
+    return transform
+
+
+def _apply(transform: sitk.AffineTransform, points: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(transform.GetMatrix()).reshape(3, 3)
+    centre, translation = np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
+    return (points - centre) @ matrix.T + centre + translation
+
+
+def _fixed(kind: str) -> sitk.Image:
+    direction, spacing = REGISTRATION_GRIDS[kind]
+    return grid_image(direction, spacing, (30, 26, 22))
+
+
+def _voxel_displacement(grid: sitk.Image, field) -> np.ndarray:
+    """(3, D, H, W) displacement in voxels of `grid` (channels z, y, x) of a physical field u(p), found through the
+    inverse of SimpleITK's index -> physical map: index(p + u(p)) - index(p)."""
+    points = physical_points(grid)
+    to_index = np.linalg.inv(np.asarray(grid.GetDirection()).reshape(3, 3) @ np.diag(grid.GetSpacing()))
+    index = (field(points)) @ to_index.T  # (D, H, W, 3) in (i, j, k): a linear map, so differences are exact
+    return np.stack([index[..., 2], index[..., 1], index[..., 0]])
+
+
+# ------------------------------------------------------------------------------------------------ (a) flow.py
+
+
+def test_training_integrates_and_warps_with_the_engine_flow():
+    from MIADeepLearningLib.training import spatial, train_registration
+
+    assert spatial.integrate_velocity is flow.integrate_velocity and spatial.warp is flow.warp
+    assert train_registration.integrate_velocity is flow.integrate_velocity
+    assert train_registration.warp is flow.warp
+
+
+def test_constant_velocity_integrates_to_itself_and_warps_as_a_shift():
+    velocity = torch.zeros(3, 12, 10, 14)
+    velocity[0], velocity[1], velocity[2] = 2.0, -1.0, 3.0
+    displacement_ = flow.integrate_velocity(velocity, 7)
+    assert torch.allclose(displacement_, velocity, atol=1e-5)
+    volume = torch.arange(12 * 10 * 14, dtype=torch.float32).reshape(1, 12, 10, 14)
+    warped = flow.warp(volume, displacement_.round())
+    # x samples x + (2, -1, 3): away from the border that is the volume shifted by that many voxels
+    assert torch.allclose(warped[0, :-2, 1:, :-3], volume[0, 2:, :-1, 3:], atol=1e-3)  # float32 grid coordinates
+    assert torch.allclose(flow.warp(volume, torch.zeros(3, 12, 10, 14)), volume, atol=1e-3)
+
+
+def test_integration_is_differentiable_and_gives_an_invertible_map():
+    generator = torch.Generator().manual_seed(3)
+    velocity = torch.nn.functional.interpolate(torch.randn(1, 3, 4, 4, 4, generator=generator) * 1.5,
+                                               size=(20, 20, 20), mode="trilinear", align_corners=True)[0]
+    velocity.requires_grad_(True)
+    forward = flow.integrate_velocity(velocity)
+    forward.square().sum().backward()
+    assert velocity.grad is not None and velocity.grad.abs().sum() > 0
+    backward = flow.integrate_velocity(-velocity.detach())
+    round_trip = (backward + flow.warp(forward.detach(), backward))[:, 4:-4, 4:-4, 4:-4].abs()
+    assert float(forward.detach().abs().max()) > 2.0, "the test field must move voxels by a few voxels"
+    assert float(round_trip.max()) < 0.25 and float(round_trip.mean()) < 0.03, "forward after backward: identity"
+
+
+# ------------------------------------------------------------------------------------------- (b) exactness
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRATION_GRIDS))
+def test_working_grid_covers_the_fixed_image_in_lia_axes(kind):
+    fixed = _fixed(kind)
+    grid = registration.working_grid(fixed, 2.0, "LIA", 8)
+    assert all(n % 8 == 0 for n in grid.GetSize()) and grid.GetSpacing() == (2.0, 2.0, 2.0)
+    axes = np.asarray(grid.GetDirection()).reshape(3, 3)
+    cosines = np.sum(axes * geometry.orientation_axes("LIA"), axis=0)  # each grid axis against L, I, A
+    assert np.all(cosines > 0.7), cosines
+    # every fixed voxel centre lies strictly inside the working grid's voxel centres: interpolation, never
+    # extrapolation, when the field comes back onto the fixed grid
+    size = np.asarray(fixed.GetSize()) - 1
+    for corner in np.array(np.meshgrid(*[[0, 1]] * 3, indexing="ij")).reshape(3, -1).T * size:
+        point = fixed.TransformContinuousIndexToPhysicalPoint([float(v) for v in corner])
+        index = np.asarray(grid.TransformPhysicalPointToContinuousIndex(point))
+        assert np.all(index > 0.0) and np.all(index < np.asarray(grid.GetSize()) - 1.0), (corner, index)
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRATION_GRIDS))
+def test_voxel_displacement_becomes_lps_millimetres(kind):
+    grid = registration.working_grid(_fixed(kind), 2.0, "LIA", 8)
+    shape = tuple(reversed(grid.GetSize()))
+    start = [3.0, 2.0, 1.0]
+    origin = np.asarray(grid.TransformContinuousIndexToPhysicalPoint(start))
+    for channel in range(3):  # channel c of the network's output moves along array axis c = index axis 2 - c
+        voxels = np.zeros((3, *shape))
+        voxels[channel] = 1.5
+        vectors = registration.physical_displacement(voxels, grid)
+        step = list(start)
+        step[2 - channel] += 1.5
+        expected = np.asarray(grid.TransformContinuousIndexToPhysicalPoint(step)) - origin
+        np.testing.assert_allclose(vectors[1, 2, 3], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTRATION_GRIDS))
+def test_conversion_and_composition_reproduce_the_analytic_mapping(kind):
+    """A known working-grid voxel displacement -> the field on the fixed grid (LPS mm) -> composed with an affine:
+    equal to A(p + u(p)) - p at every fixed voxel; exact (1e-9 mm) for a linear u, within interpolation error of a
+    2 mm grid for a smooth one."""
+    fixed = _fixed(kind)
+    grid = registration.working_grid(fixed, 2.0, "LIA", 8)
+    transform = _affine()
+    points = physical_points(fixed)
+    matrix = rotation(1, 3.0) @ np.diag([1.02, 0.99, 1.01]) - np.eye(3)
+
+    def linear(p):
+        return (p - np.array([3.0, -4.0, 5.0])) @ matrix.T + np.array([1.5, -2.0, 0.5])
+
+    on_fixed = registration.field_on_fixed(_voxel_displacement(grid, linear), grid, fixed)
+    assert np.abs(on_fixed - linear(points)).max() < 1e-9
+    total = sitk.GetArrayFromImage(registration.total_field(transform, fixed, _voxel_displacement(grid, linear),
+                                                            grid))
+    assert np.abs(total - (_apply(transform, points + linear(points)) - points)).max() < 1e-9
+
+    def smooth(p):  # helpers.smooth_field's formula, evaluated anywhere
+        q = p - np.array([3.0, -4.0, 5.0])
+        return np.stack([3.0 * np.sin(q[..., 1] / 9.0) + 1.0,
+                         2.5 * np.cos(q[..., 2] / 11.0) - 0.5 * np.sin(q[..., 0] / 7.0),
+                         2.0 * np.sin((q[..., 0] + q[..., 1]) / 13.0)], axis=-1)
+
+    np.testing.assert_allclose(smooth(points), smooth_field(fixed))
+    total = sitk.GetArrayFromImage(registration.total_field(transform, fixed, _voxel_displacement(grid, smooth),
+                                                            grid))
+    error = np.linalg.norm(total - (_apply(transform, points + smooth(points)) - points), axis=-1)
+    assert error.max() < 0.06, error.max()  # second derivatives <= 3/81 mm^-1: linear interpolation error on 2 mm
+
+
+def test_without_a_displacement_the_field_is_the_affine():
+    fixed = _fixed("left_handed")
+    points = physical_points(fixed)
+    field = sitk.GetArrayFromImage(registration.total_field(_affine(), fixed))
+    assert np.abs(field - (_apply(_affine(), points) - points)).max() < 1e-9
+
+
+class _ConstantVelocity(torch.nn.Module):
+    """Stands in for the network: the same velocity (voxels, channels z, y, x) everywhere."""
+
+    size_multiple = 8
+
+    def __init__(self, velocity: tuple[float, float, float]):
+        super().__init__()
+        self.velocity = torch.tensor(velocity).view(1, 3, 1, 1, 1)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        assert inputs.shape[:2] == (1, 2) and all(n % 8 == 0 for n in inputs.shape[2:])
+        return self.velocity.expand(1, 3, *inputs.shape[2:]).clone()
+
+
+def test_pipeline_reads_the_velocity_channels_as_working_grid_array_axes():
+    """A constant velocity integrates to itself; through the whole pipeline it must come out as that many working
+    voxels along the working grid's array axes (SimpleITK's index map), composed with the affine it found."""
+    fixed, _, moving, _ = registration_phantom_pair()
+    pipeline = _pipeline()
+    pipeline.network = _ConstantVelocity((1.0, -2.0, 0.5))
+    result = pipeline.register(fixed, moving)
+    grid = pipeline.working_grid(fixed)
+    origin = np.asarray(grid.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, 0.0]))
+    shift = np.asarray(grid.TransformContinuousIndexToPhysicalPoint([0.5, -2.0, 1.0])) - origin  # (i, j, k)
+    points = physical_points(fixed)
+    expected = _apply(result["affine"], points + shift) - points
+    assert np.abs(sitk.GetArrayFromImage(result["field"]) - expected).max() < 1e-4
+    assert result["field"].GetSize() == fixed.GetSize() and result["field"].GetPixelID() == sitk.sitkVectorFloat64
+    np.testing.assert_allclose(result["field"].GetDirection(), fixed.GetDirection())
+    assert result["provenance"]["working_grid"]["size"] == list(grid.GetSize())
+
+
+def test_written_transform_warps_exactly_as_simpleitk(tmp_path):
+    fixed, _, moving, moving_labels = registration_phantom_pair()
+    grid = registration.working_grid(fixed, 2.0, "LIA", 8)
+    field = registration.total_field(_affine(), fixed, _voxel_displacement(grid, lambda p: 0.05 * np.sin(p)), grid)
+    path = displacement.write_field(field, tmp_path / "transform.h5")
+    read = displacement.read_field(path)
+    stored = read.GetDisplacementField()
+    assert stored.GetSize() == fixed.GetSize()
+    np.testing.assert_allclose(stored.GetOrigin(), fixed.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(stored.GetSpacing(), fixed.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(stored.GetDirection(), fixed.GetDirection(), atol=1e-12)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), sitk.GetArrayFromImage(field))
+    reference = sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), sitk.sitkLinear,
+                              0.0, sitk.sitkFloat32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(displacement.warp_image(moving, fixed, read)),
+                                  sitk.GetArrayFromImage(reference))
+    labels = displacement.warp_labels(moving_labels, fixed, read)
+    assert labels.GetPixelID() == moving_labels.GetPixelID()
+    values = set(np.unique(sitk.GetArrayViewFromImage(labels)))
+    assert values <= set(np.unique(sitk.GetArrayViewFromImage(moving_labels))) and len(values) > 5
+
+
+# ------------------------------------------------------------------------------- (c), (d) accuracy, identity
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    """The phantom pair as files: fixed on an oblique anisotropic grid, moving (same and inverted contrast) under a
+    known shift and deformation, with label maps."""
+    folder = tmp_path_factory.mktemp("registration-phantom")
+    paths = {}
+    for contrast in ("t1", "t2"):
+        fixed, fixed_labels, moving, moving_labels = registration_phantom_pair(t2=contrast == "t2")
+        for name, image in (("fixed", fixed), ("fixed_labels", fixed_labels), (f"moving_{contrast}", moving),
+                            ("moving_labels", moving_labels)):
+            paths[name] = folder / f"{name}.nrrd"
+            sitk.WriteImage(image, str(paths[name]))
+    return paths
+
+
+def _register(files, moving: str = "moving_t1", **options) -> tasks.RegistrationOutput:
+    return tasks.register_images(files["fixed"], files[moving], MODEL_ID, device="cpu", options=options or None,
+                                 moving_labels_path=files["moving_labels"], fixed_labels_path=files["fixed_labels"])
+
+
+@pytest.fixture(scope="module")
+def network_only(phantom_files):
+    return _register(phantom_files)
+
+
+@pytest.fixture(scope="module")
+def refined(phantom_files):
+    return _register(phantom_files, instance_steps=20)
+
+
+def test_report_describes_the_total_field_and_the_labels(phantom_files, network_only):
+    result = network_only
+    fixed = sitk.ReadImage(str(phantom_files["fixed"]))
+    report = result.report
+    region = sitk.GetArrayFromImage(affine.foreground(fixed)) > 0
+    stats = displacement.jacobian_stats(displacement.jacobian_determinant(result.field), region)
+    assert report["jacobian_non_positive_percent"] == pytest.approx(stats.non_positive_percent, abs=1e-6)
+    assert report["jacobian_log_std"] == pytest.approx(stats.log_std, abs=1e-6)
+    assert report["jacobian_mean"] == pytest.approx(stats.mean, abs=1e-6)
+    assert report["jacobian_min"] <= report["jacobian_mean"] <= report["jacobian_max"]
+    assert report["jacobian_voxels"] == int(region.sum()) and report["jacobian_region"] == "fixed foreground"
+    labels = [str(value) for value in range(1, 8)]
+    for key in ("dice", "dice_before", "dice_affine"):
+        assert list(report[key]) == labels
+        assert report[f"{key}_mean"] == pytest.approx(np.mean(list(report[key].values())), abs=1e-6)
+    fixed_labels = sitk.ReadImage(str(phantom_files["fixed_labels"]))
+    recomputed = displacement.dice_per_label(result.warped_labels, fixed_labels)
+    assert report["dice"] == {str(k): pytest.approx(v, abs=1e-6) for k, v in recomputed.items()}
+    for image in (result.warped, result.warped_labels, result.field):
+        assert image.GetSize() == fixed.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), fixed.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(image.GetDirection(), fixed.GetDirection(), atol=1e-9)
+    assert result.warped.GetPixelID() == sitk.sitkFloat32
+    assert result.warped_labels.GetPixelID() == sitk.sitkInt16
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.warped_labels))) <= set(range(8))
+    assert report["dice_affine_mean"] > report["dice_before_mean"] + 0.05, "the affine corrects the shift"
+    provenance = result.provenance
+    assert provenance["model_id"] == MODEL_ID and provenance["inputs"]["moving"] == "moving_t1.nrrd"
+    assert set(provenance["pipeline"]["timings"]) >= {"affine", "resample", "network", "field"}
+    assert set(result.timings) >= {"load_model", "read_input", "checks", "inference", "postprocess"}
+
+
+def test_instance_optimisation_improves_dice_over_the_affine_without_folding(refined):
+    report = refined.report
+    assert report["dice_mean"] > report["dice_affine_mean"] + 0.08, report
+    assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
+    info = refined.provenance["pipeline"]["instance_optimisation"]
+    assert info["steps"] == 20 and info["dissimilarity_after"] < 0.5 * info["dissimilarity_before"]
+
+
+def test_instance_optimisation_works_across_contrasts(phantom_files):
+    """Moving with inverted tissue contrast (T2-like): MIND-SSC still finds the deformation."""
+    report = _register(phantom_files, "moving_t2", instance_steps=20).report
+    assert report["dice_mean"] > report["dice_affine_mean"] + 0.05, report
+    assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
+
+
+def test_network_improves_dice_over_the_affine_without_folding(network_only):
+    report = network_only.report
+    assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
+    assert report["dice_mean"] > report["dice_affine_mean"] + 0.02, report
+
+
+def test_affine_only_option_gives_the_affine_field(phantom_files):
+    result = _register(phantom_files, deformable=False)
+    fixed = sitk.ReadImage(str(phantom_files["fixed"]))
+    points = physical_points(fixed)
+    expected = _apply(result.affine, points) - points
+    assert np.abs(sitk.GetArrayFromImage(result.field) - expected).max() < 1e-9
+    assert result.report["dice_mean"] == pytest.approx(result.report["dice_affine_mean"], abs=0.01)
+    assert "working_grid" not in result.provenance["pipeline"]
+
+
+def test_identical_images_give_a_near_zero_field(phantom_files):
+    fixed = sitk.ReadImage(str(phantom_files["fixed"]))
+    result = _pipeline().register(fixed, fixed)
+    length = np.linalg.norm(sitk.GetArrayFromImage(result["field"]), axis=-1)
+    inside = sitk.GetArrayFromImage(affine.foreground(fixed)) > 0
+    assert float(length[inside].mean()) < 0.5 and float(np.percentile(length[inside], 95)) < 1.0, (
+        length[inside].mean(), np.percentile(length[inside], 95))
+
+
+def test_mind_descriptors_are_contrast_independent():
+    fixed, _, moving_t1, _ = registration_phantom_pair()
+    _, _, moving_t2, _ = registration_phantom_pair(t2=True)
+    t1 = torch.from_numpy(sitk.GetArrayFromImage(moving_t1))
+    t2 = torch.from_numpy(sitk.GetArrayFromImage(moving_t2))
+    other = torch.from_numpy(sitk.GetArrayFromImage(geometry.resample(fixed, moving_t1)))
+    same_anatomy = float((registration.mind_ssc(t1) - registration.mind_ssc(t2)).square().mean())
+    other_anatomy = float((registration.mind_ssc(t1) - registration.mind_ssc(other)).square().mean())
+    intensity = float((t1 - t2).square().mean())
+    assert same_anatomy < 0.3 * other_anatomy, (same_anatomy, other_anatomy)
+    assert intensity > float((t1 - other).square().mean()), "in intensities, T1 vs T2 is the worse match"
+
+
+# ------------------------------------------------------------------------------------------ (e) bad inputs
+
+
+def _write(image: sitk.Image, path) -> str:
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["2d", "single slice", "constant", "mismatched dimensions", "labels off grid",
+                                  "fixed labels alone", "mask off grid", "no overlap", "nan", "bad option"])
+def test_inputs_that_cannot_be_registered(phantom_files, tmp_path, case):
+    fixed, moving = str(phantom_files["fixed"]), str(phantom_files["moving_t1"])
+    fixed_image = sitk.ReadImage(fixed)
+    arguments: dict = {}
+    expected = {
+        "2d": "The fixed image is 2D; registration needs a 3D volume.",
+        "single slice": "The fixed image is a single slice",
+        "constant": "The moving image is empty (every voxel is 7); there is nothing to register.",
+        "mismatched dimensions": "The fixed image is 3D and the moving image 2D",
+        "labels off grid": "The moving label map is not on the grid of the moving image",
+        "fixed labels alone": "A fixed label map is only used with a moving label map",
+        "mask off grid": "The fixed mask is not on the grid of the fixed image",
+        "no overlap": "no overlap after affine alignment",
+        "nan": "The fixed image has values that are NaN or infinite",
+        "bad option": "instance_steps must be 0 or more",
+    }[case]
+    if case in ("2d", "mismatched dimensions"):
+        moving = _write(sitk.Image([20, 20], sitk.sitkFloat32) + 1.0, tmp_path / "flat.nrrd")
+        if case == "2d":
+            fixed = moving
+    elif case == "single slice":
+        fixed = _write(sitk.Image([20, 20, 1], sitk.sitkFloat32), tmp_path / "slice.nrrd")
+    elif case == "constant":
+        moving = _write(sitk.Image([20, 20, 20], sitk.sitkFloat32) + 7.0, tmp_path / "constant.nrrd")
+    elif case == "labels off grid":
+        arguments["moving_labels_path"] = phantom_files["fixed_labels"]
+    elif case == "fixed labels alone":
+        arguments["fixed_labels_path"] = phantom_files["fixed_labels"]
+    elif case == "mask off grid":
+        arguments["fixed_mask_path"] = phantom_files["moving_labels"]
+    elif case == "no overlap":
+        far = sitk.ReadImage(moving)
+        far.SetOrigin([value + 500.0 for value in far.GetOrigin()])
+        moving = _write(far, tmp_path / "far.nrrd")
+        arguments["options"] = {"affine_initialization": "none"}
+    elif case == "nan":
+        values = sitk.GetArrayFromImage(fixed_image)
+        values[3, 4, 5] = np.nan
+        broken = sitk.GetImageFromArray(values)
+        broken.CopyInformation(fixed_image)
+        fixed = _write(broken, tmp_path / "nan.nrrd")
+    elif case == "bad option":
+        arguments["options"] = {"instance_steps": -1}
+    with pytest.raises(InputError) as caught:
+        tasks.register_images(fixed, moving, MODEL_ID, device="cpu", **arguments)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message and message.endswith("."), message
