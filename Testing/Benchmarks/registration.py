@@ -38,8 +38,8 @@ way:
 Other jobs on the machine inflate wall time more than CPU time; the load average is printed.
 
 Usage: python Testing/Benchmarks/registration.py [--quick] [--pairs PATTERN,...] [--methods NAME,...]
-       [--label-maps BUNDLE.npz|FOLDER] [--ants-python PATH] [--threads 2] [--device cpu] [--json out.json]
-       [--list-pairs]
+       [--label-maps BUNDLE.npz|FOLDER] [--ants-python PATH] [--network-weights FILE] [--threads 2] [--device cpu]
+       [--json out.json] [--list-pairs]
 """
 
 from __future__ import annotations
@@ -447,33 +447,51 @@ def syn_method(settings: Settings, python: Path, threads: int, folder: Path) -> 
     return run
 
 
-def network_methods(settings: Settings, device: str) -> tuple[dict[str, Method], str]:
+def network_methods(settings: Settings, device: str, weights_file: Path | None, folder: Path
+                    ) -> tuple[dict[str, Method], str]:
     """The network rows, plugged in when engine.registration and a model package exist; else ({}, why not).
 
     engine.registration.DeformableRegistration(model, weight_paths, device, options).register(fixed, moving)
     returns {"field": the total LPS displacement field on the fixed grid (its own affine pre-alignment included),
-    ...}; options {"instance_steps": N, "deformable": True}."""
+    ...}. Options: the package's slicer.options (what a user gets) with instance_steps 0 or settings.instance_steps.
+    `weights_file` (a weights-only file or a training checkpoint, exported here) replaces the package's weights, to
+    measure a checkpoint before it is shipped."""
     try:
         from MIADeepLearningLib.engine import registration  # optional until the branch lands
     except ImportError as error:
         return {}, f"engine.registration is not on this branch ({error})"
     try:
         model = registry.get_model(MODEL_ID)
-        weights = registry.verified_weight_paths(model)
+        weights = registry.verified_weight_paths(model) if weights_file is None else {"network": weights_file}
     except Exception as error:  # any reason is reported, not raised
         return {}, f"no usable model package {MODEL_ID!r} ({error})"
+    label = f"{MODEL_ID} {model.version} (sha256 {', '.join(w.sha256[:12] for w in model.weights)}...)"
+    if weights_file is not None:
+        payload = torch.load(weights_file, map_location="cpu", weights_only=True)
+        if "model" in payload and "settings" in payload:  # a training checkpoint: evaluate it as it would be exported
+            from MIADeepLearningLib.training.common import export_weights
+            from MIADeepLearningLib.training.train_registration import EXPORT_KEYS
+
+            weights = {"network": folder / "exported-network.pt"}
+            export_weights(weights_file, weights["network"], EXPORT_KEYS)
+            label = (f"{MODEL_ID} pipeline with training checkpoint {weights_file} at iteration "
+                     f"{payload.get('iteration')}")
+        else:
+            label = f"{MODEL_ID} pipeline with weights file {weights_file}"
     methods: dict[str, Method] = {}
+    package_options = dict(getattr(model, "slicer", {}).get("options", {}))
     for name, steps in (("network", 0), ("network+IO", settings.instance_steps)):
-        engine = registration.DeformableRegistration(model, weights, torch.device(device),
-                                                     {"instance_steps": steps, "deformable": True})
+        options = {**package_options, "instance_steps": steps, "deformable": True}
+        engine = registration.DeformableRegistration(model, weights, torch.device(device), options)
 
         def run(fixed: sitk.Image, moving: sitk.Image, affine: AffineResult, engine: Any = engine
                 ) -> tuple[sitk.Image, dict]:
             result = engine.register(fixed, moving)
-            return result["field"], {key: value for key, value in result.items()
-                                     if isinstance(value, (int, float, str))}
+            return result["field"], {"warnings": list(result.get("warnings", []))}
         methods[name] = run
-    return methods, f"{MODEL_ID} {model.version} (sha256 {', '.join(w.sha256[:12] for w in model.weights)}...)"
+    options_text = ", ".join(f"{key} {value}" for key, value in sorted(package_options.items())
+                             if key != "instance_steps")
+    return methods, f"{label}; package options {options_text}"
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -699,8 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-pairs", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: one intra-subject pair on a 2 mm grid (label maps block-downsampled)")
+                        help="smoke run: one intra-subject pair on a 2 mm grid (label maps block-downsampled), fewer "
+                             "iterations")
     parser.add_argument("--ants-python", type=Path, help="a Python with antspyx (kept out of the project's venv)")
+    parser.add_argument("--network-weights", type=Path,
+                        help="evaluate these weights (weights-only file or training checkpoint) in the package's "
+                             "pipeline instead of the package's own")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
@@ -720,7 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     settings = Settings()
-    spacing = 2.0 if args.quick else 1.0
+    spacing = 1.0
+    if args.quick:  # a smoke run: every method runs, briefly
+        settings = Settings(demons_iterations=(20, 10), bspline_iterations=10, syn_iterations=(20, 10, 0),
+                            instance_steps=10)
+        spacing = 2.0
     started, load_before = time.perf_counter(), os.getloadavg()[0]
 
     with tempfile.TemporaryDirectory(prefix="miadl-registration-") as folder:
@@ -734,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             available["syn"] = syn_method(settings, args.ants_python, args.threads, Path(folder))
         network = "not run (not asked for)"
         if any(name in wanted for name in NETWORKS):
-            networks, network = network_methods(settings, args.device)
+            networks, network = network_methods(settings, args.device, args.network_weights, Path(folder))
             if not networks:
                 network = f"not run: {network}"
             available.update(networks)
@@ -758,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     notes = settings_notes(settings, ants, network, args.threads)
     if args.quick:
-        notes.insert(0, "QUICK smoke run: label maps block-downsampled to 2 mm, one pair; not the benchmark.")
+        notes.insert(0, "QUICK smoke run: label maps block-downsampled to 2 mm, one pair, fewer iterations; not the "
+                        "benchmark.")
     header = (f"# Registration across contrasts — {devices.cpu_name()}, {os.cpu_count()} CPU cores, "
               f"SimpleITK {sitk.Version.VersionString()}, torch {torch.__version__}, {args.threads} threads, "
               f"device {args.device}; {len(pairs)} pairs at {spacing:g} mm; load average {load_before:.1f} before, "
