@@ -15,7 +15,9 @@ Pairs (each side rendered with its own contrast, so intensities never match acro
   which the affine pre-alignment has to find, and every method has to respect the grid's direction.
 Maps come from the bundle (training/label_maps.load_bundle; ../.devdata/brain-label-maps.npz when present, it loads
 in seconds) or the NIfTI folder ../shared/data/brain-label-maps, cropped to the head + 8 voxels, at 1 mm (the maps'
-native grid). The bundle keeps no geometry, so every map gets the NIfTI files' LIA direction and an origin that puts
+native grid), then cut FIELD_OF_VIEW_MM below the top of the brain (common_field_of_view: the maps end at
+different depths in the neck, which an inter-subject affine otherwise matches by squashing a head). The bundle keeps
+no geometry, so every map gets the NIfTI files' LIA direction and an origin that puts
 the grid's centre at (0, 0, 0): the two sides of an inter-subject pair start roughly, not exactly, overlapped. Renders:
 training.generator.render with a fixed seed per pair and side, plus Rician noise of std 2 % of the maximum (as in
 Testing/Benchmarks/brain_tissue.py).
@@ -88,6 +90,7 @@ OBLIQUE_PAIR = 1  # index of the intra-subject pair whose fixed grid is permuted
 PERMUTATION, FLIPPED = (2, 0, 1), 1  # new index axis m = old axis PERMUTATION[m]; new axis FLIPPED reversed
 OBLIQUE_ANGLES_DEG = (12.0, -8.0, 6.0)  # rotation about L, P, S of the fixed grid (and its content)
 BRAIN_MAX_LABEL = 100  # FreeSurfer brain structures are < 100; extra-cerebral labels above
+FIELD_OF_VIEW_MM = 145.0  # every map is cut this far below the top of its brain (training_seg_13's ends there)
 CLASSES = ("csf", "gm", "wm")
 CLASSICAL = ("affine", "demons", "bspline", "syn")
 NETWORKS = ("network", "network+IO")
@@ -206,6 +209,17 @@ def image_of(array: np.ndarray, spacing: float, origin: tuple[float, ...], direc
     image.SetOrigin(origin)
     image.SetDirection(direction)
     return image
+
+
+def common_field_of_view(label_map: LabelMap, below_brain_top_mm: float = FIELD_OF_VIEW_MM) -> LabelMap:
+    """The map cut off `below_brain_top_mm` below the top of its brain (FreeSurfer labels 1-99), as a scanner's field
+    of view placed on the brain would cut it. Why: the held-out maps end at different depths (training_seg_13 stops
+    at the lower brainstem, 14 and 15 run ~60 mm further into the neck), and with the whole maps an inter-subject
+    affine squashes one head by a third along S-I to match the other's neck. Array axis 1 is I (LIA grids)."""
+    labels = np.asarray(label_map.values)[label_map.indices]
+    brain_rows = np.flatnonzero(((labels > 0) & (labels < BRAIN_MAX_LABEL)).any(axis=(0, 2)))
+    stop = min(int(brain_rows[0] + round(below_brain_top_mm)) + 1, label_map.indices.shape[1])
+    return LabelMap(label_map.name, label_map.indices[:, :stop].copy(), label_map.values)
 
 
 def render_image(indices: torch.Tensor, values: np.ndarray, contrast: str, seed: int) -> np.ndarray:
@@ -767,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {name: available[name] for name in METHODS if name in wanted and name in available}
 
         maps = load_maps(args.label_maps, sorted({name for pair in pairs for name in (pair.fixed, pair.moving)}))
+        maps = {name: common_field_of_view(item) for name, item in maps.items()}
         if spacing != 1.0:
             maps = {name: downsample_label_map(item, int(spacing)) for name, item in maps.items()}
         outcomes: list[Outcome] = []

@@ -62,7 +62,7 @@ def test_benchmark_runs_on_synthetic_maps(tmp_path, monkeypatch, capsys):
     bench = load_benchmark()
     monkeypatch.setattr(bench, "Settings", functools.partial(bench.Settings, demons_iterations=(4, 2),
                                                              bspline_iterations=2))
-    save_bundle([phantom("map_a", (36, 40, 44), 1.0), phantom("map_b", (38, 40, 42), 0.95)], tmp_path / "maps.npz")
+    save_bundle([phantom("map_a", (30, 32, 34), 1.0), phantom("map_b", (31, 32, 33), 0.95)], tmp_path / "maps.npz")
     output = tmp_path / "out.json"
     code = bench.main(["--label-maps", str(tmp_path / "maps.npz"), "--held-out", "map_a", "map_b",
                        "--pairs", "inter-a-b,intra-b-oblique", "--methods", "identity,affine,demons,bspline,network",
