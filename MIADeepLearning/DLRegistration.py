@@ -10,8 +10,6 @@ Apply, never at start-up) and the warm worker are shared with the other task mod
 
 from __future__ import annotations
 
-import logging
-import traceback
 from typing import TYPE_CHECKING, Annotated
 
 import slicer
@@ -360,26 +358,6 @@ class DLRegistrationTest(ScriptedLoadableModuleTest):
 
     def test_DLRegistrationScenarios(self) -> None:
         from MIADeepLearningLib.testing import registration_scenarios
+        from MIADeepLearningLib.testing.self_test import run_scenarios
 
-        self.assertTrue(registration_scenarios.SCENARIOS, "no scenarios registered")
-        passed, skipped, failed = [], [], []
-        for name, function in registration_scenarios.SCENARIOS:
-            self.setUp()
-            self.delayDisplay(f"Scenario: {name}")
-            try:
-                function()
-            except registration_scenarios.ScenarioSkipped as skip:
-                skipped.append(f"{name}: {skip}")
-                logging.warning(f"DLRegistration scenario skipped: {name}: {skip}")
-                self.delayDisplay(f"Skipped {name}: {skip}")
-            except Exception:
-                details = traceback.format_exc()
-                failed.append(f"{name}:\n{details}")
-                logging.error(f"DLRegistration scenario failed: {name}\n{details}")
-                self.delayDisplay(f"FAILED {name}")
-            else:
-                passed.append(name)
-        self.setUp()
-        self.delayDisplay(f"Scenarios: {len(passed)} passed, {len(skipped)} skipped, {len(failed)} failed")
-        if failed:
-            self.fail("DLRegistration scenarios failed:\n" + "\n".join(failed))
+        run_scenarios(self, registration_scenarios.SCENARIOS, "DLRegistration")

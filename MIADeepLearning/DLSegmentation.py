@@ -10,9 +10,7 @@ task modules through MIADeepLearningLib.gui.
 
 from __future__ import annotations
 
-import logging
 import sys
-import traceback
 from typing import TYPE_CHECKING, Annotated
 
 import qt
@@ -343,26 +341,6 @@ class DLSegmentationTest(ScriptedLoadableModuleTest):
 
     def test_DLSegmentationScenarios(self) -> None:
         from MIADeepLearningLib.testing import scenarios
+        from MIADeepLearningLib.testing.self_test import run_scenarios
 
-        self.assertTrue(scenarios.SCENARIOS, "no scenarios registered")
-        passed, skipped, failed = [], [], []
-        for name, function in scenarios.SCENARIOS:
-            self.setUp()
-            self.delayDisplay(f"Scenario: {name}")
-            try:
-                function()
-            except scenarios.ScenarioSkipped as skip:
-                skipped.append(f"{name}: {skip}")
-                logging.warning(f"DLSegmentation scenario skipped: {name}: {skip}")
-                self.delayDisplay(f"Skipped {name}: {skip}")
-            except Exception:
-                details = traceback.format_exc()
-                failed.append(f"{name}:\n{details}")
-                logging.error(f"DLSegmentation scenario failed: {name}\n{details}")
-                self.delayDisplay(f"FAILED {name}")
-            else:
-                passed.append(name)
-        self.setUp()
-        self.delayDisplay(f"Scenarios: {len(passed)} passed, {len(skipped)} skipped, {len(failed)} failed")
-        if failed:
-            self.fail("DLSegmentation scenarios failed:\n" + "\n".join(failed))
+        run_scenarios(self, scenarios.SCENARIOS, "DLSegmentation")

@@ -10,8 +10,6 @@ through MIADeepLearningLib.gui, so all of them ask the same questions and instal
 
 from __future__ import annotations
 
-import logging
-import traceback
 from typing import TYPE_CHECKING, Annotated
 
 import slicer
@@ -294,26 +292,6 @@ class DLSynthesisTest(ScriptedLoadableModuleTest):
 
     def test_DLSynthesisScenarios(self) -> None:
         from MIADeepLearningLib.testing import synthesis_scenarios
+        from MIADeepLearningLib.testing.self_test import run_scenarios
 
-        self.assertTrue(synthesis_scenarios.SCENARIOS, "no scenarios registered")
-        passed, skipped, failed = [], [], []
-        for name, function in synthesis_scenarios.SCENARIOS:
-            self.setUp()
-            self.delayDisplay(f"Scenario: {name}")
-            try:
-                function()
-            except synthesis_scenarios.ScenarioSkipped as skip:
-                skipped.append(f"{name}: {skip}")
-                logging.warning(f"DLSynthesis scenario skipped: {name}: {skip}")
-                self.delayDisplay(f"Skipped {name}: {skip}")
-            except Exception:
-                details = traceback.format_exc()
-                failed.append(f"{name}:\n{details}")
-                logging.error(f"DLSynthesis scenario failed: {name}\n{details}")
-                self.delayDisplay(f"FAILED {name}")
-            else:
-                passed.append(name)
-        self.setUp()
-        self.delayDisplay(f"Scenarios: {len(passed)} passed, {len(skipped)} skipped, {len(failed)} failed")
-        if failed:
-            self.fail("DLSynthesis scenarios failed:\n" + "\n".join(failed))
+        run_scenarios(self, synthesis_scenarios.SCENARIOS, "DLSynthesis")
