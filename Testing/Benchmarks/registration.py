@@ -41,7 +41,7 @@ Other jobs on the machine inflate wall time more than CPU time; the load average
 
 Usage: python Testing/Benchmarks/registration.py [--quick] [--pairs PATTERN,...] [--methods NAME,...]
        [--label-maps BUNDLE.npz|FOLDER] [--ants-python PATH] [--network-weights FILE] [--threads 2] [--device cpu]
-       [--json out.json] [--list-pairs]
+       [--json out.json] [--save FOLDER] [--list-pairs]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MIADeepLearning"))
 
 from MIADeepLearningLib.engine import devices, registry
 from MIADeepLearningLib.engine.affine import AffineResult, affine_prealign, compose_with_field
-from MIADeepLearningLib.engine.displacement import jacobian_determinant, jacobian_stats, warp_labels
+from MIADeepLearningLib.engine.displacement import jacobian_determinant, jacobian_stats, warp_image, warp_labels
 from MIADeepLearningLib.training import generator as gen
 from MIADeepLearningLib.training import spatial
 from MIADeepLearningLib.training.label_maps import LabelMap, downsample_label_map, load_bundle, load_label_map
@@ -548,12 +548,23 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, time.process_time() - cpu + (children_cpu() - children), time.perf_counter() - wall
 
 
-def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callable[[str], None]
-             ) -> tuple[list[Outcome], dict[str, Any]]:
+def save_images(folder: Path | None, name: str, images: dict[str, sitk.Image]) -> None:
+    """--save: images written as <folder>/<pair>/<role>.nrrd (compressed), to look at a result in Slicer."""
+    if folder is None:
+        return
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    for role, image in images.items():
+        sitk.WriteImage(image, str(folder / name / f"{role}.nrrd"), True)
+
+
+def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callable[[str], None],
+             save: Path | None = None) -> tuple[list[Outcome], dict[str, Any]]:
     affine, affine_cpu, affine_wall = timed(lambda: affine_prealign(data.fixed, data.moving))
     info = {"affine_cpu_s": affine_cpu, "affine_wall_s": affine_wall, "affine_overlap": affine.overlap,
             "affine_metric": affine.metric, **data.notes}
     log(f"affine {affine_cpu:.1f} CPU s (foreground overlap {affine.overlap:.3f})")
+    save_images(save, pair.name, {"fixed": data.fixed, "moving": data.moving, "fixed_labels": data.fixed_labels,
+                                  "moving_labels": data.moving_labels})
     outcomes = []
     for name, method in methods.items():
         try:
@@ -566,6 +577,8 @@ def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callab
         if name not in ("identity", *NETWORKS):  # these start from the shared pre-alignment
             cpu, wall = cpu + affine_cpu, wall + affine_wall
         scores = evaluate(data, total)
+        save_images(save, pair.name, {f"{name}_warped": warp_image(data.moving, data.fixed, total),
+                                      f"{name}_warped_labels": warp_labels(data.moving_labels, data.fixed, total)})
         outcomes.append(Outcome(pair.name, name, scores["dice"], scores["tissue"], scores["non_positive_percent"],
                                 scores["sdlogj"], cpu, wall, scores["per_label"], scores["head_non_positive_percent"],
                                 extra))
@@ -721,6 +734,14 @@ def load_maps(source: Path, names: list[str]) -> dict[str, LabelMap]:
     return maps
 
 
+def write_json(path: Path, context: dict[str, Any], infos: dict[str, dict[str, Any]], outcomes: list[Outcome]
+               ) -> None:
+    payload = {**context, "pairs": infos,
+               "outcomes": [{**asdict(o), "per_label": {str(k): v for k, v in o.per_label.items()}} for o in outcomes]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label-maps", type=Path,
@@ -741,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, help="write each pair's images and labels, and each method's warped "
+                        "moving image and labels, as NRRD under this folder (to look at in Slicer)")
     args = parser.parse_args(argv)
     pairs = all_pairs(args.held_out)
     if args.list_pairs:
@@ -786,15 +809,20 @@ def main(argv: list[str] | None = None) -> int:
             maps = {name: downsample_label_map(item, int(spacing)) for name, item in maps.items()}
         outcomes: list[Outcome] = []
         infos: dict[str, dict[str, Any]] = {}
+        context = {"settings": asdict(settings), "spacing_mm": spacing, "threads": args.threads, "seed": args.seed,
+                   "device": args.device, "cpu": devices.cpu_name(), "simpleitk": sitk.Version.VersionString(),
+                   "torch": torch.__version__, "antspyx": ants, "network": network}
         for pair in pairs:
             print(f"{pair.name}: rendering ...", flush=True)
             data = make_pair(pair, maps, spacing, args.seed)
-            outcome, info = run_pair(pair, data, methods, lambda text: print(f"  {text}", flush=True))
+            outcome, info = run_pair(pair, data, methods, lambda text: print(f"  {text}", flush=True), args.save)
             outcomes += outcome
             infos[pair.name] = {**info, "contrasts": "/".join(pair.contrasts), "kind": pair.kind,
                                 "fixed_size": "x".join(map(str, data.fixed.GetSize())),
                                 "moving_size": "x".join(map(str, data.moving.GetSize())),
                                 "structures": len(data.structures), "oblique": pair.oblique}
+            if args.json:  # after every pair, so a run that dies keeps what it measured
+                write_json(args.json, {**context, "complete": False}, infos, outcomes)
 
     seconds = time.perf_counter() - started
     notes = settings_notes(settings, ants, network, args.threads)
@@ -807,14 +835,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.getloadavg()[0]:.1f} after; {seconds / 60:.1f} min in all")
     summary = print_report(outcomes, infos, list(methods), notes, header)
     if args.json:
-        payload = {"settings": asdict(settings), "spacing_mm": spacing, "threads": args.threads, "seed": args.seed,
-                   "device": args.device, "cpu": devices.cpu_name(), "simpleitk": sitk.Version.VersionString(),
-                   "torch": torch.__version__, "antspyx": ants, "network": network, "notes": notes,
-                   "pairs": infos, "summary": summary, "seconds": seconds,
-                   "outcomes": [{**asdict(o), "per_label": {str(k): v for k, v in o.per_label.items()}}
-                                for o in outcomes]}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(args.json, {**context, "notes": notes, "summary": summary, "seconds": seconds, "complete": True},
+                   infos, outcomes)
         print(f"Numbers saved to {args.json}")
     return 0
 
