@@ -23,10 +23,11 @@ training.generator.render with a fixed seed per pair and side, plus Rician noise
 Testing/Benchmarks/brain_tissue.py).
 
 Methods: every method starts from the same affine pre-alignment (engine.affine.affine_prealign, no masks), run once
-per pair; its CPU and wall time are added to every method's total. The network (engine.registration) runs its own
-pre-alignment inside `register`, which its time includes. Every method's result is one total displacement field on the
-fixed grid (LPS mm, engine/displacement.py convention: affine included, compose_with_field) and is evaluated the same
-way:
+per pair; its CPU and wall time are added to every method's total ('syn+affine' refines it with ANTs' own affine
+stage before SyN, the usual ANTs pipeline, in case the shared pre-alignment is what limits the others). The network
+(engine.registration) runs its own pre-alignment inside `register`, which its time includes. Every method's result
+is one total displacement field on the fixed grid (LPS mm, engine/displacement.py convention: affine included,
+compose_with_field) and is evaluated the same way:
 - Dice over brain structures: the moving label map warped by nearest neighbour through the total field onto the fixed
   grid, Dice per FreeSurfer label < 100 present in both maps, mean over those labels; tissue Dice CSF / GM / WM on
   the same warped map through generator.tissue_classes;
@@ -92,7 +93,7 @@ OBLIQUE_ANGLES_DEG = (12.0, -8.0, 6.0)  # rotation about L, P, S of the fixed gr
 BRAIN_MAX_LABEL = 100  # FreeSurfer brain structures are < 100; extra-cerebral labels above
 FIELD_OF_VIEW_MM = 145.0  # every map is cut this far below the top of its brain (training_seg_13's ends there)
 CLASSES = ("csf", "gm", "wm")
-CLASSICAL = ("affine", "demons", "bspline", "syn")
+CLASSICAL = ("affine", "demons", "bspline", "syn", "syn+affine")
 NETWORKS = ("network", "network+IO")
 METHODS = ("identity", *CLASSICAL, *NETWORKS)
 TARGET_SPEED_UP, TARGET_FOLDS_PERCENT = 20.0, 0.1
@@ -400,7 +401,7 @@ import ants
 job = json.loads(sys.argv[1])
 fixed, moving = ants.image_read(job["fixed"]), ants.image_read(job["moving"])
 cpu, wall = time.process_time(), time.perf_counter()
-result = ants.registration(fixed, moving, type_of_transform="SyNOnly", initial_transform=[job["affine"]],
+result = ants.registration(fixed, moving, type_of_transform=job["type"], initial_transform=[job["affine"]],
                            syn_metric=job["metric"], syn_sampling=32, reg_iterations=tuple(job["iterations"]),
                            outprefix=job["prefix"], verbose=False)
 print(json.dumps({"fwdtransforms": result["fwdtransforms"], "cpu_s": time.process_time() - cpu,
@@ -417,19 +418,31 @@ def ants_version(python: Path) -> str | None:
     return completed.stdout.strip() if completed.returncode == 0 else None
 
 
-def syn_method(settings: Settings, python: Path, threads: int, folder: Path) -> Method:
+def read_affine(path: str) -> sitk.AffineTransform:
+    """An ITK .mat matrix-offset transform (what ANTs writes) as a SimpleITK affine (same parameter layout)."""
+    written = sitk.ReadTransform(path)
+    result = sitk.AffineTransform(3)
+    result.SetFixedParameters(written.GetFixedParameters())
+    result.SetParameters(written.GetParameters())
+    return result
+
+
+def syn_method(settings: Settings, python: Path, threads: int, folder: Path, own_affine: bool = False) -> Method:
     def run(fixed: sitk.Image, moving: sitk.Image, affine: AffineResult) -> tuple[sitk.Image, dict]:
-        """ANTs SyN (antspyx 'SyNOnly') after the shared affine, given as its initial transform; in a child process
-        because antspyx pins another numpy than this project. Its field (SyN's deformable part, on the fixed grid)
-        is composed with the affine here. The caller's timing counts the whole child (resource.RUSAGE_CHILDREN);
-        extra['child_cpu_s'] is its time inside ants.registration alone."""
+        """ANTs SyN after the shared affine, given as its initial transform: 'SyNOnly' keeps that affine; with
+        `own_affine` ('SyN') ANTs first refines it with its own multi-resolution affine stage (the usual ANTs
+        pipeline, antspyx defaults: Mattes MI, 2100/1200/1200/10 iterations at shrink 6/4/2/1), and the affine it
+        writes back is the one composed with the warp. In a child process because antspyx pins another numpy than
+        this project. The caller's timing counts the whole child (resource.RUSAGE_CHILDREN); extra['child_cpu_s']
+        is its time inside ants.registration alone."""
         prefix = folder / "syn_"
         paths = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nrrd", "affine": folder / "affine.mat"}
         sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(paths["fixed"]))
         sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(paths["moving"]))
         sitk.WriteTransform(affine.transform, str(paths["affine"]))
         job = {**{key: str(value) for key, value in paths.items()}, "prefix": str(prefix),
-               "metric": settings.syn_metric, "iterations": list(settings.syn_iterations)}
+               "type": "SyN" if own_affine else "SyNOnly", "metric": settings.syn_metric,
+               "iterations": list(settings.syn_iterations)}
         environment = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
                        "OMP_NUM_THREADS": str(threads)}
         completed = subprocess.run([str(python), "-c", ANTS_CHILD, json.dumps(job)], capture_output=True, text=True,
@@ -444,20 +457,23 @@ def syn_method(settings: Settings, python: Path, threads: int, folder: Path) -> 
         if field.GetSize() != fixed.GetSize() or not np.allclose(field.GetOrigin(), fixed.GetOrigin(), atol=1e-3):
             raise RuntimeError("The SyN warp is not on the fixed grid.")
         field.CopyInformation(fixed)  # NIfTI keeps the geometry in float32: same grid to 1e-3 mm
-        # the affine ANTs wrote back: must be the one it was given (it is applied after the warp)
+        # the affine ANTs wrote back (applied after the warp): SyNOnly must echo the shared one; SyN refines it
         echoed = [path for path in report["fwdtransforms"] if path.endswith(".mat")]
-        affine_error = math.nan
+        if own_affine and len(echoed) != 1:
+            raise RuntimeError(f"Expected one affine among {report['fwdtransforms']}.")
+        used = read_affine(echoed[0]) if own_affine else affine.transform
+        change = math.nan
         if echoed:
-            written = sitk.ReadTransform(echoed[0])
-            points = [fixed.TransformIndexToPhysicalPoint([0, 0, 0]),
-                      fixed.TransformIndexToPhysicalPoint([n - 1 for n in fixed.GetSize()])]
-            affine_error = max(float(np.linalg.norm(np.subtract(written.TransformPoint(p),
-                                                                affine.transform.TransformPoint(p)))) for p in points)
+            written = read_affine(echoed[0])
+            corners = [fixed.TransformIndexToPhysicalPoint([0, 0, 0]),
+                       fixed.TransformIndexToPhysicalPoint([n - 1 for n in fixed.GetSize()])]
+            change = max(float(np.linalg.norm(np.subtract(written.TransformPoint(p),
+                                                          affine.transform.TransformPoint(p)))) for p in corners)
         for path in folder.iterdir():
             path.unlink()
-        return compose_with_field(affine.transform, fixed, field), {
+        return compose_with_field(used, fixed, field), {
             "child_cpu_s": report["cpu_s"], "child_wall_s": report["wall_s"], "antspyx": report["version"],
-            "echoed_affine_error_mm": affine_error}
+            "ants_affine_vs_shared_mm": change}
     return run
 
 
@@ -703,7 +719,9 @@ def settings_notes(settings: Settings, ants: str | None, network: str, threads: 
         "level; the affine as moving initial transform.",
         (f"syn: ANTs SyN (antspyx {ants}, type 'SyNOnly' after the shared affine as initial transform), metric "
          f"{s.syn_metric} (32 bins), iterations {s.syn_iterations} at shrink 4, 2, 1 (smoothing 2, 1, 0 voxels), "
-         "in a separate Python (antspyx pins numpy 2.3, this project's venv has 2.4)." if ants else
+         "in a separate Python (antspyx pins numpy 2.3, this project's venv has 2.4). syn+affine: the same after "
+         "ANTs' own affine stage (type 'SyN', antspyx defaults) refining the shared pre-alignment: the usual ANTs "
+         "pipeline, in case the shared pre-alignment is what holds the others back." if ants else
          "syn: ANTs SyN not run: no Python with antspyx given (--ants-python); antspyx cannot go into the project's "
          "venv (pip install antspyx==0.6.3 would downgrade numpy 2.4.6 -> 2.3.5)."),
         (f"network: {network}; network+IO: the same with {s.instance_steps} instance-optimisation steps. Their time "
@@ -790,11 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         ants = None
         available: dict[str, Method] = {"identity": identity_method, "affine": affine_method,
                                         "demons": demons_method(settings), "bspline": bspline_method(settings)}
-        if "syn" in wanted and args.ants_python is not None:
+        if {"syn", "syn+affine"} & set(wanted) and args.ants_python is not None:
             ants = ants_version(args.ants_python)
             if ants is None:
                 raise SystemExit(f"{args.ants_python} cannot import ants (antspyx).")
             available["syn"] = syn_method(settings, args.ants_python, args.threads, Path(folder))
+            available["syn+affine"] = syn_method(settings, args.ants_python, args.threads, Path(folder), True)
         network = "not run (not asked for)"
         if any(name in wanted for name in NETWORKS):
             networks, network = network_methods(settings, args.device, args.network_weights, Path(folder))
