@@ -23,10 +23,11 @@ training.generator.render with a fixed seed per pair and side, plus Rician noise
 Testing/Benchmarks/brain_tissue.py).
 
 Methods: every method starts from the same affine pre-alignment (engine.affine.affine_prealign, no masks), run once
-per pair; its CPU and wall time are added to every method's total. The network (engine.registration) runs its own
-pre-alignment inside `register`, which its time includes. Every method's result is one total displacement field on the
-fixed grid (LPS mm, engine/displacement.py convention: affine included, compose_with_field) and is evaluated the same
-way:
+per pair; its CPU and wall time are added to every method's total ('syn+affine' refines it with ANTs' own affine
+stage before SyN, the usual ANTs pipeline, in case the shared pre-alignment is what limits the others). The network
+(engine.registration) runs its own pre-alignment inside `register`, which its time includes. Every method's result
+is one total displacement field on the fixed grid (LPS mm, engine/displacement.py convention: affine included,
+compose_with_field) and is evaluated the same way:
 - Dice over brain structures: the moving label map warped by nearest neighbour through the total field onto the fixed
   grid, Dice per FreeSurfer label < 100 present in both maps, mean over those labels; tissue Dice CSF / GM / WM on
   the same warped map through generator.tissue_classes;
@@ -41,7 +42,7 @@ Other jobs on the machine inflate wall time more than CPU time; the load average
 
 Usage: python Testing/Benchmarks/registration.py [--quick] [--pairs PATTERN,...] [--methods NAME,...]
        [--label-maps BUNDLE.npz|FOLDER] [--ants-python PATH] [--network-weights FILE] [--threads 2] [--device cpu]
-       [--json out.json] [--list-pairs]
+       [--json out.json] [--save FOLDER] [--list-pairs]
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MIADeepLearning"))
 
 from MIADeepLearningLib.engine import devices, registry
 from MIADeepLearningLib.engine.affine import AffineResult, affine_prealign, compose_with_field
-from MIADeepLearningLib.engine.displacement import jacobian_determinant, jacobian_stats, warp_labels
+from MIADeepLearningLib.engine.displacement import jacobian_determinant, jacobian_stats, warp_image, warp_labels
 from MIADeepLearningLib.training import generator as gen
 from MIADeepLearningLib.training import spatial
 from MIADeepLearningLib.training.label_maps import LabelMap, downsample_label_map, load_bundle, load_label_map
@@ -92,7 +93,7 @@ OBLIQUE_ANGLES_DEG = (12.0, -8.0, 6.0)  # rotation about L, P, S of the fixed gr
 BRAIN_MAX_LABEL = 100  # FreeSurfer brain structures are < 100; extra-cerebral labels above
 FIELD_OF_VIEW_MM = 145.0  # every map is cut this far below the top of its brain (training_seg_13's ends there)
 CLASSES = ("csf", "gm", "wm")
-CLASSICAL = ("affine", "demons", "bspline", "syn")
+CLASSICAL = ("affine", "demons", "bspline", "syn", "syn+affine")
 NETWORKS = ("network", "network+IO")
 METHODS = ("identity", *CLASSICAL, *NETWORKS)
 TARGET_SPEED_UP, TARGET_FOLDS_PERCENT = 20.0, 0.1
@@ -400,7 +401,7 @@ import ants
 job = json.loads(sys.argv[1])
 fixed, moving = ants.image_read(job["fixed"]), ants.image_read(job["moving"])
 cpu, wall = time.process_time(), time.perf_counter()
-result = ants.registration(fixed, moving, type_of_transform="SyNOnly", initial_transform=[job["affine"]],
+result = ants.registration(fixed, moving, type_of_transform=job["type"], initial_transform=[job["affine"]],
                            syn_metric=job["metric"], syn_sampling=32, reg_iterations=tuple(job["iterations"]),
                            outprefix=job["prefix"], verbose=False)
 print(json.dumps({"fwdtransforms": result["fwdtransforms"], "cpu_s": time.process_time() - cpu,
@@ -417,19 +418,31 @@ def ants_version(python: Path) -> str | None:
     return completed.stdout.strip() if completed.returncode == 0 else None
 
 
-def syn_method(settings: Settings, python: Path, threads: int, folder: Path) -> Method:
+def read_affine(path: str) -> sitk.AffineTransform:
+    """An ITK .mat matrix-offset transform (what ANTs writes) as a SimpleITK affine (same parameter layout)."""
+    written = sitk.ReadTransform(path)
+    result = sitk.AffineTransform(3)
+    result.SetFixedParameters(written.GetFixedParameters())
+    result.SetParameters(written.GetParameters())
+    return result
+
+
+def syn_method(settings: Settings, python: Path, threads: int, folder: Path, own_affine: bool = False) -> Method:
     def run(fixed: sitk.Image, moving: sitk.Image, affine: AffineResult) -> tuple[sitk.Image, dict]:
-        """ANTs SyN (antspyx 'SyNOnly') after the shared affine, given as its initial transform; in a child process
-        because antspyx pins another numpy than this project. Its field (SyN's deformable part, on the fixed grid)
-        is composed with the affine here. The caller's timing counts the whole child (resource.RUSAGE_CHILDREN);
-        extra['child_cpu_s'] is its time inside ants.registration alone."""
+        """ANTs SyN after the shared affine, given as its initial transform: 'SyNOnly' keeps that affine; with
+        `own_affine` ('SyN') ANTs first refines it with its own multi-resolution affine stage (the usual ANTs
+        pipeline, antspyx defaults: Mattes MI, 2100/1200/1200/10 iterations at shrink 6/4/2/1), and the affine it
+        writes back is the one composed with the warp. In a child process because antspyx pins another numpy than
+        this project. The caller's timing counts the whole child (resource.RUSAGE_CHILDREN); extra['child_cpu_s']
+        is its time inside ants.registration alone."""
         prefix = folder / "syn_"
         paths = {"fixed": folder / "fixed.nrrd", "moving": folder / "moving.nrrd", "affine": folder / "affine.mat"}
         sitk.WriteImage(sitk.Cast(fixed, sitk.sitkFloat32), str(paths["fixed"]))
         sitk.WriteImage(sitk.Cast(moving, sitk.sitkFloat32), str(paths["moving"]))
         sitk.WriteTransform(affine.transform, str(paths["affine"]))
         job = {**{key: str(value) for key, value in paths.items()}, "prefix": str(prefix),
-               "metric": settings.syn_metric, "iterations": list(settings.syn_iterations)}
+               "type": "SyN" if own_affine else "SyNOnly", "metric": settings.syn_metric,
+               "iterations": list(settings.syn_iterations)}
         environment = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
                        "OMP_NUM_THREADS": str(threads)}
         completed = subprocess.run([str(python), "-c", ANTS_CHILD, json.dumps(job)], capture_output=True, text=True,
@@ -444,20 +457,23 @@ def syn_method(settings: Settings, python: Path, threads: int, folder: Path) -> 
         if field.GetSize() != fixed.GetSize() or not np.allclose(field.GetOrigin(), fixed.GetOrigin(), atol=1e-3):
             raise RuntimeError("The SyN warp is not on the fixed grid.")
         field.CopyInformation(fixed)  # NIfTI keeps the geometry in float32: same grid to 1e-3 mm
-        # the affine ANTs wrote back: must be the one it was given (it is applied after the warp)
+        # the affine ANTs wrote back (applied after the warp): SyNOnly must echo the shared one; SyN refines it
         echoed = [path for path in report["fwdtransforms"] if path.endswith(".mat")]
-        affine_error = math.nan
+        if own_affine and len(echoed) != 1:
+            raise RuntimeError(f"Expected one affine among {report['fwdtransforms']}.")
+        used = read_affine(echoed[0]) if own_affine else affine.transform
+        change = math.nan
         if echoed:
-            written = sitk.ReadTransform(echoed[0])
-            points = [fixed.TransformIndexToPhysicalPoint([0, 0, 0]),
-                      fixed.TransformIndexToPhysicalPoint([n - 1 for n in fixed.GetSize()])]
-            affine_error = max(float(np.linalg.norm(np.subtract(written.TransformPoint(p),
-                                                                affine.transform.TransformPoint(p)))) for p in points)
+            written = read_affine(echoed[0])
+            corners = [fixed.TransformIndexToPhysicalPoint([0, 0, 0]),
+                       fixed.TransformIndexToPhysicalPoint([n - 1 for n in fixed.GetSize()])]
+            change = max(float(np.linalg.norm(np.subtract(written.TransformPoint(p),
+                                                          affine.transform.TransformPoint(p)))) for p in corners)
         for path in folder.iterdir():
             path.unlink()
-        return compose_with_field(affine.transform, fixed, field), {
+        return compose_with_field(used, fixed, field), {
             "child_cpu_s": report["cpu_s"], "child_wall_s": report["wall_s"], "antspyx": report["version"],
-            "echoed_affine_error_mm": affine_error}
+            "ants_affine_vs_shared_mm": change}
     return run
 
 
@@ -548,12 +564,23 @@ def timed(function: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, time.process_time() - cpu + (children_cpu() - children), time.perf_counter() - wall
 
 
-def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callable[[str], None]
-             ) -> tuple[list[Outcome], dict[str, Any]]:
+def save_images(folder: Path | None, name: str, images: dict[str, sitk.Image]) -> None:
+    """--save: images written as <folder>/<pair>/<role>.nrrd (compressed), to look at a result in Slicer."""
+    if folder is None:
+        return
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    for role, image in images.items():
+        sitk.WriteImage(image, str(folder / name / f"{role}.nrrd"), True)
+
+
+def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callable[[str], None],
+             save: Path | None = None) -> tuple[list[Outcome], dict[str, Any]]:
     affine, affine_cpu, affine_wall = timed(lambda: affine_prealign(data.fixed, data.moving))
     info = {"affine_cpu_s": affine_cpu, "affine_wall_s": affine_wall, "affine_overlap": affine.overlap,
             "affine_metric": affine.metric, **data.notes}
     log(f"affine {affine_cpu:.1f} CPU s (foreground overlap {affine.overlap:.3f})")
+    save_images(save, pair.name, {"fixed": data.fixed, "moving": data.moving, "fixed_labels": data.fixed_labels,
+                                  "moving_labels": data.moving_labels})
     outcomes = []
     for name, method in methods.items():
         try:
@@ -566,6 +593,8 @@ def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callab
         if name not in ("identity", *NETWORKS):  # these start from the shared pre-alignment
             cpu, wall = cpu + affine_cpu, wall + affine_wall
         scores = evaluate(data, total)
+        save_images(save, pair.name, {f"{name}_warped": warp_image(data.moving, data.fixed, total),
+                                      f"{name}_warped_labels": warp_labels(data.moving_labels, data.fixed, total)})
         outcomes.append(Outcome(pair.name, name, scores["dice"], scores["tissue"], scores["non_positive_percent"],
                                 scores["sdlogj"], cpu, wall, scores["per_label"], scores["head_non_positive_percent"],
                                 extra))
@@ -690,7 +719,9 @@ def settings_notes(settings: Settings, ants: str | None, network: str, threads: 
         "level; the affine as moving initial transform.",
         (f"syn: ANTs SyN (antspyx {ants}, type 'SyNOnly' after the shared affine as initial transform), metric "
          f"{s.syn_metric} (32 bins), iterations {s.syn_iterations} at shrink 4, 2, 1 (smoothing 2, 1, 0 voxels), "
-         "in a separate Python (antspyx pins numpy 2.3, this project's venv has 2.4)." if ants else
+         "in a separate Python (antspyx pins numpy 2.3, this project's venv has 2.4). syn+affine: the same after "
+         "ANTs' own affine stage (type 'SyN', antspyx defaults) refining the shared pre-alignment: the usual ANTs "
+         "pipeline, in case the shared pre-alignment is what holds the others back." if ants else
          "syn: ANTs SyN not run: no Python with antspyx given (--ants-python); antspyx cannot go into the project's "
          "venv (pip install antspyx==0.6.3 would downgrade numpy 2.4.6 -> 2.3.5)."),
         (f"network: {network}; network+IO: the same with {s.instance_steps} instance-optimisation steps. Their time "
@@ -721,6 +752,14 @@ def load_maps(source: Path, names: list[str]) -> dict[str, LabelMap]:
     return maps
 
 
+def write_json(path: Path, context: dict[str, Any], infos: dict[str, dict[str, Any]], outcomes: list[Outcome]
+               ) -> None:
+    payload = {**context, "pairs": infos,
+               "outcomes": [{**asdict(o), "per_label": {str(k): v for k, v in o.per_label.items()}} for o in outcomes]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label-maps", type=Path,
@@ -741,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, help="write each pair's images and labels, and each method's warped "
+                        "moving image and labels, as NRRD under this folder (to look at in Slicer)")
     args = parser.parse_args(argv)
     pairs = all_pairs(args.held_out)
     if args.list_pairs:
@@ -767,11 +808,12 @@ def main(argv: list[str] | None = None) -> int:
         ants = None
         available: dict[str, Method] = {"identity": identity_method, "affine": affine_method,
                                         "demons": demons_method(settings), "bspline": bspline_method(settings)}
-        if "syn" in wanted and args.ants_python is not None:
+        if {"syn", "syn+affine"} & set(wanted) and args.ants_python is not None:
             ants = ants_version(args.ants_python)
             if ants is None:
                 raise SystemExit(f"{args.ants_python} cannot import ants (antspyx).")
             available["syn"] = syn_method(settings, args.ants_python, args.threads, Path(folder))
+            available["syn+affine"] = syn_method(settings, args.ants_python, args.threads, Path(folder), True)
         network = "not run (not asked for)"
         if any(name in wanted for name in NETWORKS):
             networks, network = network_methods(settings, args.device, args.network_weights, Path(folder))
@@ -786,15 +828,20 @@ def main(argv: list[str] | None = None) -> int:
             maps = {name: downsample_label_map(item, int(spacing)) for name, item in maps.items()}
         outcomes: list[Outcome] = []
         infos: dict[str, dict[str, Any]] = {}
+        context = {"settings": asdict(settings), "spacing_mm": spacing, "threads": args.threads, "seed": args.seed,
+                   "device": args.device, "cpu": devices.cpu_name(), "simpleitk": sitk.Version.VersionString(),
+                   "torch": torch.__version__, "antspyx": ants, "network": network}
         for pair in pairs:
             print(f"{pair.name}: rendering ...", flush=True)
             data = make_pair(pair, maps, spacing, args.seed)
-            outcome, info = run_pair(pair, data, methods, lambda text: print(f"  {text}", flush=True))
+            outcome, info = run_pair(pair, data, methods, lambda text: print(f"  {text}", flush=True), args.save)
             outcomes += outcome
             infos[pair.name] = {**info, "contrasts": "/".join(pair.contrasts), "kind": pair.kind,
                                 "fixed_size": "x".join(map(str, data.fixed.GetSize())),
                                 "moving_size": "x".join(map(str, data.moving.GetSize())),
                                 "structures": len(data.structures), "oblique": pair.oblique}
+            if args.json:  # after every pair, so a run that dies keeps what it measured
+                write_json(args.json, {**context, "complete": False}, infos, outcomes)
 
     seconds = time.perf_counter() - started
     notes = settings_notes(settings, ants, network, args.threads)
@@ -807,14 +854,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.getloadavg()[0]:.1f} after; {seconds / 60:.1f} min in all")
     summary = print_report(outcomes, infos, list(methods), notes, header)
     if args.json:
-        payload = {"settings": asdict(settings), "spacing_mm": spacing, "threads": args.threads, "seed": args.seed,
-                   "device": args.device, "cpu": devices.cpu_name(), "simpleitk": sitk.Version.VersionString(),
-                   "torch": torch.__version__, "antspyx": ants, "network": network, "notes": notes,
-                   "pairs": infos, "summary": summary, "seconds": seconds,
-                   "outcomes": [{**asdict(o), "per_label": {str(k): v for k, v in o.per_label.items()}}
-                                for o in outcomes]}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(args.json, {**context, "notes": notes, "summary": summary, "seconds": seconds, "complete": True},
+                   infos, outcomes)
         print(f"Numbers saved to {args.json}")
     return 0
 
