@@ -209,18 +209,23 @@ def compose_with_field(affine: sitk.Transform, fixed: sitk.Image,
     """
     matrix, offset = _matrix_offset(affine)
     if field is None:
-        grid = sitk.Image(fixed.GetSize(), sitk.sitkFloat32)
-        grid.CopyInformation(fixed)
-        base = field_image(np.zeros((*reversed(fixed.GetSize()), 3)), grid)
+        base = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+        base.CopyInformation(fixed)
     else:
         base = field_image(field, fixed)
-    u = sitk.GetArrayFromImage(base)  # (z, y, x, 3)
-    size = base.GetSize()
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in reversed(size)), indexing="ij")
-    index = np.stack([i, j, k], axis=-1) * np.asarray(base.GetSpacing())
+    # v(p) = M (p + u) + t - p = M u + (M - I) p + t, and p = origin + D S (i, j, k) is linear in the index, so the
+    # second part is a sum of three broadcast ramps: no grid of points is built (a 1 mm head has 7 M voxels; the
+    # meshgrid version took 2.7 s of the 3.3 s this step cost on one core).
+    u = sitk.GetArrayViewFromImage(base)  # (z, y, x, 3)
     direction = np.asarray(base.GetDirection(), dtype=float).reshape(3, 3)
-    points = np.asarray(base.GetOrigin(), dtype=float) + index @ direction.T
-    total = (points + u) @ matrix.T + offset - points
+    per_index = (matrix - np.eye(3)) @ direction @ np.diag(base.GetSpacing())  # columns: change per step in i, j, k
+    start = (matrix - np.eye(3)) @ np.asarray(base.GetOrigin(), dtype=float) + offset
+    size_x, size_y, size_z = base.GetSize()
+    total = u @ matrix.T if field is not None else np.zeros(u.shape)
+    total += start
+    total += np.arange(size_x, dtype=float)[None, None, :, None] * per_index[:, 0]
+    total += np.arange(size_y, dtype=float)[None, :, None, None] * per_index[:, 1]
+    total += np.arange(size_z, dtype=float)[:, None, None, None] * per_index[:, 2]
     result = sitk.GetImageFromArray(total, isVector=True)
     result.CopyInformation(base)
     return result
