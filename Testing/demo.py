@@ -21,7 +21,7 @@ measured; exits 1 when brain extraction misses ROBEX's mask or the deformable st
 the affine step's.
 
 Usage: python Testing/demo.py [output folder]   (default: demo-output)
-Environment: MIADL_DEMO_REGISTRATION_STEPS (default 10): instance optimisation steps of the registration.
+Environment: MIADL_DEMO_REGISTRATION_STEPS (default: the DL Registration module's, 50): instance optimisation steps.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MIADeepLearning"))
 
 from MIADeepLearningLib.mrml import headless
 
-# Instance optimisation steps of the registration (0: the network alone). 10, because on 2 CPU cores it keeps most
-# of what 20 steps add to the tissue Dice at two thirds of the time, without their folding (README, demo section).
-REGISTRATION_STEPS = int(os.environ.get("MIADL_DEMO_REGISTRATION_STEPS", "10"))
+# Instance optimisation steps of the registration (0: the network alone): the module's default, what a user gets
+# (DLRegistration.DEFAULT_INSTANCE_STEPS; that file needs Slicer's GUI to import).
+REGISTRATION_STEPS = int(os.environ.get("MIADL_DEMO_REGISTRATION_STEPS", "50"))
 MNI_WINDOW_LEVEL = (240.0, 120.0)  # the template's CSF / GM / WM lie near 70 / 170 / 215
 ATLAS_COLORS = {"Gray matter": (1.0, 0.55, 0.1), "White matter": (0.2, 0.75, 1.0)}
 

@@ -346,6 +346,21 @@ def test_half_resolution_correction_lands_on_the_block_centres():
     torch.testing.assert_close(full[inside], expected[inside], atol=1e-5, rtol=0)
 
 
+def test_diffusion_over_a_region_counts_only_that_region():
+    """The smoothness term over a region (where a masked similarity looks) is the mean over that region: all ones
+    gives the plain mean; a displacement rough only outside the region costs nothing."""
+    generator = torch.Generator().manual_seed(5)
+    rough = torch.randn((3, 6, 7, 8), generator=generator)
+    assert float(registration.diffusion(rough, torch.ones(6, 7, 8))) == pytest.approx(
+        float(registration.diffusion(rough)), rel=1e-6)
+    region = torch.zeros(6, 7, 8)
+    region[:3] = 1.0
+    outside_only = rough.clone()
+    outside_only[:, :4] = 0.0  # constant (zero) over the region and one voxel beyond it
+    assert float(registration.diffusion(outside_only, region)) == pytest.approx(0.0, abs=1e-9)
+    assert float(registration.diffusion(outside_only)) > 0.1
+
+
 def test_sampled_similarity_at_every_voxel_equals_the_dense_one():
     """Reading the similarity at points must be the dense similarity restricted to them: with every voxel as a point
     (and a weight), the sampled value equals the dense one on the coarse correction upsampled to the grid."""
