@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One stretch of training for both trained models on a machine with a CUDA GPU, then the engine's CUDA checks.
+# One stretch of training for the three trained models on a machine with a CUDA GPU, then the engine's CUDA checks.
 #
 #   Training/gpu_stretch.sh MAPS.npz MINUTES OUTDIR          (from the repository root)
 #
 # Why a script: GPU machines come rarely and briefly, so one prepared command does everything. It needs python3 with
 # torch only: label maps come as one bundle (python -m MIADeepLearningLib.training.label_maps FOLDER --bundle
-# MAPS.npz). Both checkpoints in Training/Checkpoints/ (thick-slice-sr.pt, brain-tissue.pt; created when missing)
+# MAPS.npz). The checkpoints in Training/Checkpoints/ (thick-slice-sr.pt, brain-tissue.pt, brain-registration.pt;
+# created when missing)
 # are continued at once on the one GPU for MINUTES, their batches drawn ahead by worker processes on the CPU cores
 # (the same batches as in-process drawing, see training/common.py); a run that fails is retried once drawing in
 # process. Then Testing/Benchmarks/cuda_inference.py (into OUTDIR/gpu.log). Logs go to OUTDIR as they are written; the checkpoints and
@@ -18,10 +19,11 @@ root=$(pwd)
 mkdir -p "$out" Training/Checkpoints
 export PYTHONPATH="$root/MIADeepLearning${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cores=$(nproc)
-synthesis_workers=$(( cores * 3 / 8 > 0 ? cores * 3 / 8 : 1 ))
-segmentation_workers=$(( cores - synthesis_workers - 2 > 0 ? cores - synthesis_workers - 2 : 1 ))
+synthesis_workers=$(( cores / 4 > 0 ? cores / 4 : 1 ))
+segmentation_workers=$(( cores * 3 / 8 > 0 ? cores * 3 / 8 : 1 ))
+registration_workers=$(( cores - synthesis_workers - segmentation_workers - 2 > 0 ? cores - synthesis_workers - segmentation_workers - 2 : 1 ))
 deadline=$(( $(date +%s) + $(awk "BEGIN { print int($minutes * 60) }") ))
-echo "$(date -u +%FT%TZ) $cores cores: synthesis $synthesis_workers workers, segmentation $segmentation_workers"
+echo "$(date -u +%FT%TZ) $cores cores: synthesis $synthesis_workers workers, segmentation $segmentation_workers, registration $registration_workers"
 "$python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 
 train() {  # log module checkpoint workers extra-arguments...
@@ -41,14 +43,16 @@ train "$out/synthesis.log" MIADeepLearningLib.training.train_synthesis Training/
     "$synthesis_workers" --iterations 40000 &
 train "$out/segmentation.log" MIADeepLearningLib.training.train_segmentation Training/Checkpoints/brain-tissue.pt \
     "$segmentation_workers" --iterations 100000 --batch 2 --validate-every 500 &
+train "$out/registration.log" MIADeepLearningLib.training.train_registration Training/Checkpoints/brain-registration.pt \
+    "$registration_workers" --iterations 150000 --patch 64 --validate-every 500 &
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 30 >>"$out/gpu.log" 2>&1 &
     monitor=$!
 fi
-wait %1 %2
+wait %1 %2 %3
 [[ -n ${monitor:-} ]] && kill "$monitor"
 echo "$(date -u +%FT%TZ) training done"
-tail -n 3 "$out/synthesis.log" "$out/segmentation.log"
+tail -n 3 "$out/synthesis.log" "$out/segmentation.log" "$out/registration.log"
 tar -cf - -C Training Checkpoints | split -b 15M - "$out/checkpoints.tar.part-"
 timeout 90 "$python" Testing/Benchmarks/cuda_inference.py --label-maps "$maps" >>"$out/gpu.log" 2>&1
 ls -la "$out"
