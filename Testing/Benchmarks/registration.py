@@ -70,10 +70,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MIADeepLearning"))
 
-from MIADeepLearningLib.engine import devices, registry
+from MIADeepLearningLib.engine import devices, registration, registry
 from MIADeepLearningLib.engine.affine import AffineResult, compose_with_field
 from MIADeepLearningLib.engine.displacement import jacobian_determinant, jacobian_stats, warp_image, warp_labels
-from MIADeepLearningLib.engine.registration import prealign
 from MIADeepLearningLib.training import generator as gen
 from MIADeepLearningLib.training import spatial
 from MIADeepLearningLib.training.label_maps import LabelMap, downsample_label_map, load_bundle, load_label_map
@@ -490,10 +489,6 @@ def network_methods(settings: Settings, device: str, weights_file: Path | None, 
     `weights_file` (a weights-only file or a training checkpoint, exported here) replaces the package's weights, to
     measure a checkpoint before it is shipped."""
     try:
-        from MIADeepLearningLib.engine import registration  # optional until the branch lands
-    except ImportError as error:
-        return {}, f"engine.registration is not on this branch ({error})"
-    try:
         model = registry.get_model(MODEL_ID)
         weights = registry.verified_weight_paths(model) if weights_file is None else {"network": weights_file}
     except Exception as error:  # any reason is reported, not raised
@@ -579,7 +574,7 @@ def save_images(folder: Path | None, name: str, images: dict[str, sitk.Image]) -
 
 def run_pair(pair: Pair, data: PairData, methods: dict[str, Method], log: Callable[[str], None],
              save: Path | None = None) -> tuple[list[Outcome], dict[str, Any]]:
-    affine, affine_cpu, affine_wall = timed(lambda: prealign(data.fixed, data.moving))
+    affine, affine_cpu, affine_wall = timed(lambda: registration.prealign(data.fixed, data.moving))
     info = {"affine_cpu_s": affine_cpu, "affine_wall_s": affine_wall, "affine_overlap": affine.overlap,
             "affine_metric": affine.metric, **data.notes}
     log(f"affine {affine_cpu:.1f} CPU s (foreground overlap {affine.overlap:.3f})")
