@@ -139,32 +139,53 @@ def test_export_and_a_two_mm_working_grid(label_folder, tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_and_the_best_validation_is_kept(label_folder, tmp_path, monkeypatch, capsys):
-    """The shared loop (training/common.py): a non-finite loss counts as an iteration but changes no weight; the
-    checkpoint at the best val_dice so far (ties: the later one) is copied to <checkpoint>.best.pt for
-    --export-best."""
+    """The shared loop (training/common.py): a non-finite loss, or a finite loss with non-finite gradients, counts as
+    an iteration but changes no weight; the checkpoint at the best val_dice so far (ties: the later one) is copied to
+    <checkpoint>.best.pt for --export-best; a checkpoint with non-finite weights is never exported."""
     scores = iter([0.1, 0.3, 0.2, 0.3, 0.05])  # iterations 0 (before training), 1, 2, 3, 4
-    monkeypatch.setattr(train_segmentation, "evaluate", lambda *args: {"val_dice": next(scores)})
+    weights_at: list[dict] = []  # the network's weights at each validation
+
+    def evaluate(network, *args):
+        weights_at.append({name: value.clone() for name, value in network.state_dict().items()})
+        return {"val_dice": next(scores)}
+
+    monkeypatch.setattr(train_segmentation, "evaluate", evaluate)
     real_loss, calls = train_segmentation.segmentation_loss, []
 
     def loss_with_a_nan(logits, target):
         calls.append(len(calls) + 1)
         loss = real_loss(logits, target)
-        return loss * float("nan") if len(calls) == 2 else loss
+        if len(calls) == 2:
+            return loss * float("nan")
+        if len(calls) == 3:  # value 0, gradient 0 * inf = NaN
+            return loss + (logits.sum() * 0.0).clamp(min=0.0).sqrt()
+        return loss
 
     monkeypatch.setattr(train_segmentation, "segmentation_loss", loss_with_a_nan)
     checkpoint = tmp_path / "seg.pt"
     _train(label_folder, checkpoint, 4, "--validate-every", "1")
-    assert "iteration 2: non-finite loss, step skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "iteration 2: non-finite loss, step skipped" in printed
+    assert "iteration 3: non-finite gradient, step skipped" in printed
     state = _load(checkpoint)
-    assert [row["train_loss"] is None for row in state["history"]] == [True, False, True, False, False], (
+    assert [row["train_loss"] is None for row in state["history"]] == [True, False, True, True, False], (
         "a row whose only step was skipped has no training loss")
     assert all(torch.isfinite(value).all() for value in state["model"].values()), "no NaN reached the weights"
+    _assert_same_weights(weights_at[3], weights_at[1], "the two skipped steps")
+    assert not all(torch.equal(weights_at[4][name], weights_at[3][name]) for name in weights_at[3]), "4 learned"
     best = common.best_path(checkpoint)
     assert best.name == "seg.best.pt" and _load(best)["iteration"] == 3, "the best val_dice (0.3, last at 3)"
     exported = tmp_path / "best-model.pt"
     assert train_segmentation.main(["--checkpoint", str(checkpoint), "--export", str(exported), "--export-best"]) == 0
     payload = torch.load(exported, map_location="cpu", weights_only=True)
     _assert_same_weights(payload["state_dict"], _load(best)["model"], "--export-best")
+
+    broken = _load(checkpoint)
+    broken["model"]["head.bias"][0] = float("nan")
+    torch.save(broken, checkpoint)
+    with pytest.raises(SystemExit, match=r"seg\.pt has non-finite weights \(head\.bias\); nothing was exported\."):
+        train_segmentation.main(["--checkpoint", str(checkpoint), "--export", str(tmp_path / "never.pt")])
+    assert not (tmp_path / "never.pt").exists()
 
 
 # ------------------------------------------------------------------------------------------ training examples

@@ -181,6 +181,11 @@ def export_weights(checkpoint: Path, destination: Path, keys: Sequence[str] = ("
     """Weights-only state dict (loads with weights_only=True) plus the settings `keys` that rebuild the network;
     returns the file's sha256 (what configs/metadata.json and models.json record)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    broken = [name for name, value in state["model"].items()
+              if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise SystemExit(f"{checkpoint} has non-finite weights ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''}); nothing was exported.")
     save_atomically({"state_dict": state["model"], **{key: state["settings"][key] for key in keys}}, destination)
     return hashlib.sha256(destination.read_bytes()).hexdigest()
 
@@ -209,7 +214,8 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
     """The loop: a validation row before the first iteration, then steps until `iterations` (cumulative) or
     `max_minutes`. A step takes the iteration's batch (`draw(generator, iteration)`, see batches()), moves it to
     `device` and computes the loss (`compute_loss(batch)`); a non-finite loss is counted as an iteration but not
-    learned from, and gradients are clipped to `gradient_clip` (one odd batch cannot undo what was learned). Every
+    learned from, nor is a step whose gradients are non-finite, and gradients are clipped to `gradient_clip` (one
+    odd batch cannot undo what was learned). Every
     `validate_every` iterations and at the end a row (mean training loss since the last row, None if none, +
     `evaluate()`) is added to the history, printed as JSON, and the checkpoint saved; when the row's `best_metric`
     (higher is better) is the best so far the checkpoint is also copied to best_path(checkpoint). A final save at the
@@ -237,14 +243,19 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
         batch = tuple(tensor.to(device, non_blocking=True) for tensor in next(upcoming))
         loss = compute_loss(batch)
         optimiser.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            if gradient_clip is not None:
-                torch.nn.utils.clip_grad_norm_(network.parameters(), gradient_clip)
-            optimiser.step()
-            losses.append(loss.item())
-        else:
+        if not torch.isfinite(loss):
             print(f"iteration {state.iteration + 1}: non-finite loss, step skipped", flush=True)
+        else:
+            loss.backward()
+            # the norm is measured even without clipping: a finite loss can still give inf/NaN gradients (seen once
+            # in CI after one step of a tiny network), and one such step would turn every weight into NaN
+            norm = torch.nn.utils.clip_grad_norm_(network.parameters(),
+                                                  math.inf if gradient_clip is None else gradient_clip)
+            if torch.isfinite(norm):
+                optimiser.step()
+                losses.append(loss.item())
+            else:
+                print(f"iteration {state.iteration + 1}: non-finite gradient, step skipped", flush=True)
         state.iteration += 1
         state.wall_seconds = stretch_start_wall + time.perf_counter() - started
         if state.iteration % validate_every == 0 or state.iteration == iterations:
