@@ -32,7 +32,7 @@ where the contrast fixes it: T1 dark→bright = CSF, GM, WM; T2 the reverse; ran
 baseline is given the brain mask; the network is not.
 
 Usage: python Testing/Benchmarks/brain_tissue.py [--label-maps FOLDER] [--held-out NAME ...] [--cases PATTERN,...]
-       [--threads 2] [--device cpu] [--uncertainty] [--json out.json] [--list-cases]
+       [--threads 2] [--device cpu] [--uncertainty] [--option KEY=JSON ...] [--json out.json] [--list-cases]
 """
 
 from __future__ import annotations
@@ -253,12 +253,13 @@ def mean_scores(items: list[dict[str, float] | None]) -> dict[str, float] | None
 
 
 def print_report(results: list[Result], threads: int, device: str, load: tuple[float, float],
-                 seconds: float, uncertainty: bool) -> dict[str, Any]:
+                 seconds: float, uncertainty: bool, overrides: dict[str, Any]) -> dict[str, Any]:
     model = registry.get_model(MODEL_ID)
     print()
     print(f"# Brain tissue segmentation — {devices.cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
           f"{threads} threads, device {device}"
-          + (", uncertainty option on (labels from the mean over the input and its mirror)" if uncertainty else ""))
+          + (", uncertainty option on (labels from the mean over the input and its mirror)" if uncertainty else "")
+          + (f", package options overridden: {json.dumps(overrides)}" if overrides else ""))
     print()
     print(f"Model {MODEL_ID} {model.version} (sha256 {', '.join(w.sha256[:12] for w in model.weights)}…). Dice per "
           "class on the model's output grid (= the input's); Otsu = three-class Otsu inside the true brain mask "
@@ -319,7 +320,15 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--uncertainty", action="store_true",
                         help="run with the uncertainty option (labels from the mean over the input and its mirror)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                        help="override a package option for an ablation, e.g. intensity_refinement_iterations=0")
     args = parser.parse_args()
+    overrides = {}
+    for text in args.option:
+        key, separator, value = text.partition("=")
+        if not separator:
+            raise SystemExit(f"--option {text!r} is not KEY=VALUE.")
+        overrides[key] = json.loads(value)
     cases = all_cases(args.held_out)
     if args.list_cases:
         print("\n".join(case.name for case in cases))
@@ -350,15 +359,15 @@ def main() -> int:
                 image, truth = render_case(case, label_map, direction, origin, args.seed)
             print(f"  {case.name}: {'x'.join(map(str, image.GetSize()))} ...", end="", flush=True)
             result = run_case(case, image, truth, brain, Path(folder), args.device, cache,
-                              {"uncertainty": True} if args.uncertainty else {})
+                              {**({"uncertainty": True} if args.uncertainty else {}), **overrides})
             results.append(result)
             print(" " + ", ".join(f"{name} {value:.3f}" for name, value in result.network.items())
                   + f", {result.cpu_s:.1f} CPU s", flush=True)
     means = print_report(results, args.threads, args.device, (load_before, os.getloadavg()[0]),
-                         time.perf_counter() - started, args.uncertainty)
+                         time.perf_counter() - started, args.uncertainty, overrides)
     if args.json:
         payload = {"model": MODEL_ID, "device": args.device, "threads": args.threads, "seed": args.seed,
-                   "uncertainty": args.uncertainty,
+                   "uncertainty": args.uncertainty, "option_overrides": overrides,
                    "cpu": devices.cpu_name(), "torch": torch.__version__,
                    "cases": [{"name": r.case.name, "group": r.case.group, "size": r.size, "spacing": r.spacing,
                               "network": r.network, "otsu": r.otsu, "cpu_s": r.cpu_s, "wall_s": r.wall_s,
