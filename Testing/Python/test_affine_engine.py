@@ -124,6 +124,13 @@ def test_composition_equals_simpleitk_composite(pair, result):
     expected = np.array([composite.TransformPoint(p) for p in points.reshape(-1, 3)[::11].tolist()])
     got = (points + sitk.GetArrayFromImage(total)).reshape(-1, 3)[::11]
     assert np.abs(got - expected).max() < 1e-9
+    # the field as an image (validated, then read in place) gives the same numbers as the array (used as it is)
+    as_image = affine.compose_with_field(result.transform, fixed, displacement.field_image(u, fixed))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(as_image), sitk.GetArrayFromImage(total))
+    with pytest.raises(InputError, match=r"The displacement field has 1 values that are NaN or infinite"):
+        broken = u.copy()
+        broken[1, 2, 3, 0] = np.nan
+        affine.compose_with_field(result.transform, fixed, broken)
     # and warping through the one field equals warping through "affine, then the field on the pre-aligned image"
     prealigned = sitk.Resample(moving, fixed, result.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     two_steps = sitk.GetArrayFromImage(displacement.warp_image(prealigned, fixed, u))

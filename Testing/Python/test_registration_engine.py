@@ -434,6 +434,14 @@ def test_mind_descriptors_are_contrast_independent():
     assert intensity > float((t1 - other).square().mean()), "in intensities, T1 vs T2 is the worse match"
 
 
+def test_mind_patch_means_are_avg_pool3d():
+    """MIND's patch distances are box means taken as sums of shifted views: the numbers of avg_pool3d (stride 1)."""
+    volume = torch.rand(12, 9, 11, 13, generator=torch.Generator().manual_seed(3))
+    for width in (1, 3, 5):
+        expected = torch.nn.functional.avg_pool3d(volume[None], width, stride=1)[0]
+        torch.testing.assert_close(registration._box_mean(volume, width), expected, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ (e) bad inputs
 
 
@@ -517,6 +525,11 @@ def test_affine_runs_on_the_working_spacing_for_finer_images():
     assert fixed_mask.GetSize() == fixed.GetSize()
     assert int(sitk.GetArrayViewFromImage(fixed_mask).sum()) == pytest.approx(20 * 20 * 20 * 1.2 / 8, rel=0.15)
     assert moving is coarse and moving_mask is None
+    # register blurs each image once and hands the blurred copies in: the same copies come out
+    smoothed = (geometry.anti_aliased(fine, 2.0), geometry.anti_aliased(coarse, 2.0))
+    again = registration.affine_inputs(fine, coarse, mask, None, 2.0, smoothed)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(again[0]), sitk.GetArrayFromImage(fixed))
+    assert again[1] is coarse
     box[:] = 0
     box[20, 25, 30] = 1
     speck = sitk.GetImageFromArray(box)

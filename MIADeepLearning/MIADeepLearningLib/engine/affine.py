@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from MIADeepLearningLib.engine.displacement import field_image
+from MIADeepLearningLib.engine.displacement import field_array, field_image
 from MIADeepLearningLib.engine.errors import InputError
 
 NO_OVERLAP = "The two images do not overlap: no overlap after affine alignment."
@@ -208,24 +208,25 @@ def compose_with_field(affine: sitk.Transform, fixed: sitk.Image,
     first). Without `field` the result is the affine alone as a field. Returns a float64 3-vector image (LPS mm).
     """
     matrix, offset = _matrix_offset(affine)
+    size_x, size_y, size_z = fixed.GetSize()
+    base = field_image(field, fixed) if isinstance(field, sitk.Image) else None  # alive while its view is used
     if field is None:
-        base = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
-        base.CopyInformation(fixed)
-    else:
-        base = field_image(field, fixed)
+        u = None
+    elif base is not None:
+        u = sitk.GetArrayViewFromImage(base)  # (z, y, x, 3)
+    else:  # an array is used as it is (an image of it would be two more copies of 7 M vectors for a 1 mm head)
+        u = field_array(field, fixed)
     # v(p) = M (p + u) + t - p = M u + (M - I) p + t, and p = origin + D S (i, j, k) is linear in the index, so the
     # second part is a sum of three broadcast ramps: no grid of points is built (a 1 mm head has 7 M voxels; the
     # meshgrid version took 2.7 s of the 3.3 s this step cost on one core).
-    u = sitk.GetArrayViewFromImage(base)  # (z, y, x, 3)
-    direction = np.asarray(base.GetDirection(), dtype=float).reshape(3, 3)
-    per_index = (matrix - np.eye(3)) @ direction @ np.diag(base.GetSpacing())  # columns: change per step in i, j, k
-    start = (matrix - np.eye(3)) @ np.asarray(base.GetOrigin(), dtype=float) + offset
-    size_x, size_y, size_z = base.GetSize()
-    total = u @ matrix.T if field is not None else np.zeros(u.shape)
+    direction = np.asarray(fixed.GetDirection(), dtype=float).reshape(3, 3)
+    per_index = (matrix - np.eye(3)) @ direction @ np.diag(fixed.GetSpacing())  # columns: change per step in i, j, k
+    start = (matrix - np.eye(3)) @ np.asarray(fixed.GetOrigin(), dtype=float) + offset
+    total = u @ matrix.T if u is not None else np.zeros((size_z, size_y, size_x, 3))
     total += start
     total += np.arange(size_x, dtype=float)[None, None, :, None] * per_index[:, 0]
     total += np.arange(size_y, dtype=float)[None, :, None, None] * per_index[:, 1]
     total += np.arange(size_z, dtype=float)[:, None, None, None] * per_index[:, 2]
     result = sitk.GetImageFromArray(total, isVector=True)
-    result.CopyInformation(base)
+    result.CopyInformation(fixed)
     return result

@@ -63,6 +63,14 @@ def field_image(field: np.ndarray | sitk.Image, reference: sitk.Image | None = N
         return image
     if reference is None:
         raise InputError("A displacement field given as an array needs the fixed image whose grid it lies on.")
+    image = sitk.GetImageFromArray(field_array(field, reference), isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def field_array(field: np.ndarray, reference: sitk.Image) -> np.ndarray:
+    """A (z, y, x, 3) field array on the reference's grid, validated as field_image does, as float64 (not copied
+    when it already is): for callers that compute with the array and need no image of it."""
     _check_grid(reference)
     values = np.asarray(field)
     expected = (*reversed(reference.GetSize()), 3)
@@ -72,9 +80,7 @@ def field_image(field: np.ndarray | sitk.Image, reference: sitk.Image | None = N
             f"{expected}."
         )
     _check_finite(values, "The displacement field")
-    image = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
-    image.CopyInformation(reference)
-    return image
+    return values.astype(np.float64, copy=False)
 
 
 def _same_grid(first: sitk.Image, second: sitk.Image, tolerance: float = 1e-6) -> bool:

@@ -82,21 +82,32 @@ def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0,
     return grid, offset
 
 
-def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequence[int] = (),
-                          transform: sitk.Transform | None = None) -> sitk.Image:
-    """The input linearly resampled onto `grid` (float32, nearest-neighbour extrapolation at the border), after a
-    Gaussian blur along every input axis whose voxels are finer than the grid's (sigma 1/2 sqrt(s_grid^2 - s^2) mm),
-    so that sampling at the coarser spacing does not alias; the axes in `keep_axes` are never blurred. `transform`
-    (a resampling transform, grid point -> input point; default the identity) e.g. brings a registration's moving
-    image through its affine pre-alignment in the same single interpolation."""
+def anti_aliased(image: sitk.Image, target_spacing: float, keep_axes: Sequence[int] = ()) -> sitk.Image:
+    """A float32 copy blurred along every input axis whose voxels are finer than `target_spacing` mm (sigma
+    1/2 sqrt(target^2 - s^2) mm), so that sampling it at that spacing does not alias; the axes in `keep_axes` are never
+    blurred. Separate from the resampling so that one blurred copy can serve several grids of that spacing (the
+    registration's affine copies and its working grid)."""
     source = sitk.Cast(image, sitk.sitkFloat32)
-    target = float(max(grid.GetSpacing()))
-    sigmas = [0.0 if index in keep_axes or spacing >= ANTI_ALIAS_BELOW * target else
-              0.5 * math.sqrt(target**2 - spacing**2) for index, spacing in enumerate(image.GetSpacing())]
+    sigmas = [0.0 if index in keep_axes or spacing >= ANTI_ALIAS_BELOW * target_spacing else
+              0.5 * math.sqrt(target_spacing**2 - spacing**2) for index, spacing in enumerate(image.GetSpacing())]
     if any(sigmas):
         source = sitk.SmoothingRecursiveGaussian(source, [max(value, 1e-3) for value in sigmas])
         source = sitk.Cast(source, sitk.sitkFloat32)
+    return source
+
+
+def resample_linear(source: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """`source` linearly resampled onto `grid` (float32, nearest-neighbour extrapolation at the border) through
+    `transform` (grid point -> source point; default the identity)."""
     return sitk.Resample(source, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
+
+
+def resample_anti_aliased(image: sitk.Image, grid: sitk.Image, keep_axes: Sequence[int] = (),
+                          transform: sitk.Transform | None = None) -> sitk.Image:
+    """The input linearly resampled onto `grid` after anti_aliased() for the grid's coarsest spacing. `transform`
+    (a resampling transform, grid point -> input point) e.g. brings a registration's moving image through its
+    affine pre-alignment in the same single interpolation."""
+    return resample_linear(anti_aliased(image, float(max(grid.GetSpacing())), keep_axes), grid, transform)
 
 
 def foreground_physical_box(image: sitk.Image, fraction: float = 0.1, trim: float = 0.001,
