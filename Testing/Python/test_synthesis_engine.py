@@ -303,3 +303,16 @@ def test_shipped_model_runs_on_a_small_thick_slice_scan(tmp_path):
     assert provenance["weights_sha256"] == {"network": hashlib.sha256(weights_file.read_bytes()).hexdigest()}
     assert provenance["pipeline"]["thick_axis"] == "K" and provenance["pipeline"]["output_size"] == list(grid.GetSize())
     assert {"load_model", "read_input", "checks", "inference"} <= set(result.timings)
+
+
+def test_normalisation_percentile_is_torch_quantile_exactly():
+    """engine.encoding.quantile (two order statistics) replaces torch.quantile (a full sort) in the normalisation
+    every model uses: it must give the same float, bit for bit, or shipped weights would see other inputs."""
+    from MIADeepLearningLib.engine import encoding
+
+    generator = torch.Generator().manual_seed(5)
+    for count in (1, 2, 3, 1001, 99_999):
+        for values in (torch.rand(count, generator=generator), torch.randn(count, generator=generator) * 100,
+                       torch.randint(0, 5, (count,), generator=generator).float()):
+            for q in (0.0, 0.3, 0.995, 1.0):
+                assert encoding.quantile(values, q) == float(torch.quantile(values, q)), (count, q)
