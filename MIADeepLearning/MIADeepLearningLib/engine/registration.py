@@ -520,7 +520,7 @@ def instance_optimise(displacement: torch.Tensor, fixed: torch.Tensor, moving: t
         after = float(dissimilarity(flow))  # sampled: on one more draw (a dense warp would cost a few steps)
         correction = to_working_grid(flow)
         refined = compose(network_displacement, correction)
-        largest = float(correction.norm(dim=0).max())
+        largest = float(correction.square().sum(dim=0).max().sqrt())  # norm(dim=0) took 0.1 s for this
     return refined, {"steps": steps, "lr": lr, "smoothness": smoothness, "similarity": "mind", "resolution": resolution,
                      "sampling": sampling,
                      "dissimilarity_before": round(before, 6), "dissimilarity_after": round(after, 6),
