@@ -6,8 +6,6 @@ a displacement field against SimpleITK's composite transform.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -91,17 +89,20 @@ def test_recovers_the_known_affine_across_contrast(pair, result):
 
 
 def test_deterministic(pair, result):
+    """Two runs give the same transform bit for bit, however many threads SimpleITK may use (the registration itself
+    runs on one: ITK's threaded metric sums vary between runs), and the global thread setting is left as it was."""
     fixed, moving, _ = pair
-    again = affine.affine_prealign(fixed, moving)
-    # same sampling seed: the same transform up to the rounding of ITK's threaded sums, whose order varies between
-    # runs (parameters were seen to differ by up to 1e-8 on a fresh clone): compare where points land, in mm
-    assert np.allclose(again.transform.GetFixedParameters(), result.transform.GetFixedParameters(), atol=1e-9)
-    corners = [fixed.TransformIndexToPhysicalPoint(index) for index in itertools.product(
-        *[(0, n - 1) for n in fixed.GetSize()])]
-    shifts = [np.linalg.norm(np.subtract(again.transform.TransformPoint(p), result.transform.TransformPoint(p)))
-              for p in corners]
-    assert max(shifts) < 1e-4, f"two runs map the grid corners {max(shifts):.2e} mm apart"
-    assert again.metric == pytest.approx(result.metric, abs=1e-6)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)
+        runs = [affine.affine_prealign(fixed, moving) for _ in range(2)]
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 4
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    for again in runs:
+        assert again.transform.GetParameters() == result.transform.GetParameters()
+        assert again.transform.GetFixedParameters() == result.transform.GetFixedParameters()
+        assert again.metric == result.metric
 
 
 def test_masks_accepted(pair):
