@@ -232,10 +232,10 @@ def compose_with_field(affine: sitk.Transform, fixed: sitk.Image,
     per_index = (matrix - np.eye(3)) @ direction @ np.diag(fixed.GetSpacing())  # columns: change per step in i, j, k
     start = (matrix - np.eye(3)) @ np.asarray(fixed.GetOrigin(), dtype=float) + offset
     total = u @ matrix.T if u is not None else np.zeros((size_z, size_y, size_x, 3))
-    total += start
-    total += np.arange(size_x, dtype=float)[None, None, :, None] * per_index[:, 0]
-    total += np.arange(size_y, dtype=float)[None, :, None, None] * per_index[:, 1]
-    total += np.arange(size_z, dtype=float)[:, None, None, None] * per_index[:, 2]
+    # two passes over the big array: a ramp along x (with the constant) and one over (z, y), each small
+    total += start + np.arange(size_x, dtype=float)[None, None, :, None] * per_index[:, 0]
+    total += (np.arange(size_y, dtype=float)[None, :, None, None] * per_index[:, 1]
+              + np.arange(size_z, dtype=float)[:, None, None, None] * per_index[:, 2])
     result = sitk.GetImageFromArray(total, isVector=True)
     result.CopyInformation(fixed)
     return result
