@@ -317,6 +317,34 @@ def test_instance_optimisation_works_across_contrasts(phantom_files):
     assert report["jacobian_non_positive_percent"] < FOLDS_LIMIT
 
 
+def test_instance_optimisation_runs_on_one_cpu_thread_and_restores_the_count(phantom_files, monkeypatch):
+    """The refinement's small tensors gain almost no wall time from more threads (INSTANCE_CPU_THREADS): it runs on
+    one, and the process's thread count is restored afterwards, also when the refinement fails."""
+    seen = []
+    real = registration.instance_optimise
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registration, "instance_optimise", recording)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _register(phantom_files, instance_steps=2)
+        assert seen == [1] and torch.get_num_threads() == 2
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("refinement failed")
+
+        monkeypatch.setattr(registration, "instance_optimise", failing)
+        with pytest.raises(RuntimeError, match="refinement failed"):
+            _register(phantom_files, instance_steps=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("options", [{"instance_sampling": 1.0}, {"instance_resolution": "half"},
                                      {"instance_resolution": "half", "instance_sampling": 1.0}],
                          ids=["dense", "half-sampled", "half-dense"])

@@ -76,6 +76,11 @@ MIND_DILATION = 2
 # sampled steps 5.3 -> 4.8 CPU s on a 96x128x96 grid).
 CORRECTION_INTEGRATION_STEPS = 5
 MIN_SAMPLES = 2000  # a sampled similarity reads at least this many points per step (all candidates when fewer)
+# CPU threads of the instance optimisation. Its tensors are small (a correction grid of ~50^3 voxels, a few
+# thousand sampled points), so a second thread mostly waits: on two benchmark pairs with 20 steps on 2 cores, 2
+# threads took 6.8-7.9 CPU s and 4.0-5.1 s of wall for this stage, 1 thread 4.4-4.7 CPU s and 4.4-4.7 s of wall
+# (same Dice). The affine (ITK) and the network (large convolutions) keep every thread.
+INSTANCE_CPU_THREADS = 1
 
 
 def _no_progress(stage: str, fraction: float, message: str) -> None:
@@ -657,11 +662,17 @@ class DeformableRegistration:
                 if step == steps or step % max(1, steps // 10) == 0:
                     progress("inference", 0.55 + 0.3 * step / steps, f"Instance optimisation: step {step}/{steps}")
 
-            displacement_t, provenance["instance_optimisation"] = instance_optimise(
-                displacement_t, fixed_values.to(self.device), moving_values.to(self.device), steps,
-                float(self.options["instance_lr"]), float(self.options["instance_smoothness"]),
-                CORRECTION_INTEGRATION_STEPS, weight, report, str(self.options["instance_resolution"]),
-                float(self.options["instance_sampling"]))
+            threads = torch.get_num_threads()
+            if self.device.type == "cpu":
+                torch.set_num_threads(min(threads, INSTANCE_CPU_THREADS))
+            try:
+                displacement_t, provenance["instance_optimisation"] = instance_optimise(
+                    displacement_t, fixed_values.to(self.device), moving_values.to(self.device), steps,
+                    float(self.options["instance_lr"]), float(self.options["instance_smoothness"]),
+                    CORRECTION_INTEGRATION_STEPS, weight, report, str(self.options["instance_resolution"]),
+                    float(self.options["instance_sampling"]))
+            finally:
+                torch.set_num_threads(threads)
             timings["instance_optimisation"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
