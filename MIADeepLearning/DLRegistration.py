@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 README_URL = "https://github.com/MIADeepLearning/SlicerMIADeepLearning#readme"
 DEFAULT_MODEL_ID = "brain-registration"
 # The shipped network alone is not yet as good as ANTs SyN; with refinement on the pair it is better (held-out
-# benchmark in the model card: Dice 0.523 alone, 0.621 with 50 steps, SyN 0.542-0.572), so it is on by default.
+# benchmark in the model card: Dice 0.523 alone, 0.620 with 50 steps, SyN 0.542-0.577), so it is on by default.
 DEFAULT_INSTANCE_STEPS = 50
 
 
