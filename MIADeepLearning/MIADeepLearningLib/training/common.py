@@ -213,13 +213,12 @@ def train(state: TrainingState, network: torch.nn.Module, optimiser: torch.optim
           workers: int = 0, device: torch.device | None = None) -> None:
     """The loop: a validation row before the first iteration, then steps until `iterations` (cumulative) or
     `max_minutes`. A step takes the iteration's batch (`draw(generator, iteration)`, see batches()), moves it to
-    `device` and computes the loss (`compute_loss(batch)`); a non-finite loss is counted as an iteration but not
-    learned from, nor is a step whose gradients are non-finite, and gradients are clipped to `gradient_clip` (one
-    odd batch cannot undo what was learned). Every
-    `validate_every` iterations and at the end a row (mean training loss since the last row, None if none, +
-    `evaluate()`) is added to the history, printed as JSON, and the checkpoint saved; when the row's `best_metric`
-    (higher is better) is the best so far the checkpoint is also copied to best_path(checkpoint). A final save at the
-    stop."""
+    `device` and computes the loss (`compute_loss(batch)`); a non-finite loss, or non-finite gradients, count as an
+    iteration but are not learned from, and gradients are clipped to `gradient_clip` (one odd batch cannot undo what
+    was learned). Every `validate_every` iterations and at the end a row (mean training loss since the last row,
+    None if none, + `evaluate()`) is added to the history, printed as JSON, and the checkpoint saved; when the row's
+    `best_metric` (higher is better) is the best so far the checkpoint is also copied to best_path(checkpoint). A
+    final save at the stop."""
     device = device or torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch sizes: the fastest convolution algorithms are kept
