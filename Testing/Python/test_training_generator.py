@@ -274,3 +274,16 @@ def test_compact_labels_round_trip():
     assert indices.dtype == np.int16 and indices.shape == values.shape
     assert table.tolist() == [0, 2, 3, 24, 41]
     np.testing.assert_array_equal(table[indices], values)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_blur_axis_is_a_correlation_with_replicated_borders(axis):
+    """blur_axis (shifted sums) against torch's conv1d on rows with replicate padding, for a symmetric Gaussian and
+    an asymmetric kernel (the sum must be a correlation, as conv1d is)."""
+    volume = torch.rand(7, 9, 11, generator=torch.Generator().manual_seed(axis), dtype=torch.float64)
+    for kernel in (gen.gaussian_kernel(0.9).double(), torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)[:3]):
+        radius = (kernel.numel() - 1) // 2
+        moved = volume.movedim(axis, -1)
+        rows = torch.nn.functional.pad(moved.reshape(-1, 1, moved.shape[-1]), (radius, radius), mode="replicate")
+        expected = torch.nn.functional.conv1d(rows, kernel.view(1, 1, -1)).reshape(moved.shape).movedim(-1, axis)
+        assert torch.allclose(gen.blur_axis(volume, kernel, axis), expected, atol=1e-12)

@@ -1,7 +1,8 @@
 """Training the brain tissue segmenter (training/train_segmentation.py) for a few steps at a tiny size: the
 checkpoint and its learning curve (per-class validation Dice per setting), resuming (same result as an uninterrupted
-run), determinism, the weights-only export, the working grid (label maps downsampled by block mode), clear
-refusals; and the pieces of a training example (render aligned with its target, contrast curriculum, loss)."""
+run), determinism, the weights-only export, the working grid (label maps downsampled by block mode), renders at
+1 mm brought onto the 2 mm grid as the engine brings a scan, clear refusals; and the pieces of a training example
+(render aligned with its target, contrast curriculum, loss)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from helpers import write_tiny_label_maps
 
+from MIADeepLearningLib.engine import geometry
 from MIADeepLearningLib.engine.networks import UNet3D
 from MIADeepLearningLib.training import common, label_maps, train_segmentation
 from MIADeepLearningLib.training import generator as gen
@@ -214,6 +217,55 @@ def test_a_sample_is_a_render_aligned_with_its_tissue_target(label_folder):
             if contrast == "t1":
                 wm, gm = image[target == 3].mean(), image[target == 2].mean()
                 assert wm > gm, "T1-like: the target's white matter is brighter than its grey matter"
+
+
+def test_a_fine_render_reaches_the_working_grid_as_the_engine_brings_a_scan(label_folder):
+    """render_factor 2: labels transformed and rendered at 1 mm, the render brought onto the 2 mm grid as the engine
+    brings a 1 mm scan (blur + linear sample at the block centres), the target each block's majority class."""
+    torch.manual_seed(0)
+    fine = gen.gaussian_blur(torch.rand(32, 32, 32), (1.5, 1.5, 1.5))
+    ours = train_segmentation.downsample_render(fine).numpy()
+    image = sitk.GetImageFromArray(fine.numpy())
+    grid, _ = geometry.isotropic_grid(image, 2.0)
+    engine = sitk.GetArrayFromImage(geometry.resample_anti_aliased(image, grid))
+    inner = (slice(3, -3),) * 3  # the engine's recursive Gaussian treats the border its own way
+    assert ours.shape == engine.shape == (16, 16, 16)
+    assert np.abs(ours - engine)[inner].max() < 0.05 * ours[inner].std(), "the engine's own 2 mm view of the scan"
+
+    classes = torch.zeros(4, 4, 2, dtype=torch.int64)
+    classes[:2, :2, :2] = 3
+    classes[0, 0, 0] = 1  # 7 of 8: white matter
+    classes[2:, :2, :2] = torch.tensor([1, 2]).repeat(2, 2, 1)  # a 4-4 tie: the lower class (CSF)
+    classes[:2, 2:, :2] = torch.tensor([[2, 2], [2, 0]])  # 6 of 8: grey matter
+    majority = train_segmentation.block_majority(classes, 2, 4)
+    assert majority.tolist() == [[[3], [2]], [[1], [0]]]
+
+    training, _ = label_maps.load_label_maps(label_folder, ["case_2"])
+    settings = train_segmentation.SampleSettings(patch=8, voxel_mm=2.0, spatial=SpatialSettings(),
+                                                 resolution_probability=0.5, render_factor=2)
+    for seed, contrast in ((0, "t1"), (1, "t2"), (2, "t1")):
+        sample = train_segmentation.make_sample(training[0], contrast, torch.Generator().manual_seed(seed), settings)
+        again = train_segmentation.make_sample(training[0], contrast, torch.Generator().manual_seed(seed), settings)
+        assert torch.equal(sample.inputs, again.inputs) and torch.equal(sample.target, again.target), "seeded"
+        assert tuple(sample.inputs.shape) == (1, 8, 8, 8) and tuple(sample.target.shape) == (8, 8, 8)
+        image, target = sample.inputs[0].numpy(), sample.target.numpy()
+        wm, gm = image[target == 3].mean(), image[target == 2].mean()
+        assert (wm > gm) if contrast == "t1" else (wm < gm), f"{contrast}: the target is aligned with the render"
+    with pytest.raises(ValueError, match="render_factor must be 1 or 2, got 3"):
+        train_segmentation.make_sample(training[0], "t1", torch.Generator(),
+                                       train_segmentation.SampleSettings(patch=8, voxel_mm=2.0, render_factor=3))
+
+
+def test_training_on_fine_renders_records_its_render_spacing(label_folder, tmp_path):
+    checkpoint = tmp_path / "fine.pt"
+    _train(label_folder, checkpoint, 1, "--working-spacing", "2", "--render-spacing", "1", "--patch", "8",
+           "--validation-patch", "8")
+    saved = _load(checkpoint)
+    assert saved["settings"]["working_spacing"] == 2 and saved["settings"]["render_spacing"] == 1
+    assert "--render-spacing 1" in saved["commands"][-1]
+    with pytest.raises(SystemExit, match=r"--render-spacing 2 is coarser than --working-spacing 1\."):
+        _train(label_folder, tmp_path / "coarse.pt", 1, "--render-spacing", "2")
+    assert not (tmp_path / "coarse.pt").exists()
 
 
 def test_downsampling_keeps_labels_and_takes_the_block_mode():

@@ -89,13 +89,20 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def blur_axis(volume: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve a (D, H, W) volume with a 1D kernel along one axis, replicating the border."""
-    moved = volume.movedim(axis, -1)
-    shape = moved.shape
+    """Convolve a (D, H, W) volume with a symmetric 1D kernel along one axis, replicating the border.
+
+    A sum of shifted copies rather than conv1d on rows: the kernels are short (2 * 3 sigma + 1 taps) and the shifted
+    sum needs no transposed copy, about ten times faster on the CPU for the 1 mm renders the tissue training makes."""
     radius = (kernel.numel() - 1) // 2
-    rows = functional.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
-    blurred = functional.conv1d(rows, kernel.view(1, 1, -1).to(volume.dtype))
-    return blurred.reshape(shape).movedim(-1, axis)
+    length = volume.shape[axis]
+    border = [radius if dim == axis else size for dim, size in enumerate(volume.shape)]
+    padded = torch.cat([volume.narrow(axis, 0, 1).expand(*border), volume,
+                        volume.narrow(axis, length - 1, 1).expand(*border)], dim=axis)
+    weights = kernel.to(volume.dtype).tolist()
+    blurred = padded.narrow(axis, 0, length) * weights[0]
+    for offset in range(1, len(weights)):
+        blurred.add_(padded.narrow(axis, offset, length), alpha=weights[offset])
+    return blurred
 
 
 def gaussian_blur(volume: torch.Tensor, sigmas: tuple[float, float, float]) -> torch.Tensor:

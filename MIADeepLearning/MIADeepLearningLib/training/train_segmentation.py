@@ -8,6 +8,8 @@ random contrast (the share of fully random contrasts against T1/T2-like ones fol
 iterations), sometimes acquired with thick slices along a random axis and interpolated back; the target is the
 tissue class of each label. Training runs on a working grid (``--working-spacing`` 1 or 2 mm: label maps are
 downsampled by block mode first, so generation costs an eighth at 2 mm); ``--patch`` counts voxels of that grid.
+``--render-spacing 1`` with a 2 mm grid renders at 1 mm and brings the render onto the 2 mm grid as the engine brings
+a 1 mm scan (thin structures then carry real partial volumes; about ten times the generation cost).
 Validation: per-class Dice on fixed held-out crops rendered T1-like, T2-like, random, and T1-like with 5 mm slices.
 Checkpoints resume exactly like train_synthesis (training/common.py); ``--export`` writes the weights-only file
 (``--export-best``: from the copy kept at the best mean validation Dice).
@@ -60,6 +62,7 @@ class SampleSettings:
     resolution_probability: float = 0.5
     slice_spacing_range_mm: tuple[float, float] = (2.0, 8.0)
     acquisition: tuple[int, gen.Acquisition] | None = None  # fixed (axis, acquisition) instead
+    render_factor: int = 1  # 2: the label map is twice as fine; render there, then downsample (1: render as is)
 
 
 def margin(voxel_mm: float) -> int:
@@ -77,17 +80,49 @@ def crop_centre(shape: tuple[int, ...], size: int, generator: torch.Generator) -
     return tuple(centre)
 
 
+def downsample_render(image: torch.Tensor) -> torch.Tensor:
+    """A render (D, H, W) on the grid twice as coarse, as the engine brings a scan of half the working spacing onto
+    its grid (geometry.resample_anti_aliased): Gaussian blur of sigma 1/2 sqrt(2^2 - 1) fine voxels, then a linear
+    sample at each coarse voxel's centre, i.e. the mean of its 2³ block. Even sizes."""
+    blurred = gen.gaussian_blur(image, (0.5 * math.sqrt(3.0),) * 3)
+    return functional.avg_pool3d(blurred[None, None], 2)[0, 0]
+
+
+def block_majority(classes: torch.Tensor, factor: int, count: int) -> torch.Tensor:
+    """The most frequent class (0..count-1) of every factor³ block of a (D, H, W) class map; ties go to the lower
+    class. The target of a fine render downsampled by downsample_render."""
+    shape = tuple(n // factor for n in classes.shape)
+    blocks = classes[: shape[0] * factor, : shape[1] * factor, : shape[2] * factor]
+    one_hot = functional.one_hot(blocks.long(), count).movedim(-1, 0).float()[None]
+    return functional.avg_pool3d(one_hot, factor)[0].argmax(dim=0)
+
+
 def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, settings: SampleSettings) -> Sample:
-    """One training (or validation) example: crop + spatial transform of the labels, render, resolution, target."""
+    """One training (or validation) example: crop + spatial transform of the labels, render, resolution, target.
+
+    With settings.render_factor 2 the label map is twice as fine as the working grid: labels are
+    transformed and rendered there and the render is brought onto the working grid as the engine brings a scan
+    (downsample_render), so thin structures reach the network with the partial-volume mixing of a real fine scan
+    rather than as whole coarse voxels of one label; the target is each block's majority tissue class."""
+    factor = int(settings.render_factor)
+    if factor not in (1, 2):
+        raise ValueError(f"render_factor must be 1 or 2, got {factor}.")
     pad = margin(settings.voxel_mm)
     size = settings.patch + 2 * pad
-    centre = crop_centre(label_map.indices.shape, size, generator)
+    centre = crop_centre(label_map.indices.shape, size * factor, generator)
     if settings.spatial is None:
-        transform = SpatialTransform(transform_coordinates((size,) * 3, centre))
+        transform = SpatialTransform(transform_coordinates((size * factor,) * 3, centre))
     else:
-        transform = random_transform((size,) * 3, centre, generator, settings.spatial, settings.voxel_mm)
+        transform = random_transform((size * factor,) * 3, centre, generator, settings.spatial,
+                                     settings.voxel_mm / factor)
     labels = transform.apply_labels(label_map.indices)
     image = gen.render(labels, label_map.values, generator, gen.RenderSettings(contrast=contrast))
+    lookup = torch.from_numpy(gen.tissue_classes(label_map.values))
+    if factor > 1:
+        image = downsample_render(image)
+        target = block_majority(lookup[labels], factor, len(gen.TISSUE_CLASSES))
+    else:
+        target = lookup[labels]
     if settings.acquisition is not None:
         axis, acquisition = settings.acquisition
         image = gen.apply_acquisition(image, acquisition, axis, generator)
@@ -96,8 +131,7 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
                                           settings.slice_spacing_range_mm, settings.voxel_mm)
     normalised, _, _ = gen.normalise(image)
     inner = (slice(pad, pad + settings.patch),) * 3
-    lookup = torch.from_numpy(gen.tissue_classes(label_map.values))
-    return Sample(normalised[inner][None].contiguous(), lookup[labels[inner]].contiguous())
+    return Sample(normalised[inner][None].contiguous(), target[inner].contiguous())
 
 
 def contrast_weights(iteration: int, start: list[float], final: list[float], ramp: int) -> list[float]:
@@ -132,15 +166,17 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def validation_set(maps: list[LabelMap], patch: int, voxel_mm: float, seed: int,
-                   crops: int = 2) -> list[tuple[str, Sample]]:
+                   crops: int = 2, render_factor: int = 1) -> list[tuple[str, Sample]]:
     """Fixed held-out crops without spatial augmentation: T1-like, T2-like and random contrast at the working
-    resolution, and T1-like acquired with 5 mm slices along axis 0 (the thick-slice scans the segmenter must handle)."""
+    resolution, and T1-like acquired with 5 mm slices along axis 0 (the thick-slice scans the segmenter must handle);
+    rendered as the training examples are (`render_factor`, see make_sample)."""
     generator = torch.Generator().manual_seed(seed)
     samples = []
     for setting in VALIDATION_SETTINGS:
         for repeat in range(crops):
             label_map = maps[len(samples) % len(maps)]
-            settings = SampleSettings(patch=patch, voxel_mm=voxel_mm, resolution_probability=0.0)
+            settings = SampleSettings(patch=patch, voxel_mm=voxel_mm, resolution_probability=0.0,
+                                      render_factor=render_factor)
             if setting == "t1_5mm":
                 thick = 5.0 / voxel_mm
                 settings.acquisition = (0, gen.Acquisition(spacing=thick, thickness=thick, offset=repeat * thick / 2.0,
@@ -187,6 +223,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
     parser.add_argument("--working-spacing", type=int, default=2, choices=(1, 2), help="mm per voxel of the grid "
                         "the network works on (label maps are downsampled by block mode)")
+    parser.add_argument("--render-spacing", type=int, choices=(1, 2), default=None, help="mm per voxel of the "
+                        "renders (default: the working spacing); 1 with a 2 mm working grid renders at 1 mm and "
+                        "downsamples as the engine downsamples a 1 mm scan, so partial volumes look as in real scans")
     parser.add_argument("--patch", type=int, default=64, help="crop size in voxels of the working grid")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -222,12 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     training_maps, held_out_maps = load_label_maps(args.label_maps, args.held_out)
     if not held_out_maps:
         raise SystemExit(f"None of the held-out maps {args.held_out} is in {args.label_maps}.")
-    training_maps = [downsample_label_map(item, args.working_spacing) for item in training_maps]
-    held_out_maps = [downsample_label_map(item, args.working_spacing) for item in held_out_maps]
+    render_spacing = args.render_spacing or args.working_spacing
+    if render_spacing > args.working_spacing:
+        raise SystemExit(f"--render-spacing {render_spacing} is coarser than --working-spacing {args.working_spacing}.")
+    render_factor = args.working_spacing // render_spacing
+    training_maps = [downsample_label_map(item, render_spacing) for item in training_maps]
+    held_out_maps = [downsample_label_map(item, render_spacing) for item in held_out_maps]
     spatial = SpatialSettings.from_arguments(args, flip_axes=tuple(args.flip_axes))
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
     settings: dict[str, Any] = {
-        "features": features, "working_spacing": args.working_spacing, "classes": list(gen.TISSUE_CLASSES),
+        "features": features, "working_spacing": args.working_spacing, "render_spacing": render_spacing,
+        "classes": list(gen.TISSUE_CLASSES),
         "patch": args.patch, "batch": args.batch, "lr": args.lr, "lr_half_life": args.lr_half_life,
         "seed": args.seed, "contrast_mix": list(args.contrast_mix), "contrast_mix_final": list(args.contrast_mix_final),
         "curriculum_iterations": args.curriculum_iterations, "resolution_probability": args.resolution_probability,
@@ -239,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv, device))
     precision = None if args.no_autocast else autocast_dtype(device)
     validation = validation_set(held_out_maps, args.validation_patch, float(args.working_spacing), args.seed + 1,
-                                args.validation_crops)
+                                args.validation_crops, render_factor)
     sample_settings = SampleSettings(patch=args.patch, voxel_mm=float(args.working_spacing), spatial=spatial,
                                      resolution_probability=args.resolution_probability,
-                                     slice_spacing_range_mm=tuple(args.slice_spacing_range))
+                                     slice_spacing_range_mm=tuple(args.slice_spacing_range),
+                                     render_factor=render_factor)
 
     def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         weights = contrast_weights(iteration, args.contrast_mix, args.contrast_mix_final, args.curriculum_iterations)
