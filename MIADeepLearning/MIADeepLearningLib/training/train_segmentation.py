@@ -52,6 +52,7 @@ GRADIENT_CLIP = 1.0  # global gradient-norm clip, as train_synthesis: one odd ba
 class Sample:
     inputs: torch.Tensor  # (1, P, P, P) normalised render
     target: torch.Tensor  # (P, P, P) int64 tissue class
+    fractions: torch.Tensor | None = None  # (K, P, P, P): share of each class in the voxel (fine renders only)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class SampleSettings:
     slice_spacing_range_mm: tuple[float, float] = (2.0, 8.0)
     acquisition: tuple[int, gen.Acquisition] | None = None  # fixed (axis, acquisition) instead
     render_factor: int = 1  # 2: the label map is twice as fine; render there, then downsample (1: render as is)
+    soft_targets: bool = False  # with render_factor 2: also the class fractions of each voxel (Sample.fractions)
 
 
 def margin(voxel_mm: float) -> int:
@@ -88,13 +90,11 @@ def downsample_render(image: torch.Tensor) -> torch.Tensor:
     return functional.avg_pool3d(blurred[None, None], 2)[0, 0]
 
 
-def block_majority(classes: torch.Tensor, factor: int, count: int) -> torch.Tensor:
-    """The most frequent class (0..count-1) of every factor³ block of a (D, H, W) class map; ties go to the lower
-    class. The target of a fine render downsampled by downsample_render."""
-    shape = tuple(n // factor for n in classes.shape)
-    blocks = classes[: shape[0] * factor, : shape[1] * factor, : shape[2] * factor]
-    one_hot = functional.one_hot(blocks.long(), count).movedim(-1, 0).float()[None]
-    return functional.avg_pool3d(one_hot, factor)[0].argmax(dim=0)
+def block_fractions(classes: torch.Tensor, count: int) -> torch.Tensor:
+    """The share of each class (0..count-1) in every 2³ block of a (D, H, W) class map (even sizes): (count, D/2,
+    H/2, W/2), summing to 1. Its argmax (ties to the lower class) is the block's majority class."""
+    one_hot = functional.one_hot(classes.long(), count).movedim(-1, 0).float()[None]
+    return functional.avg_pool3d(one_hot, 2)[0]
 
 
 def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, settings: SampleSettings) -> Sample:
@@ -103,10 +103,13 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
     With settings.render_factor 2 the label map is twice as fine as the working grid: labels are
     transformed and rendered there and the render is brought onto the working grid as the engine brings a scan
     (downsample_render), so thin structures reach the network with the partial-volume mixing of a real fine scan
-    rather than as whole coarse voxels of one label; the target is each block's majority tissue class."""
+    rather than as whole coarse voxels of one label; the target is each block's majority tissue class, and with
+    settings.soft_targets also the class fractions of each block (a boundary voxel is part grey, part white)."""
     factor = int(settings.render_factor)
     if factor not in (1, 2):
         raise ValueError(f"render_factor must be 1 or 2, got {factor}.")
+    if settings.soft_targets and factor != 2:
+        raise ValueError("soft_targets need render_factor 2 (the fractions come from the finer labels).")
     pad = margin(settings.voxel_mm)
     size = settings.patch + 2 * pad
     centre = crop_centre(label_map.indices.shape, size * factor, generator)
@@ -118,9 +121,11 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
     labels = transform.apply_labels(label_map.indices)
     image = gen.render(labels, label_map.values, generator, gen.RenderSettings(contrast=contrast))
     lookup = torch.from_numpy(gen.tissue_classes(label_map.values))
+    fractions = None
     if factor > 1:
         image = downsample_render(image)
-        target = block_majority(lookup[labels], factor, len(gen.TISSUE_CLASSES))
+        fractions = block_fractions(lookup[labels], len(gen.TISSUE_CLASSES))
+        target = fractions.argmax(dim=0)
     else:
         target = lookup[labels]
     if settings.acquisition is not None:
@@ -131,7 +136,8 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
                                           settings.slice_spacing_range_mm, settings.voxel_mm)
     normalised, _, _ = gen.normalise(image)
     inner = (slice(pad, pad + settings.patch),) * 3
-    return Sample(normalised[inner][None].contiguous(), target[inner].contiguous())
+    soft = fractions[(slice(None), *inner)].contiguous() if settings.soft_targets and fractions is not None else None
+    return Sample(normalised[inner][None].contiguous(), target[inner].contiguous(), soft)
 
 
 def contrast_weights(iteration: int, start: list[float], final: list[float], ramp: int) -> list[float]:
@@ -154,11 +160,18 @@ def draw_contrast(generator: torch.Generator, weights: list[float]) -> str:
     return gen.CONTRASTS[max(index for index, weight in enumerate(weights) if weight > 0)]
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 - soft Dice averaged over the classes, background included), on the whole batch."""
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, fractions: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice averaged over the classes, background included), on the whole batch; against
+    the class `fractions` (B, K, ...) of each voxel when given (the network then learns partial volumes, which its
+    probabilities, interpolated onto a finer scan, place better than hard labels), else the one-hot `target`."""
     logits = logits.float()
     probabilities = torch.softmax(logits, dim=1)
-    one_hot = functional.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    if fractions is not None:
+        one_hot = fractions.to(probabilities.dtype)
+        target = one_hot  # cross_entropy takes class probabilities as the target too
+    else:
+        one_hot = functional.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probabilities.dtype)
     dims = (0, *range(2, logits.dim()))
     intersection = (probabilities * one_hot).sum(dims)
     dice = (2.0 * intersection + 1e-5) / (probabilities.sum(dims) + one_hot.sum(dims) + 1e-5)
@@ -226,6 +239,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--render-spacing", type=int, choices=(1, 2), default=None, help="mm per voxel of the "
                         "renders (default: the working spacing); 1 with a 2 mm working grid renders at 1 mm and "
                         "downsamples as the engine downsamples a 1 mm scan, so partial volumes look as in real scans")
+    parser.add_argument("--soft-targets", action="store_true", help="with --render-spacing 1 and a 2 mm grid: learn "
+                        "the class fractions of each 2 mm voxel (from the 1 mm labels) instead of its majority class")
     parser.add_argument("--patch", type=int, default=64, help="crop size in voxels of the working grid")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -265,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     if render_spacing > args.working_spacing:
         raise SystemExit(f"--render-spacing {render_spacing} is coarser than --working-spacing {args.working_spacing}.")
     render_factor = args.working_spacing // render_spacing
+    if args.soft_targets and render_factor != 2:
+        raise SystemExit("--soft-targets needs --render-spacing 1 with --working-spacing 2.")
     training_maps = [downsample_label_map(item, render_spacing) for item in training_maps]
     held_out_maps = [downsample_label_map(item, render_spacing) for item in held_out_maps]
     spatial = SpatialSettings.from_arguments(args, flip_axes=tuple(args.flip_axes))
     optimiser = torch.optim.Adam(network.parameters(), lr=args.lr)
     settings: dict[str, Any] = {
         "features": features, "working_spacing": args.working_spacing, "render_spacing": render_spacing,
+        "soft_targets": bool(args.soft_targets),
         "classes": list(gen.TISSUE_CLASSES),
         "patch": args.patch, "batch": args.batch, "lr": args.lr, "lr_half_life": args.lr_half_life,
         "seed": args.seed, "contrast_mix": list(args.contrast_mix), "contrast_mix_final": list(args.contrast_mix_final),
@@ -287,21 +305,23 @@ def main(argv: list[str] | None = None) -> int:
     sample_settings = SampleSettings(patch=args.patch, voxel_mm=float(args.working_spacing), spatial=spatial,
                                      resolution_probability=args.resolution_probability,
                                      slice_spacing_range_mm=tuple(args.slice_spacing_range),
-                                     render_factor=render_factor)
+                                     render_factor=render_factor, soft_targets=bool(args.soft_targets))
 
-    def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, ...]:
         weights = contrast_weights(iteration, args.contrast_mix, args.contrast_mix_final, args.curriculum_iterations)
         samples = []
         for _ in range(args.batch):
             label_map = training_maps[int(torch.randint(0, len(training_maps), (), generator=generator))]
             samples.append(make_sample(label_map, draw_contrast(generator, weights), generator, sample_settings))
-        return torch.stack([sample.inputs for sample in samples]), torch.stack([sample.target for sample in samples])
+        batch = (torch.stack([sample.inputs for sample in samples]), torch.stack([sample.target for sample in samples]))
+        if sample_settings.soft_targets:
+            batch += (torch.stack([sample.fractions for sample in samples]),)
+        return batch
 
     def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        inputs, target = batch
         with common.autocast(device, precision):
-            logits = network(inputs)
-        return segmentation_loss(logits, target)
+            logits = network(batch[0])
+        return segmentation_loss(logits, batch[1], batch[2] if len(batch) > 2 else None)
 
     common.train(state, network, optimiser, args.checkpoint, iterations=args.iterations,
                  max_minutes=args.max_minutes, validate_every=args.validate_every, base_lr=args.lr,
