@@ -231,6 +231,35 @@ def test_flip_average_gives_the_labels_of_the_uncertainty_run_without_the_map(we
     assert plain["provenance"]["test_time_flips"] == ["none"], "without either option the input runs once"
 
 
+def test_shifted_working_grids_are_averaged_on_the_input_grid(weights):
+    """grid_shifts_mm: the pipeline runs again on copies of the working grid moved by part of a voxel along its own
+    axes, and the labels come from the mean of all copies on the input grid."""
+    image, truth, _ = _phantom(*GRIDS["anisotropic"], DIRECTIONS["oblique"])
+    plain = _banded(weights, flip_average=True).predict(image, _no_progress)
+    assert plain["provenance"]["grid_shifts_mm"] == [[0.0, 0.0, 0.0]], "one unshifted grid unless asked"
+    stages: list[float] = []
+    shifted = _banded(weights, flip_average=True, grid_shifts_mm=[[0, 0, 0], [1, 1, 1]]).predict(
+        image, lambda stage, fraction, message: stages.append(fraction))
+    _assert_on_grid(shifted["label"], image, "label")
+    assert shifted["provenance"]["grid_shifts_mm"] == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert len(shifted["provenance"]["inference"]) == 4, "two grids, each with its mirrored copy"
+    assert stages == sorted(stages) and stages[-1] < 1.0
+    labels, reference = sitk.GetArrayFromImage(shifted["label"]), sitk.GetArrayFromImage(plain["label"])
+    assert np.count_nonzero(labels != reference) <= 0.02 * labels.size, "a voxel-wise network: nearly the same"
+    for value in (1, 2, 3):
+        assert dice(labels == value, truth == value) >= dice(reference == value, truth == value) - 0.01
+    twice = _banded(weights, flip_average=True, grid_shifts_mm=[[0, 0, 0], [0, 0, 0]]).predict(image, _no_progress)
+    assert np.array_equal(sitk.GetArrayFromImage(twice["label"]), reference), "the mean of two equal copies"
+
+    grid = brain_tissue.BrainTissueSegmentation.working_grid(_pipeline(weights), image)
+    moved = brain_tissue.shifted_grid(grid, (1.0, 0.0, -0.5))
+    direction = np.asarray(grid.GetDirection()).reshape(3, 3)
+    expected = np.asarray(grid.GetOrigin()) + direction[:, 0] - 0.5 * direction[:, 2]
+    assert np.allclose(moved.GetOrigin(), expected) and moved.GetDirection() == grid.GetDirection()
+    assert moved.GetSize() == grid.GetSize() and moved.GetSpacing() == grid.GetSpacing()
+    assert grid.GetOrigin() != moved.GetOrigin(), "the original grid is left as it was"
+
+
 def _blurred_prior(labels: np.ndarray, shift: int, classes: int = 4) -> np.ndarray:
     """What a coarse network gives: one-hot labels moved by `shift` voxels along the last axis and smoothed."""
     one_hot = np.eye(classes, dtype=np.float32)[np.roll(labels, shift, axis=-1)].transpose(3, 0, 1, 2)
@@ -397,6 +426,9 @@ def test_metadata_and_options_that_do_not_fit(weights):
         _pipeline(weights, orientation="XYZ")
     with pytest.raises(ModelError, match="flip_axes"):
         _pipeline(weights, flip_axes=["LR", "up"])
+    for shifts in ([], [[1, 1]], [[2.0, 0, 0]], [[0, float("nan"), 0]], "1,1,1", [["a", 0, 0]]):
+        with pytest.raises(ModelError, match=r"grid_shifts_mm must be a list of \[i, j, k\] shifts in mm"):
+            _pipeline(weights, grid_shifts_mm=shifts)
 
 
 def test_a_2d_or_colour_image_is_refused(weights):
