@@ -37,7 +37,7 @@ MIN_DICE_BETWEEN_COPIES = 0.98
 TISSUE_MODEL_ID = "brain-tissue"
 TISSUE_CODES = {"CSF": "SCT^65216001", "Gray matter": "SCT^389081007", "White matter": "SCT^389080008"}
 # Adult tissue volumes (mL) far outside these mean the model, not the head, went wrong (the ROBEX head measures about
-# CSF 169, GM 625, WM 421 mL with brain-tissue 0.1.0).
+# CSF 166, GM 629, WM 421 mL with brain-tissue 0.1.1).
 TISSUE_ML_RANGES = {"CSF": (80.0, 600.0), "Gray matter": (400.0, 1000.0), "White matter": (250.0, 800.0)}
 MIN_TISSUE_INSIDE_BRAIN = 0.9  # share of gray + white matter voxels inside ROBEX's brain mask
 
