@@ -136,7 +136,7 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
                                           settings.slice_spacing_range_mm, settings.voxel_mm)
     normalised, _, _ = gen.normalise(image)
     inner = (slice(pad, pad + settings.patch),) * 3
-    soft = fractions[(slice(None), *inner)].contiguous() if settings.soft_targets and fractions is not None else None
+    soft = fractions[(slice(None), *inner)].contiguous() if settings.soft_targets else None
     return Sample(normalised[inner][None].contiguous(), target[inner].contiguous(), soft)
 
 
