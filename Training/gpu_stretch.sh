@@ -11,7 +11,9 @@
 # (the same batches as in-process drawing, see training/common.py); a run that fails is retried once drawing in
 # process. Then Testing/Benchmarks/cuda_inference.py (into OUTDIR/gpu.log). Logs go to OUTDIR as they are written; the checkpoints and
 # their best-validation copies end as a tar in 15 MB parts (OUTDIR/checkpoints.tar.part-aa, -ab, ...), written
-# before the CUDA checks run. Environment: PYTHON (default python3), DEVICE (default cuda).
+# before the CUDA checks run. Environment: PYTHON (default python3), DEVICE (default cuda), SEGMENTATION_ARGS (extra
+# arguments of the tissue run, e.g. "--render-spacing 1 --soft-targets": the recipe the brain-tissue card asks a GPU
+# stretch to try; unquoted, so several words are several arguments).
 set -u
 maps=$(realpath "$1") minutes=$2 out=$(realpath "$3")
 python=${PYTHON:-python3} device=${DEVICE:-cuda}
@@ -42,7 +44,7 @@ train() {  # log module checkpoint workers extra-arguments...
 train "$out/synthesis.log" MIADeepLearningLib.training.train_synthesis Training/Checkpoints/thick-slice-sr.pt \
     "$synthesis_workers" --iterations 40000 &
 train "$out/segmentation.log" MIADeepLearningLib.training.train_segmentation Training/Checkpoints/brain-tissue.pt \
-    "$segmentation_workers" --iterations 100000 --batch 2 --validate-every 500 &
+    "$segmentation_workers" --iterations 100000 --batch 2 --validate-every 500 ${SEGMENTATION_ARGS:-} &
 train "$out/registration.log" MIADeepLearningLib.training.train_registration Training/Checkpoints/brain-registration.pt \
     "$registration_workers" --iterations 150000 --patch 64 --validate-every 500 &
 if command -v nvidia-smi >/dev/null; then
