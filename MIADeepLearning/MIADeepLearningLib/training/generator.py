@@ -89,7 +89,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def blur_axis(volume: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve a (D, H, W) volume with a symmetric 1D kernel along one axis, replicating the border.
+    """Correlate a (D, H, W) volume with a 1D kernel along one axis (as conv1d does), replicating the border.
 
     A sum of shifted copies rather than conv1d on rows: the kernels are short (2 * 3 sigma + 1 taps) and the shifted
     sum needs no transposed copy, about ten times faster on the CPU for the 1 mm renders the tissue training makes."""
