@@ -250,6 +250,12 @@ def test_shifted_working_grids_are_averaged_on_the_input_grid(weights):
         assert dice(labels == value, truth == value) >= dice(reference == value, truth == value) - 0.01
     twice = _banded(weights, flip_average=True, grid_shifts_mm=[[0, 0, 0], [0, 0, 0]]).predict(image, _no_progress)
     assert np.array_equal(sitk.GetArrayFromImage(twice["label"]), reference), "the mean of two equal copies"
+    # the shifted copy really samples other points: the final probabilities (seen through the entropy map) change
+    maps = {name: sitk.GetArrayFromImage(_banded(weights, uncertainty=True, grid_shifts_mm=shifts).predict(
+        image, _no_progress)["uncertainty"]) for name, shifts in (("plain", [[0, 0, 0]]), ("same", [[0, 0, 0]] * 2),
+                                                                 ("shifted", [[0, 0, 0], [1, 1, 1]]))}
+    assert np.allclose(maps["same"], maps["plain"], atol=1e-6)
+    assert np.abs(maps["shifted"] - maps["plain"]).max() > 0.01, "the shifted grid was not used"
 
     grid = brain_tissue.BrainTissueSegmentation.working_grid(_pipeline(weights), image)
     moved = brain_tissue.shifted_grid(grid, (1.0, 0.0, -0.5))
