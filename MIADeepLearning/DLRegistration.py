@@ -24,6 +24,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from MIADeepLearningLib import versions
 from MIADeepLearningLib.gui.task_logic import TaskLogicMixin
 from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin
 
@@ -54,7 +55,7 @@ class DLRegistration(ScriptedLoadableModule):
         self.parent.title = _("DL Registration")
         self.parent.categories = ["Deep Learning"]
         self.parent.dependencies = []  # PyTorch is needed only on Apply, and then installed through PyTorchUtils
-        self.parent.contributors = ["MIADeepLearning developers"]
+        self.parent.contributors = ["MIADeepLearning developers (MIADeepLearning project)"]
         self.parent.helpText = _(
             "Aligns a moving volume to a fixed volume (any MRI contrasts, e.g. a T2 to a T1, or an earlier scan to "
             "the current one) with a verified deep-learning model: an affine pre-alignment, then a deformable "
@@ -65,10 +66,11 @@ class DLRegistration(ScriptedLoadableModule):
             "one (same segment names, colours and terminology), and a quality report (how regular the transform "
             "is; Dice of segments both segmentations share), each with a provenance record. The model runs in a "
             "separate background process, on the CUDA GPU when one is usable and on the CPU otherwise; Slicer stays "
-            "responsive and Apply becomes Cancel while it runs. The first Apply may offer to install PyTorch "
-            "(through the PyTorch extension). "
+            "responsive and Apply becomes Cancel while it runs. Needs 3D Slicer {slicer} or newer. The first Apply "
+            "may offer to install PyTorch {torch} or newer (through the PyTorch extension). "
             'See the <a href="{url}">MIADeepLearning README</a>.'
-        ).format(url=README_URL)
+        ).format(url=README_URL, slicer=versions.dotted(versions.MINIMUM_SLICER_VERSION),
+                 torch=versions.dotted(versions.MINIMUM_TORCH_VERSION))
         self.parent.acknowledgementText = _(
             "The registration network was trained by MIADeepLearning on synthetic image pairs rendered from brain "
             "label maps, following the idea of Hoffmann M. et al., \"SynthMorph: learning contrast-invariant "
@@ -317,6 +319,7 @@ class DLRegistrationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        self.setUp()
         self.test_DLRegistrationPanel()
         self.test_DLRegistrationScenarios()
 

@@ -10,7 +10,6 @@ task modules through MIADeepLearningLib.gui.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Annotated
 
 import qt
@@ -26,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MIADeepLearningLib.gui.dependencies import pythonSlicerExecutable
+from MIADeepLearningLib import versions
 from MIADeepLearningLib.gui.task_logic import TaskLogicMixin
 from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin
 
@@ -54,7 +53,7 @@ class DLSegmentation(ScriptedLoadableModule):
         self.parent.title = _("DL Segmentation")
         self.parent.categories = ["Deep Learning"]
         self.parent.dependencies = []  # PyTorch is needed only on Apply, and then installed through PyTorchUtils
-        self.parent.contributors = ["MIADeepLearning developers"]
+        self.parent.contributors = ["MIADeepLearning developers (MIADeepLearning project)"]
         self.parent.helpText = _(
             "Segments a volume with a verified deep-learning model (built in: deepbet brain extraction of "
             "T1-weighted MRI). The model runs in a separate background process, on the CUDA GPU when one is usable "
@@ -63,10 +62,12 @@ class DLSegmentation(ScriptedLoadableModule):
             "a table of segment volumes (voxels and mL, shown in this module); optionally a skull-stripped copy of "
             "the input and, for models that offer it (e.g. brain tissue segmentation), an uncertainty map from "
             "mirrored runs (0 certain, 1 undecided); a provenance record (model, version, weight checksums, "
-            "device, timings) on every output node. The first Apply may offer to install PyTorch (through the "
-            "PyTorch extension) and the Python package that holds the model's weights. "
+            "device, timings) on every output node. Needs 3D Slicer {slicer} or newer. The first Apply may offer to "
+            "install PyTorch {torch} or newer (through the PyTorch extension) and the Python package that holds the "
+            "model's weights. "
             'See the <a href="{url}">MIADeepLearning README</a>.'
-        ).format(url=README_URL)
+        ).format(url=README_URL, slicer=versions.dotted(versions.MINIMUM_SLICER_VERSION),
+                 torch=versions.dotted(versions.MINIMUM_TORCH_VERSION))
         self.parent.acknowledgementText = _(
             "The deepbet brain-extraction model is by Fisch L. et al., \"deepbet: Fast brain extraction of "
             "T1-weighted MRI using Convolutional Neural Networks\", Computers in Biology and Medicine 2024 "
@@ -118,7 +119,6 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         """Build the GUI. Installs nothing, downloads nothing and never imports torch (generic tests call this)."""
         ScriptedLoadableModuleWidget.setup(self)
         self._setupTaskWidget("UI/DLSegmentation.ui", DLSegmentationLogic())
-        self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
         self.ui.importModelZipButton.connect("clicked(bool)", lambda: self.onImportModel(folder=False))
         self.ui.importModelFolderButton.connect("clicked(bool)", lambda: self.onImportModel(folder=True))
         self._showVolumeTable(None)  # the Results section appears with the first table
@@ -180,18 +180,7 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         if tableNode is not None:
             self.ui.resultsCollapsibleButton.collapsed = False
 
-    # Advanced: device report, model import
-
-    def onDeviceReportButton(self) -> None:
-        """Run the engine's device report in PythonSlicer (torch stays out of Slicer's own process)."""
-        with slicer.util.tryWithErrorDisplay(_("The device report could not be made."), waitCursor=True):
-            report = self.logic.deviceReport()
-            lines = [f"{key}: {value}" for key, value in report.items()]
-            self._log(_("Device report:"))
-            for line in lines:
-                self._log(f"  {line}")
-            slicer.util.infoDisplay(report.get("auto_choice", ""), windowTitle=_("Device report"),
-                                    detailedText="\n".join(lines))
+    # Advanced: model import (the device report is TaskWidgetMixin's: a background job like a run)
 
     def onImportModel(self, folder: bool) -> None:
         """Add a model package from a .zip or a folder (air-gapped sites); it is verified before it is listed."""
@@ -257,23 +246,6 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         return self.taskLogic(keepModelLoaded)
 
     @staticmethod
-    def deviceReport() -> dict:
-        """`python -m MIADeepLearningLib device --json` in PythonSlicer: torch version and CUDA build, GPUs, free
-        memory and the reason CUDA is not used."""
-        import json
-        import subprocess
-
-        from MIADeepLearningLib.runner import worker_environment
-
-        python = pythonSlicerExecutable() or sys.executable
-        completed = subprocess.run([python, "-m", "MIADeepLearningLib", "device", "--json"], capture_output=True,
-                                   text=True, timeout=120, env=worker_environment(), check=False)
-        if completed.returncode != 0:
-            lastLine = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(_("The device report failed: {error}").format(error=lastLine))
-        return json.loads(completed.stdout)
-
-    @staticmethod
     def importModel(path: str):
         """Verify and add a model package from a folder or .zip to the user's model cache (torch-free)."""
         from MIADeepLearningLib.engine import model_store
@@ -337,6 +309,7 @@ class DLSegmentationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        self.setUp()
         self.test_DLSegmentationScenarios()
 
     def test_DLSegmentationScenarios(self) -> None:

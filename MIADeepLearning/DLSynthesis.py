@@ -24,6 +24,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from MIADeepLearningLib import versions
 from MIADeepLearningLib.gui.task_logic import TaskLogicMixin
 from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin
 
@@ -51,7 +52,7 @@ class DLSynthesis(ScriptedLoadableModule):
         self.parent.title = _("DL Synthesis")
         self.parent.categories = ["Deep Learning"]
         self.parent.dependencies = []  # PyTorch is needed only on Apply, and then installed through PyTorchUtils
-        self.parent.contributors = ["MIADeepLearning developers"]
+        self.parent.contributors = ["MIADeepLearning developers (MIADeepLearning project)"]
         self.parent.helpText = _(
             "Computes a 1 mm isotropic volume from a thick-slice MRI (slices 2-7 mm apart, any contrast) with a "
             "verified deep-learning model. The result keeps the input's orientation and covers its extent. The model "
@@ -59,10 +60,11 @@ class DLSynthesis(ScriptedLoadableModule):
             "Slicer stays responsive and Apply becomes Cancel while it runs. Optional outputs: an uncertainty map "
             "(spread over 4 mirrored runs) and the difference to B-spline interpolation. Every output carries a "
             "provenance record (model, version, weight checksums, device, timings) and, in its description, the "
-            "notice that it is synthesized: <b>not for diagnosis on its own</b>. The first Apply may offer to install "
-            "PyTorch (through the PyTorch extension). "
+            "notice that it is synthesized: <b>not for diagnosis on its own</b>. Needs 3D Slicer {slicer} or newer. "
+            "The first Apply may offer to install PyTorch {torch} or newer (through the PyTorch extension). "
             'See the <a href="{url}">MIADeepLearning README</a>.'
-        ).format(url=README_URL)
+        ).format(url=README_URL, slicer=versions.dotted(versions.MINIMUM_SLICER_VERSION),
+                 torch=versions.dotted(versions.MINIMUM_TORCH_VERSION))
         self.parent.acknowledgementText = _(
             "The thick-slice super-resolution network was trained by MIADeepLearning on synthetic images rendered "
             "from brain label maps, following the idea of Iglesias J.E. et al., \"Joint super-resolution and "
@@ -262,6 +264,7 @@ class DLSynthesisTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        self.setUp()
         self.test_DLSynthesisPanel()
         self.test_DLSynthesisScenarios()
 

@@ -728,9 +728,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_COMMANDS = (command_segment, command_synthesize, command_register)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.handler in MODEL_COMMANDS:
+            # an unsupported torch is named with the minimum before the engine meets an API it lacks
+            from MIADeepLearningLib.worker import check_torch_version
+
+            check_torch_version()
         return args.handler(args)
     except MIADLError as error:
         sys.stderr.write(f"error: {error}\n")

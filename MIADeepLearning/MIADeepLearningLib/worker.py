@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from MIADeepLearningLib import jobs
+from MIADeepLearningLib import jobs, versions
 from MIADeepLearningLib.engine.errors import MIADLError
 
 FAULT_ENV = "MIADL_WORKER_FAULT"
@@ -63,9 +63,20 @@ class Reporter:
             raise RuntimeError(f"injected fault at stage {stage}")
 
 
+def check_torch_version() -> None:
+    """Refuse a PyTorch older than the extension supports in one sentence that names the minimum, before the engine
+    meets an API that torch lacks (which would end in a traceback nobody can act on)."""
+    import torch
+
+    problem = versions.torch_version_problem(torch.__version__)
+    if problem:
+        raise MIADLError(problem)
+
+
 def import_engine() -> float:
-    """Import torch, SimpleITK and the engine (most of a worker's start-up); returns the seconds it took."""
+    """Check torch, then import SimpleITK and the engine (most of a worker's start-up); returns the seconds it took."""
     started = time.perf_counter()
+    check_torch_version()
     from MIADeepLearningLib.engine import imageio, tasks  # noqa: F401
 
     return time.perf_counter() - started
@@ -196,7 +207,27 @@ def run_register_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | N
                           report=output.report)
 
 
-TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job}
+def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """The device report (PyTorch build, GPUs, free memory, why CUDA is or is not used) as the job's result, so the
+    module makes it in the background like a run. An unsupported torch is reported, not refused: this is where the
+    user finds out which torch the worker sees."""
+    started = time.perf_counter()
+    reporter.progress("device", 0.2, "Importing PyTorch")
+    from MIADeepLearningLib.engine.devices import device_report
+
+    import_s = time.perf_counter() - started
+    reporter.progress("device", 0.6, "Checking the CUDA devices")
+    report = device_report()
+    report["torch_minimum"] = versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    report["torch_problem"] = versions.torch_version_problem(report["torch"])
+    result = {"outputs": {}, "report": report, "provenance": {}, "warnings": [],
+              "timings": {"engine_import": round(import_s, 3), "report": round(time.perf_counter() - started, 3)}}
+    (Path(job.folder) / jobs.RESULT_FILE_NAME).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job,
+         "device": run_device_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,

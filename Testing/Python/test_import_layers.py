@@ -46,8 +46,8 @@ def _lib(*names: str) -> tuple[str, ...]:
 # would have to load that module first, and what two modules share belongs in MIADeepLearningLib/gui/.
 MODULE_FILES = tuple(sorted(path.stem for path in SOURCE_DIR.glob("*.py")))
 _SLICER_SIDE_LIB = (
-    "mrml", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads", "engine.model_store",
-    "testing",
+    "mrml", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry", "engine.downloads",
+    "engine.model_store", "testing",
 )
 
 MODULE = Layer(
@@ -61,20 +61,20 @@ GUI = Layer(
     name="shared Slicer GUI code (gui/)",
     forbidden=("torch", "monai", "SimpleITK", "sitkUtils", *MODULE_FILES),
     allowed_lib=_lib("gui", *_SLICER_SIDE_LIB),
-    allowed_lib_at_import=_lib("gui", "engine.errors", "jobs", "paths", "runner"),
+    allowed_lib_at_import=_lib("gui", "engine.errors", "jobs", "paths", "runner", "versions"),
 )
 MRML = Layer(
     name="MRML bridge (mrml/, testing/)",
     forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils", *_lib("gui")),
     allowed_lib=_lib(
-        "mrml", "testing", "runner", "jobs", "paths", "engine.errors", "engine.registry", "engine.downloads",
-        "engine.model_store",
+        "mrml", "testing", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry",
+        "engine.downloads", "engine.model_store", "engine.filecheck",
     ),
 )
 STDLIB_ONLY = Layer(
-    name="stdlib-only layer (runner.py, jobs.py, paths.py, __init__.py)",
+    name="stdlib-only layer (runner.py, jobs.py, paths.py, versions.py, __init__.py)",
     forbidden=_lib("gui"),
-    allowed_lib=_lib("jobs", "paths"),
+    allowed_lib=_lib("jobs", "paths", "versions"),
     stdlib_only=True,
 )
 _ENGINE_FORBIDDEN = (
@@ -107,7 +107,7 @@ def layer_of(relpath: str) -> Layer | None:
         return MRML
     if inner[0] == "gui" and len(inner) > 1:
         return GUI
-    if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["__init__.py"]):
+    if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["versions.py"], ["__init__.py"]):
         return STDLIB_ONLY
     if inner[0] == "engine" and inner[1:] in (
         ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"]

@@ -573,7 +573,7 @@ def case_logic_warm_worker(name: str) -> None:
             self.shutdowns += 1
 
     runner.WarmWorker = FakeWarmWorker
-    task_logic.pythonSlicerExecutable = lambda: "/opt/Slicer/bin/PythonSlicer"
+    task_logic.requirePythonSlicer = lambda: "/opt/Slicer/bin/PythonSlicer"
     logic = getattr(modules[name], f"{name}Logic")()
     created: list[tuple] = []
     logic.createTaskLogic = lambda python, warm: created.append((python, warm)) or types.SimpleNamespace(warm=warm)
@@ -696,10 +696,211 @@ def case_registration_inputs_and_report(name: str) -> None:
                              "foregroundOpacity": 0.5, "fit": True}, layers_kwargs
 
 
+def case_one_job_or_install_at_a_time(name: str) -> None:
+    """While Apply installs packages (Slicer's pip helpers process GUI events on every output line, so clicks
+    arrive), Apply and every other action are disabled and a second click starts nothing; a second install from any
+    module is refused, not nested."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.dependencies as dependencies
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    case = CASES[name]
+    widget = _widget(modules[name], name, [_model(case["model"])])
+    ui, params = widget.ui, widget._parameterNode
+    for field in case.get("inputs", ("inputVolume",)):
+        node = FakeNode(field, f"vtkMRMLScalarVolumeNode{len(slicer.mrmlScene.nodes) + 1}")
+        slicer.mrmlScene.nodes.append(node)
+        setattr(params, field, node)
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    actions = [getattr(ui, button) for button in task_widget.ACTION_BUTTONS if hasattr(ui, button)]
+    assert "deviceReportButton" in [action.name for action in actions], "every module has the device report"
+    assert all(action.enabled for action in actions)
+
+    seen_during_install: list[tuple] = []
+    nested: list[Any] = []
+
+    def install(model_id: str, requirements: str) -> None:
+        """What the real installer does meanwhile: events are processed, the user clicks Apply again."""
+        seen_during_install.append((ui.applyButton.enabled, ui.applyButton.toolTip,
+                                    [action.enabled for action in actions], ui.inputsCollapsibleButton.enabled))
+        widget.onApplyButton()  # re-entrant click: must start nothing and not install again
+        if hasattr(ui, "deviceReportButton"):
+            widget.onDeviceReportButton()
+        try:  # another module's Apply at the same moment: refused by the installer itself
+            dependencies._installing = True
+            dependencies.ensureDependencies(model_id, requirements)
+        except dependencies.DependenciesNotInstalled as error:
+            nested.append(str(error))
+        finally:
+            dependencies._installing = False
+
+    task_widget.ensureDependencies = install
+    started: list[tuple] = []
+    widget.logic.start = lambda *args, **kwargs: started.append(args) or FakeRun([[], []], result=case["result"])
+    widget.logic.startDeviceReport = lambda: started.append(("device report",)) or FakeRun([[]], result={})
+    widget.onApplyButton()
+    ((apply_enabled, tooltip, action_states, inputs_enabled),) = seen_during_install
+    assert not apply_enabled and "being installed" in tooltip, tooltip
+    assert not any(action_states) and not inputs_enabled
+    assert len(started) == 1 and started[0] != ("device report",), started
+    assert nested and "still installing" in nested[0], nested
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Cancel", True)
+    assert not any(action.enabled for action in actions), "an action stayed enabled while the model runs"
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert (ui.applyButton.text, ui.applyButton.enabled) == ("Apply", True)
+    assert all(action.enabled for action in actions)
+
+    # a declined or failed install re-enables everything too
+    def decline(*args: Any) -> None:
+        raise task_widget.DependenciesNotInstalled("PyTorch was not installed.")
+
+    task_widget.ensureDependencies = decline
+    widget.onApplyButton()
+    assert ui.applyButton.enabled and all(action.enabled for action in actions) and widget._run is None
+
+
+def case_unsupported_slicer_torch_or_launcher(name: str) -> None:
+    """An older Slicer or torch, and a missing PythonSlicer, are one sentence at Apply, not a traceback."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.dependencies as dependencies
+    from MIADeepLearningLib import versions
+
+    case = CASES[name]
+    widget = _widget(modules[name], name, [_model(case["model"])])
+    params = widget._parameterNode
+    for field in case.get("inputs", ("inputVolume",)):
+        node = FakeNode(field, f"vtkMRMLScalarVolumeNode{len(slicer.mrmlScene.nodes) + 1}")
+        slicer.mrmlScene.nodes.append(node)
+        setattr(params, field, node)
+    minimum = ".".join(str(part) for part in versions.MINIMUM_SLICER_VERSION)
+    major, minor = versions.MINIMUM_SLICER_VERSION
+    slicer.app.majorVersion, slicer.app.minorVersion = major, minor - 1
+    widget.onApplyButton()
+    (args, kwargs), = recorder.named("warningDisplay")
+    assert args[0].startswith(f"MIADeepLearning needs 3D Slicer {minimum} or newer; this is Slicer {major}.{minor - 1}")
+    assert widget._run is None and not recorder.named("pip_install")
+
+    slicer.app.majorVersion, slicer.app.minorVersion = major, minor
+    dependencies._installedVersion = lambda distribution: "2.0.1" if distribution == "torch" else None
+    widget.onApplyButton()
+    (args, _), = recorder.named("warningDisplay")[1:]
+    torch_minimum = versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    assert f"PyTorch 2.0.1 is installed, but MIADeepLearning needs PyTorch {torch_minimum} or newer" in args[0], args
+    assert widget._run is None and not recorder.named("pip_install")
+
+    # everything installed, but no PythonSlicer next to Slicer: a clear sentence instead of a Popen error
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    task_widget.ensureDependencies = lambda *args: None
+    dependencies.pythonSlicerExecutable = lambda: None
+    widget.onApplyButton()
+    (args, kwargs), = recorder.named("errorDisplay")
+    assert "'PythonSlicer' was not found" in args[0] and kwargs["windowTitle"] == case["title"], args
+    assert widget._run is None and widget.ui.applyButton.text == "Apply"
+
+
+def case_device_report_in_the_background(name: str) -> None:
+    """Device report: a background job with progress and Cancel, like a run; Apply waits for it."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+    from MIADeepLearningLib.jobs import Event
+
+    widget = _widget(modules[name], name, [_model(CASES[name]["model"])])
+    ui, params = widget.ui, widget._parameterNode
+    for field in CASES[name].get("inputs", ("inputVolume",)):
+        node = FakeNode(field, f"vtkMRMLScalarVolumeNode{len(slicer.mrmlScene.nodes) + 1}")
+        slicer.mrmlScene.nodes.append(node)
+        setattr(params, field, node)
+    assert ui.deviceReportButton.connections["clicked(bool)"] == widget.onDeviceReportButton
+    report = {"torch": "2.13.0+cpu", "cuda_usable": False, "auto_choice": "CPU (no CUDA build of torch)",
+              "torch_problem": None}
+    runs = [FakeRun([[Event(stage="device", progress=0.2, message="Importing PyTorch")], []], result=report)]
+    widget.logic.startDeviceReport = lambda: runs.pop(0)
+    task_widget.ensureDependencies = lambda *args: (_ for _ in ()).throw(AssertionError("Apply ran"))
+
+    widget.onDeviceReportButton()
+    assert ui.deviceReportButton.text == "Cancel device report" and ui.deviceReportButton.enabled
+    assert not ui.applyButton.enabled and "device report is being made" in ui.applyButton.toolTip
+    widget.onApplyButton()  # refused while the report runs (ensureDependencies would raise)
+    widget._onPollTimer()
+    assert ui.progressBar.value == 20 and ui.statusLabel.text == "Importing PyTorch"
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert widget._run is None and ui.deviceReportButton.text == "Device report" and ui.applyButton.enabled
+    (args, kwargs), = recorder.named("infoDisplay")
+    assert args == ("CPU (no CUDA build of torch)",) and "torch: 2.13.0+cpu" in kwargs["detailedText"]
+    assert "  cuda_usable: False" in ui.logTextEdit.lines
+
+    # cancel: the same button stops it; the status says so, no dialog
+    run = FakeRun([[], [], []])
+    runs.append(run)
+    widget.onDeviceReportButton()
+    widget.onDeviceReportButton()
+    assert run.cancelled == 1 and not ui.deviceReportButton.enabled
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Device report cancelled." and ui.deviceReportButton.text == "Device report"
+    assert not recorder.named("errorDisplay") and len(recorder.named("infoDisplay")) == 1
+
+    # a failed report: one sentence in the dialog, the worker's output in the details
+    runs.append(FakeRun([[]], error=RuntimeError("CUDA driver hung")))
+    widget.onDeviceReportButton()
+    widget._onPollTimer()
+    widget._onPollTimer()
+    (args, kwargs), = recorder.named("errorDisplay")
+    assert args == ("The device report could not be made: CUDA driver hung",), args
+    assert ui.applyButton.enabled and ui.deviceReportButton.enabled
+
+
+def case_reload_leaves_the_other_modules_working(name: str) -> None:
+    """Developer Reload of one module purges the library (edits are picked up), but a Cancel in another module, whose
+    widget keeps the library code it was loaded with, is still recognised when the error comes from code imported
+    after the reload."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    from MIADeepLearningLib.engine.errors import CancelledError as cancelled_before
+
+    other = next(module for module in MODULES if module != name)
+    widgets = {module: _widget(modules[module], module, [_model(CASES[module]["model"])]) for module in (name, other)}
+    widgets[name].onReload()
+    assert recorder.named("onReload") == [((name,), {})]
+    assert "MIADeepLearningLib.gui.task_widget" not in sys.modules, "the library was not purged"
+    import MIADeepLearningLib.gui.task_widget  # noqa: F401  (what the reloaded module imports again)
+    from MIADeepLearningLib.engine.errors import CancelledError as cancelled_after
+
+    class RunCancelledByNewCode(FakeRun):
+        def finish(self) -> Any:
+            self.finished += 1
+            raise cancelled_after("Cancelled by the user.")
+
+    widget = widgets[other]
+    params = widget._parameterNode
+    for field in CASES[other].get("inputs", ("inputVolume",)):
+        node = FakeNode(field, f"vtkMRMLScalarVolumeNode{len(slicer.mrmlScene.nodes) + 1}")
+        slicer.mrmlScene.nodes.append(node)
+        setattr(params, field, node)
+    # The other module's widget runs the shared code it was loaded with (the module object purged from sys.modules)
+    old_mixin = next(cls for cls in type(widget).__mro__ if cls.__name__ == "TaskWidgetMixin")
+    assert old_mixin is not sys.modules["MIADeepLearningLib.gui.task_widget"].TaskWidgetMixin
+    old_mixin.onApplyButton.__globals__["ensureDependencies"] = lambda *args: None
+    widget.logic.start = lambda *args, **kwargs: RunCancelledByNewCode([[]])
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert widget._run is None
+    assert widget.ui.statusLabel.text == "Cancelled; nothing was added to the scene.", widget.ui.statusLabel.text
+    assert not recorder.named("errorDisplay"), recorder.named("errorDisplay")
+    assert cancelled_after is cancelled_before, "engine.errors must survive a reload (gui.task_widget.KEPT_ON_RELOAD)"
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
     for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
-                     case_segmentation_optional_outputs, case_registration_inputs_and_report)
+                     case_segmentation_optional_outputs, case_registration_inputs_and_report,
+                     case_one_job_or_install_at_a_time, case_unsupported_slicer_torch_or_launcher,
+                     case_device_report_in_the_background, case_reload_leaves_the_other_modules_working)
 }
 
 

@@ -34,6 +34,7 @@ RESOURCES_DIR = ROOT / "Resources"
 TOP_CMAKE = ROOT / "CMakeLists.txt"
 MODULE_CMAKE = SOURCE_DIR / "CMakeLists.txt"
 S4EXT = ROOT / "MIADeepLearning.s4ext"
+CATALOG_ENTRY = ROOT / "MIADeepLearning.json"  # what a pull request to the Extensions Index adds
 
 LIBRARY_LIST = "MIADL_LIBRARY_SCRIPTS"
 RESOURCE_LIST = "MIADL_RESOURCES"
@@ -85,9 +86,10 @@ def _cmake_text(path: Path) -> str:
 
 
 def _cmake_calls(text: str, command: str) -> list[list[str]]:
-    """Arguments of every call of a CMake command (our files have no nested parentheses in arguments)."""
+    """Arguments of every call of a CMake command (no nested parentheses outside quoted arguments in our files)."""
     calls = []
-    for match in re.finditer(rf"(?<![\w$]){re.escape(command)}\s*\(([^()]*)\)", text, flags=re.IGNORECASE):
+    pattern = rf'(?<![\w$]){re.escape(command)}\s*\(((?:"[^"]*"|[^()"])*)\)'
+    for match in re.finditer(pattern, text, flags=re.IGNORECASE):
         calls.append([arg.strip('"') for arg in re.findall(r'"[^"]*"|[^\s"]+', match.group(1))])
     return calls
 
@@ -391,6 +393,127 @@ def test_extension_icon_url_points_at_a_file_of_this_repository() -> None:
     url = _cmake_extension_values(_cmake_text(TOP_CMAKE))["EXTENSION_ICONURL"]
     relative = url.split("/main/", 1)[1]
     assert (ROOT / relative).is_file(), f"EXTENSION_ICONURL names {relative}, which is not in the repository"
+
+
+# The keys of Slicer's extension catalog entry schema (slicer-extension-catalog-entry-schema-v1.0.2), which allows no
+# others, and the ones it requires.
+_CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                 "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+_CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
+# Categories the Extensions Index's check_description_files.py accepted (read 2026-12) that could describe this
+# extension; "Deep Learning" is not accepted there (it stays the modules' own menu category).
+_INDEX_CATEGORIES_THAT_FIT = {"Segmentation", "Registration", "Neuroimaging", "Image Synthesis", "Quantification"}
+# "Firstname Lastname (Organization)", comma-separated: the form Slicer's extension template and the index expect.
+_CONTRIBUTOR = r"[^,()]+? \([^()]+\)"
+
+
+def _catalog_entry() -> dict:
+    import json
+
+    raw = CATALOG_ENTRY.read_bytes()
+    assert b"\r" not in raw, "MIADeepLearning.json must have LF line endings only (the index refuses CR/CRLF)"
+    return json.loads(raw.decode("utf-8"))
+
+
+def test_catalog_entry_follows_the_schema() -> None:
+    entry = _catalog_entry()
+    assert set(entry) <= _CATALOG_KEYS, f"keys the schema does not allow: {sorted(set(entry) - _CATALOG_KEYS)}"
+    assert _CATALOG_REQUIRED <= set(entry), f"missing: {sorted(_CATALOG_REQUIRED - set(entry))}"
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/Slicer/Slicer/main/Schemas/"
+                        r"slicer-extension-catalog-entry-schema-v\d+\.\d+\.\d+\.json#?", entry["$schema"])
+    assert isinstance(entry.get("build_dependencies", []), list)
+    assert all(isinstance(name, str) for name in entry.get("build_dependencies", []))
+    assert isinstance(entry.get("tier", 1), int) and 1 <= entry.get("tier", 1) <= 5
+    assert entry["category"] in _INDEX_CATEGORIES_THAT_FIT, entry["category"]
+    assert urlparse_scheme(entry["scm_url"]) == "https"
+    repository = entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    assert repository.startswith("Slicer") and not CATALOG_ENTRY.stem.lower().startswith("slicer"), (
+        "the index wants the repository named Slicer<Name> and the extension (the .json's name) without 'Slicer'")
+
+
+def urlparse_scheme(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).scheme
+
+
+def test_catalog_entry_cmakelists_and_s4ext_agree() -> None:
+    """The index's pull-request template asks that the JSON be consistent with the top-level CMakeLists.txt."""
+    entry = _catalog_entry()
+    cmake = _cmake_extension_values(_cmake_text(TOP_CMAKE))
+    s4ext = _s4ext_values()
+    assert [["MIADeepLearning"]] == _cmake_calls(_cmake_text(TOP_CMAKE), "project")
+    assert CATALOG_ENTRY.stem == S4EXT.stem == "MIADeepLearning", "the description files are named after project()"
+    assert entry["category"] == cmake["EXTENSION_CATEGORY"] == s4ext["category"]
+    assert entry.get("build_dependencies", []) == cmake["EXTENSION_DEPENDS"].split() == s4ext["depends"].split()
+    assert entry["scm_url"] == cmake["EXTENSION_HOMEPAGE"] == s4ext["scmurl"].removesuffix(".git")
+    assert entry.get("scm_revision") == s4ext["scmrevision"] == "main"
+    assert entry.get("build_subdirectory", ".") == s4ext["build_subdirectory"]
+    assert entry.get("enabled", True) is (s4ext["enabled"] == "1")
+    tier = entry.get("tier", 1)
+    assert (tier == 1) == (cmake["EXTENSION_STATUS"] == "Experimental"), "an experimental extension is tier 1"
+
+
+def test_licence_file_is_packaged_and_agrees_with_pyproject() -> None:
+    licence = ROOT / "LICENSE.txt"
+    assert licence.is_file(), "the index requires LICENSE.txt in the repository root"
+    text = licence.read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    cmake = _cmake_extension_values(_cmake_text(TOP_CMAKE))
+    # otherwise UseSlicer.cmake packages Slicer's own licence and README as this extension's
+    assert cmake.get("EXTENSION_LICENSE_FILE") == "${CMAKE_CURRENT_SOURCE_DIR}/LICENSE.txt"
+    assert cmake.get("EXTENSION_README_FILE") == "${CMAKE_CURRENT_SOURCE_DIR}/README.md"
+    text = _cmake_text(TOP_CMAKE)
+    assert text.index("EXTENSION_LICENSE_FILE") < text.index("include(${Slicer_USE_FILE})"), (
+        "UseSlicer.cmake sets the defaults when it is included: set the files before")
+
+
+def test_contributors_are_written_as_the_index_expects() -> None:
+    contributors = _cmake_extension_values(_cmake_text(TOP_CMAKE))["EXTENSION_CONTRIBUTORS"]
+    assert re.fullmatch(f"{_CONTRIBUTOR}(, {_CONTRIBUTOR})*", contributors), contributors
+    names = re.findall(_CONTRIBUTOR, contributors)
+    for module in _module_files():
+        listed = re.search(r"self\.parent\.contributors = (\[[^\]]*\])", module.read_text(encoding="utf-8"))
+        assert listed, f"{module.name} sets no parent.contributors"
+        assert ast.literal_eval(listed.group(1)) == [name.strip() for name in names], (module.name, contributors)
+
+
+def test_screenshot_urls_point_at_pictures_of_this_repository() -> None:
+    text = _cmake_text(TOP_CMAKE)
+    # the index reads the value with a one-line regular expression: one quoted string on one line
+    assert re.search(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text), "EXTENSION_SCREENSHOTURLS is not "\
+        "one quoted line"
+    assert re.search(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text), "EXTENSION_ICONURL is not one quoted line"
+    urls = _cmake_extension_values(text)["EXTENSION_SCREENSHOTURLS"].split()
+    assert urls, "the index wants at least one screenshot"
+    homepage = _cmake_extension_values(text)["EXTENSION_HOMEPAGE"]
+    raw_base = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for url in urls:
+        assert url.startswith(raw_base) and url.lower().endswith((".png", ".jpg", ".jpeg", ".gif")), url
+        assert (ROOT / url[len(raw_base):]).is_file(), f"{url} names a file that is not in the repository"
+
+
+def test_minimum_versions_are_said_everywhere() -> None:
+    """The oldest Slicer and PyTorch (versions.py, enforced at Apply and in the worker) are the ones the README,
+    the extension description and every module's help name."""
+    import sys
+
+    sys.path.insert(0, str(SOURCE_DIR))
+    from MIADeepLearningLib import versions
+
+    slicer_minimum = versions.dotted(versions.MINIMUM_SLICER_VERSION)
+    torch_minimum = versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"Slicer {slicer_minimum} or newer" in readme, "README: say the oldest supported Slicer"
+    assert f"PyTorch {torch_minimum} or newer" in readme, "README: say the oldest supported PyTorch"
+    description = _cmake_extension_values(_cmake_text(TOP_CMAKE))["EXTENSION_DESCRIPTION"]
+    assert f"Slicer {slicer_minimum} or newer" in description
+    for module in _module_files():
+        source = module.read_text(encoding="utf-8")
+        assert "Needs 3D Slicer {slicer} or newer" in source and "PyTorch {torch} or newer" in source, module.name
+        assert "slicer=versions.dotted(versions.MINIMUM_SLICER_VERSION)" in source, module.name
+        assert "torch=versions.dotted(versions.MINIMUM_TORCH_VERSION)" in source, module.name
 
 
 # (4) setup() hygiene, Python 3.9, module structure
@@ -762,6 +885,12 @@ def test_module_defines_module_widget_logic_and_test(module: Path) -> None:
     test_methods = {node.name for node in classes[f"{module.stem}Test"].body if isinstance(node, ast.FunctionDef)}
     assert "runTest" in test_methods, f"{module.stem}Test needs runTest (Slicer's self-test entry point)"
     assert any(name.startswith("test_") for name in test_methods), f"{module.stem}Test has no test_ method (ctest)"
+    run_test = next(node for node in classes[f"{module.stem}Test"].body
+                    if isinstance(node, ast.FunctionDef) and node.name == "runTest")
+    first = ast.unparse(run_test.body[0]) if run_test.body else ""
+    assert first == "self.setUp()", (
+        f"{module.stem}Test.runTest must call self.setUp() first, as Slicer's templates do (Reload and Test calls "
+        f"runTest directly); it starts with {first!r}")
 
 
 def _scenario_modules_used(test_class: ast.ClassDef) -> dict[str, str]:

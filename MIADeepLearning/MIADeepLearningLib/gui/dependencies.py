@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import re
 import shutil
 import sys
 
 import slicer
 from slicer.i18n import tr as _
 
+from MIADeepLearningLib import versions
+from MIADeepLearningLib.engine.errors import WorkerError
+
 REQUESTER = "MIADeepLearning"
-TORCH_REQUIREMENT = ">=2.1"
-MINIMUM_TORCH_VERSION = (2, 1)
+
+_installing = False  # an ensureDependencies() call is running (pip output lines run processEvents(): a click re-enters)
 
 
 class DependenciesNotInstalled(Exception):
@@ -28,13 +30,34 @@ class DependenciesNotInstalled(Exception):
 
 
 def ensureDependencies(modelId: str, requirementsPath: str) -> None:
-    """Make sure the worker can run the model: PyTorch, the extension's requirements, the model's weight package.
+    """Make sure the worker can run the model: a supported Slicer, PyTorch, the extension's requirements, the
+    model's weight package.
 
-    Each step asks before installing; declining raises DependenciesNotInstalled before the run starts.
+    Each step asks before installing; declining raises DependenciesNotInstalled before the run starts. A second call
+    while one is installing (any module: Slicer's pip helpers process GUI events while pip runs) is refused rather
+    than nested.
     """
-    _ensureTorch()
-    _ensureRequirementsFile(requirementsPath)
-    _ensureModelPackages(modelId)
+    global _installing
+    from MIADeepLearningLib.mrml import compat
+
+    problem = compat.slicer_version_problem()
+    if problem:
+        raise DependenciesNotInstalled(problem)
+    if _installing:
+        raise DependenciesNotInstalled(_(
+            "MIADeepLearning is still installing Python packages for another Apply; wait until it has finished."))
+    _installing = True
+    try:
+        _ensureTorch()
+        _ensureRequirementsFile(requirementsPath)
+        _ensureModelPackages(modelId)
+    finally:
+        _installing = False
+
+
+def installationInProgress() -> bool:
+    """Whether ensureDependencies() is running (the widgets disable Apply and the other actions meanwhile)."""
+    return _installing
 
 
 def pythonSlicerExecutable() -> str | None:
@@ -57,6 +80,19 @@ def pythonSlicerExecutable() -> str | None:
     return None
 
 
+def requirePythonSlicer() -> str:
+    """PythonSlicer, or one sentence saying it is missing: the worker must run with Slicer's own Python and
+    libraries, and inside Slicer ``sys.executable`` is empty when PythonSlicer is not found, which would otherwise
+    surface as an unreadable process-start error."""
+    found = pythonSlicerExecutable()
+    if found:
+        return found
+    raise WorkerError(_(
+        "Slicer's Python launcher 'PythonSlicer' was not found (on the PATH, in Slicer's bin folder or beside its "
+        "Python), so the model cannot run in a background process; repair or reinstall 3D Slicer."
+    ))
+
+
 def _installedVersion(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -64,27 +100,10 @@ def _installedVersion(distribution: str) -> str | None:
         return None
 
 
-def _versionTuple(version: str) -> tuple[int, ...]:
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        match = re.match(r"\d+", part)
-        if not match:
-            break
-        numbers.append(int(match.group()))
-    return tuple(numbers)
-
-
 def _requirementSatisfied(requirement: str) -> bool:
     """Whether an installed distribution satisfies a requirement string, without importing it."""
-    try:
-        from packaging.requirements import Requirement
-    except ImportError:  # very old Slicer without `packaging`: name check, plus exact pins
-        name = re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0]
-        installed = _installedVersion(name)
-        if installed is None:
-            return False
-        pinned = re.search(r"==\s*([^\s,;]+)", requirement)
-        return pinned is None or pinned.group(1) == installed
+    from packaging.requirements import Requirement  # every supported Slicer ships `packaging` (5.8: 24.0)
+
     parsed = Requirement(requirement)
     if parsed.marker is not None and not parsed.marker.evaluate():
         return True
@@ -96,12 +115,10 @@ def _ensureTorch() -> None:
     """PyTorch comes from the PyTorch extension (it picks the CUDA build that fits the driver), never from pip here."""
     installed = _installedVersion("torch")
     if installed is not None:
-        if _versionTuple(installed) >= MINIMUM_TORCH_VERSION:
-            return  # checked from metadata, so torch is not loaded into Slicer's process
-        raise DependenciesNotInstalled(_(
-            "PyTorch {version} is installed, but MIADeepLearning needs PyTorch 2.1 or newer. Update it in the "
-            "'PyTorch Utils' module (uninstall, restart Slicer, install), then press Apply again."
-        ).format(version=installed))
+        problem = versions.torch_version_problem(installed)
+        if problem:
+            raise DependenciesNotInstalled(problem)
+        return  # checked from metadata, so torch is not loaded into Slicer's process
     try:
         import PyTorchUtils
     except ImportError as error:
@@ -111,7 +128,7 @@ def _ensureTorch() -> None:
         )) from error
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     if not torchLogic.torchInstalled():
-        torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+        torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=versions.torch_requirement())
         if torch is None:
             raise DependenciesNotInstalled(_(
                 "PyTorch was not installed, so the model cannot run. Nothing was changed."
@@ -121,8 +138,8 @@ def _ensureTorch() -> None:
 def _ensureRequirementsFile(requirementsPath: str) -> None:
     """Plain requirements of the extension (Resources/requirements.txt); usually all satisfied already.
 
-    ``slicer.packaging.pip_ensure`` (Slicer >= 5.11) asks and installs only what is missing; older Slicers get the
-    same question from here and ``slicer.util.pip_install``.
+    ``slicer.packaging.pip_ensure`` (Slicer >= 5.12, found through mrml/compat.py) asks and installs only what is
+    missing; older Slicers get the same question from here and ``slicer.util.pip_install``.
     """
     if not os.path.isfile(requirementsPath):
         return
@@ -131,11 +148,10 @@ def _ensureRequirementsFile(requirementsPath: str) -> None:
     requirements = [line for line in lines if line and not line.startswith("-")]
     if not requirements:
         return
-    try:
-        import slicer.packaging as slicerPackaging  # Slicer >= 5.11
-    except ImportError:
-        slicerPackaging = None
-    if slicerPackaging is not None and hasattr(slicerPackaging, "pip_ensure"):
+    from MIADeepLearningLib.mrml import compat
+
+    slicerPackaging = compat.packaging_module()
+    if slicerPackaging is not None:
         try:
             slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirementsPath), requester=REQUESTER)
         except RuntimeError as error:  # raised when the user declines

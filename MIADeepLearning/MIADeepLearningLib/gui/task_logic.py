@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from MIADeepLearningLib.gui.dependencies import pythonSlicerExecutable
+from MIADeepLearningLib.gui.dependencies import requirePythonSlicer
 
 if TYPE_CHECKING:
     from MIADeepLearningLib.runner import WarmWorker
@@ -35,14 +35,28 @@ class TaskLogicMixin:
         (model loaded once per session); without, each run starts a worker process of its own."""
         if not keepModelLoaded:
             if self._taskLogic is None:
-                self._taskLogic = self.createTaskLogic(pythonSlicerExecutable(), None)
+                self._taskLogic = self.createTaskLogic(requirePythonSlicer(), None)
             return self._taskLogic
         if self._warmTaskLogic is None:
             from MIADeepLearningLib.runner import WarmWorker
 
-            self._warmWorker = WarmWorker(python_executable=pythonSlicerExecutable())
-            self._warmTaskLogic = self.createTaskLogic(pythonSlicerExecutable(), self._warmWorker)
+            python = requirePythonSlicer()
+            self._warmWorker = WarmWorker(python_executable=python)
+            self._warmTaskLogic = self.createTaskLogic(python, self._warmWorker)
         return self._warmTaskLogic
+
+    def startDeviceReport(self, onEvent=None) -> Any:
+        """Start the device report (PyTorch build, GPUs, free memory, why CUDA is or is not used) in a worker process
+        of its own and return at once; poll it like a run, then finish() returns the report dict."""
+        from MIADeepLearningLib.mrml.device_report import start_device_report
+
+        return start_device_report(requirePythonSlicer(), on_event=onEvent)
+
+    def deviceReport(self) -> dict:
+        """The device report, blocking (for scripts and the Python console; the module uses startDeviceReport)."""
+        run = self.startDeviceReport()
+        run.wait()
+        return run.finish()
 
     def shutdownWarmWorker(self) -> None:
         """End the kept-alive worker process (module cleanup, application exit)."""

@@ -23,7 +23,7 @@ import vtk
 from slicer.i18n import tr as _
 
 from MIADeepLearningLib.engine.errors import CancelledError, MIADLError
-from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled, ensureDependencies
+from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled, ensureDependencies, installationInProgress
 
 if TYPE_CHECKING:
     from MIADeepLearningLib.jobs import Event
@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 # own namespace: parameterNodeWrapper resolves the string annotations (typing.get_type_hints) in the module's globals.
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 POLL_INTERVAL_MS = 100
+# What the one background job of a module is: a model run (Apply) or the device report (Advanced).
+JOB_RUN = "run"
+JOB_DEVICE_REPORT = "device report"
+# Buttons of a module's .ui (when it has them) that start something: disabled while any job or install is going on.
+ACTION_BUTTONS = ("deviceReportButton", "importModelZipButton", "importModelFolderButton")
+# Library modules a Developer Reload keeps: the exception classes every module's widget catches. Reloading them
+# would give the modules that are not reloaded (and still catch the old classes) errors they cannot recognise, e.g.
+# a Cancel reported as a failure. Edit them, then restart Slicer.
+KEPT_ON_RELOAD = ("MIADeepLearningLib", "MIADeepLearningLib.engine", "MIADeepLearningLib.engine.errors")
 
 
 def describeModel(model: Any) -> str:
@@ -62,8 +71,10 @@ class TaskWidgetMixin:
         self._parameterNode: Any = None
         self._parameterNodeGuiTag = None
         self._run: TaskRun | None = None
+        self._runKind: str | None = None  # JOB_RUN or JOB_DEVICE_REPORT while self._run is set
         self._runInput = None
         self._cancelRequested = False
+        self._installing = False  # Apply is installing packages (pip runs processEvents: clicks arrive meanwhile)
         self._pollTimer = None
         self._updatingModelCombo = False
         self._modelDescriptions: dict[str, str] = {}
@@ -126,6 +137,8 @@ class TaskWidgetMixin:
         # modelId is bound by hand, not with SlicerParameterName: the combo shows titles and keeps ids as item data.
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelComboBoxChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        if hasattr(self.ui, "deviceReportButton"):
+            self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -159,9 +172,11 @@ class TaskWidgetMixin:
             self.initializeParameterNode()
 
     def onReload(self) -> None:
-        """Developer reload: also drop the cached library modules (this one included) so their edits are picked up."""
+        """Developer reload: also drop the cached library modules (this one included) so their edits are picked up,
+        except KEPT_ON_RELOAD, so the other task modules, which keep the library code they were loaded with, still
+        recognise the errors raised by code imported after the reload."""
         for name in list(sys.modules):
-            if name == "MIADeepLearningLib" or name.startswith("MIADeepLearningLib."):
+            if (name == "MIADeepLearningLib" or name.startswith("MIADeepLearningLib.")) and name not in KEPT_ON_RELOAD:
                 del sys.modules[name]
         super().onReload()
 
@@ -240,24 +255,44 @@ class TaskWidgetMixin:
     # Buttons and status
 
     def _updateButtons(self) -> None:
+        """One job or install at a time: while one runs, only its own Cancel stays clickable."""
         running = self._run is not None
-        self.ui.inputsCollapsibleButton.enabled = not running
-        self.ui.outputsCollapsibleButton.enabled = not running
-        if running:
+        installing = self._installing or installationInProgress()
+        busy = running or installing
+        self.ui.inputsCollapsibleButton.enabled = not busy
+        self.ui.outputsCollapsibleButton.enabled = not busy
+        for name in ACTION_BUTTONS:
+            if hasattr(self.ui, name):
+                getattr(self.ui, name).enabled = not busy
+        if hasattr(self.ui, "deviceReportButton"):
+            reporting = running and self._runKind == JOB_DEVICE_REPORT
+            self.ui.deviceReportButton.text = _("Cancel device report") if reporting else _("Device report")
+            if reporting:
+                self.ui.deviceReportButton.enabled = not self._cancelRequested
+        if running and self._runKind == JOB_RUN:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the running model; nothing is added to the scene.")
             self.ui.applyButton.enabled = not self._cancelRequested
             return
         self.ui.applyButton.text = _("Apply")
-        params = self._parameterNode
-        if not params:
-            refusal = _("Select an input volume.")
+        if running:
+            refusal = _("The device report is being made; wait for it or cancel it.")
+        elif installing:
+            refusal = _("Python packages are being installed; wait until the installation has finished.")
         else:
-            refusal = self._missingInput(params) or self._inputProblem(params)
-            if not refusal and self.ui.modelComboBox.currentIndex < 0:
-                refusal = _("Select a model.")
+            refusal = self._applyRefusal()
         self.ui.applyButton.toolTip = refusal or _("Run the model in a background process.")
         self.ui.applyButton.enabled = not refusal
+
+    def _applyRefusal(self) -> str | None:
+        """Why Apply cannot start with the current parameters (the tooltip); None when it can."""
+        params = self._parameterNode
+        if not params:
+            return _("Select an input volume.")
+        refusal = self._missingInput(params) or self._inputProblem(params)
+        if not refusal and self.ui.modelComboBox.currentIndex < 0:
+            refusal = _("Select a model.")
+        return refusal
 
     def _setStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
@@ -270,14 +305,19 @@ class TaskWidgetMixin:
     def onApplyButton(self) -> None:
         """Start the run (after making sure its dependencies are installed), or cancel the running one."""
         if self._run is not None:
-            self._cancelRun()
-            return
+            if self._runKind == JOB_RUN:
+                self._cancelRun()
+            return  # a device report is running: its own button cancels it
+        if self._installing:
+            return  # a click delivered while pip's output lines process GUI events
         params = self._parameterNode
         if not params or self._missingInput(params):
             return
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
         self._setStatus(_("Checking the Python packages the model needs..."))
+        self._installing = True
+        self._updateButtons()
         slicer.app.processEvents()
         try:
             ensureDependencies(params.modelId, self.resourcePath("requirements.txt"))
@@ -291,17 +331,44 @@ class TaskWidgetMixin:
                 "Installing the Python packages the model needs failed: {error}").format(error=error)
             self._reportError(error, traceback.format_exc(), [], message)
             return
+        finally:
+            self._installing = False
+            self._updateButtons()
         self._setStatus(_("Starting..."))
         try:
-            self._run = self._startRun(params)
+            run = self._startRun(params)
         except Exception as error:
-            self._run = None
             self._reportError(error, traceback.format_exc(), [])
             return
-        self._runInput = self._primaryInput(params)
-        self._cancelRequested = False
         self._log(_("Started model '{modelId}' on device '{device}'.").format(
             modelId=params.modelId, device=params.device))
+        self._startPolling(run, JOB_RUN, self._primaryInput(params))
+
+    def onDeviceReportButton(self) -> None:
+        """Make the device report in the background (torch is imported by a worker process, never by Slicer), or
+        cancel the report that is being made."""
+        if self._run is not None:
+            if self._runKind == JOB_DEVICE_REPORT:
+                self._cancelRun()
+            return
+        if self._installing or installationInProgress():
+            return
+        self.ui.progressBar.value = 0
+        self._setStatus(_("Making the device report (the first PyTorch import can take a minute)..."))
+        try:
+            run = self.logic.startDeviceReport()
+        except Exception as error:
+            message = _("The device report could not be made: {error}").format(error=error)
+            self._reportError(error, traceback.format_exc(), [], message)
+            return
+        self._log(_("Device report started."))
+        self._startPolling(run, JOB_DEVICE_REPORT, None)
+
+    def _startPolling(self, run: Any, kind: str, runInput: Any) -> None:
+        self._run = run
+        self._runKind = kind
+        self._runInput = runInput
+        self._cancelRequested = False
         self._updateButtons()
         self._pollTimer.start()
 
@@ -344,23 +411,49 @@ class TaskWidgetMixin:
     def _finishRun(self, run: TaskRun) -> None:
         inputVolume = self._runInput
         cancelRequested = self._cancelRequested
+        kind = self._runKind
         self._run = None
+        self._runKind = None
         self._runInput = None
         self._cancelRequested = False
         try:
             result = run.finish()
         except CancelledError:
-            self._setStatus(_("Cancelled; nothing was added to the scene."))
-            self._log(_("Cancelled"))
+            self._reportCancelled(kind, "")
         except Exception as error:
             if cancelRequested:
-                self._setStatus(_("Cancelled; nothing was added to the scene."))
-                self._log(_("Cancelled") + f" ({error})")
+                self._reportCancelled(kind, f" ({error})")
             else:
-                self._reportError(error, traceback.format_exc(), list(getattr(run, "log_lines", [])))
+                message = None
+                if kind == JOB_DEVICE_REPORT:
+                    message = _("The device report could not be made: {error}").format(error=error)
+                self._reportError(error, traceback.format_exc(), list(getattr(run, "log_lines", [])), message)
         else:
-            self._showResult(result, inputVolume)
+            if kind == JOB_DEVICE_REPORT:
+                self._showDeviceReport(result)
+            else:
+                self._showResult(result, inputVolume)
         self._updateButtons()
+
+    def _reportCancelled(self, kind: str | None, detail: str) -> None:
+        if kind == JOB_DEVICE_REPORT:
+            self._setStatus(_("Device report cancelled."))
+        else:
+            self._setStatus(_("Cancelled; nothing was added to the scene."))
+        self._log(_("Cancelled") + detail)
+
+    def _showDeviceReport(self, report: dict) -> None:
+        """The report's lines in the log, its verdict in the status, everything in a dialog's details."""
+        self.ui.progressBar.value = 100
+        lines = [f"{key}: {value}" for key, value in report.items()]
+        self._log(_("Device report:"))
+        for line in lines:
+            self._log(f"  {line}")
+        summary = str(report.get("auto_choice", ""))
+        if report.get("torch_problem"):
+            summary = f"{summary} {report['torch_problem']}".strip()
+        self._setStatus(summary)
+        slicer.util.infoDisplay(summary, windowTitle=_("Device report"), detailedText="\n".join(lines))
 
     def _reportError(self, error: Exception, details: str, logLines: list[str], message: str | None = None) -> None:
         """One sentence in the dialog; the traceback and the worker's own output in the log."""
@@ -380,6 +473,7 @@ class TaskWidgetMixin:
         """Cancel a running job and reap its process and job folder (scene close, module unload, poll failure)."""
         run = self._run
         self._run = None
+        self._runKind = None
         self._runInput = None
         self._cancelRequested = False
         if self._pollTimer is not None:

@@ -27,6 +27,7 @@ import slicer
 import vtk
 
 from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib.mrml.compat import segment_terminology
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file, segments_label_array
@@ -264,7 +265,7 @@ def _prepare(fixed, moving, fixed_mask, moving_mask, moving_segmentation, fixed_
         for value, (segment_id, name) in enumerate(_segments(moving_segmentation), start=1):
             segment = segmentation.GetSegment(segment_id)
             prepared.labels.append(SegmentLabel(value, segment_id, name, tuple(segment.GetColor()),
-                                                segment.GetTerminology() or ""))
+                                                segment_terminology(segment)))
         prepared.moving_labels = segments_label_array(moving_segmentation, moving,
                                                       [(label.segment_id, label.value) for label in prepared.labels])
         present = set(np.unique(prepared.moving_labels).tolist())

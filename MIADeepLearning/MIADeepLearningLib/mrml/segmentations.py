@@ -119,10 +119,7 @@ def _index_labels(voxels: np.ndarray, specs: list[dict[str, Any]], path: str) ->
 def _set_source_representation_to_labelmap(segmentation: slicer.vtkSegmentation) -> None:
     """A reused node may have been edited as closed surfaces; the import needs binary labelmap as source."""
     labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
-    if hasattr(segmentation, "SetSourceRepresentationName"):
-        segmentation.SetSourceRepresentationName(labelmap_name)
-    else:  # Slicer < 5.4
-        segmentation.SetMasterRepresentationName(labelmap_name)
+    segmentation.SetSourceRepresentationName(labelmap_name)  # every supported Slicer (5.8 and later) has it
 
 
 def label_array(

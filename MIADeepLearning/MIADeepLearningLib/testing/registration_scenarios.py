@@ -27,6 +27,7 @@ import vtk
 
 from MIADeepLearningLib import jobs, runner
 from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib.mrml.compat import segment_terminology
 from MIADeepLearningLib.mrml.provenance import get_provenance
 from MIADeepLearningLib.mrml.registration_logic import (
     FOLDING,
@@ -247,7 +248,7 @@ def segmentation_fingerprint(node) -> dict[str, Any]:
         segment = segmentation.GetSegment(segment_id)
         voxels = slicer.util.arrayFromSegmentInternalBinaryLabelmap(node, segment_id)
         segments.append((segment_id, segment.GetName(), tuple(round(c, 6) for c in segment.GetColor()),
-                         segment.GetTerminology(), segment.GetLabelValue(),
+                         segment_terminology(segment), segment.GetLabelValue(),
                          hashlib.sha256(np.ascontiguousarray(voxels).tobytes()).hexdigest()))
     representations = [name for name in ("Binary labelmap", "Closed surface", "Fractional labelmap", "Planar contour")
                        if segmentation.ContainsRepresentation(name)]
@@ -370,7 +371,7 @@ def scenario_register_phantom_pair() -> None:
         assert propagated.GetSegmentation().GetNthSegmentID(index) == segment_id, "the segment order changed"
         assert copied.GetName() == source.GetName(), (copied.GetName(), source.GetName())
         assert np.allclose(copied.GetColor(), source.GetColor(), atol=1e-6), (copied.GetColor(), source.GetColor())
-        assert copied.GetTerminology() == source.GetTerminology(), copied.GetTerminology()
+        assert segment_terminology(copied) == segment_terminology(source), segment_terminology(copied)
     fixed_segmentation = pair["fixed_segmentation"].GetSegmentation()
     rows = _table_rows(result.report_table_node)
     scores_after, scores_before = {}, {}

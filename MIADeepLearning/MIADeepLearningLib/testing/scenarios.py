@@ -24,6 +24,7 @@ import vtk
 
 from MIADeepLearningLib import jobs, runner
 from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib.mrml.compat import segment_terminology
 from MIADeepLearningLib.mrml.provenance import get_provenance
 from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic, SegmentationResult
 from MIADeepLearningLib.mrml.segmentations import label_array
@@ -169,7 +170,7 @@ def assert_brain_segmentation(result: SegmentationResult, input_volume, expected
     assert segmentation.GetNumberOfSegments() == 1, segmentation.GetNumberOfSegments()
     segment = segmentation.GetNthSegment(0)
     assert segment.GetName() == "Brain", segment.GetName()
-    terminology = segment.GetTerminology()
+    terminology = segment_terminology(segment)
     assert terminology and BRAIN_TERMINOLOGY_CODE in terminology, terminology
     assert segmentation.ContainsRepresentation("Closed surface"), "no closed surface"
     surface = segment.GetRepresentation("Closed surface")
@@ -212,7 +213,7 @@ def scenario_brain_tissue_end_to_end() -> None:
     masks = {}
     for name, code in TISSUE_CODES.items():
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
-        assert code in (segment.GetTerminology() or ""), (name, segment.GetTerminology())
+        assert code in segment_terminology(segment), (name, segment_terminology(segment))
         masks[name] = label_array(segmentation_node, name, head)
         low, high = TISSUE_ML_RANGES[name]
         assert low <= masks[name].sum() * voxel_ml <= high, f"{name}: {masks[name].sum() * voxel_ml:.0f} mL"
