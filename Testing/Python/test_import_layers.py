@@ -94,6 +94,15 @@ ENGINE_TORCH_FREE = Layer(
     ),
 )
 
+# Verifies image files for the engine and for the MRML bridge (the file a volume was loaded from): the standard
+# library only, not even numpy inside a function, so it runs wherever Python does.
+ENGINE_STDLIB = Layer(
+    name="stdlib-only engine part (engine/filecheck.py)",
+    forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")),
+    allowed_lib=_lib("engine.errors"),
+    stdlib_only=True,
+)
+
 
 def layer_of(relpath: str) -> Layer | None:
     """The layer of a file, by its path relative to MIADeepLearning/ (posix separators)."""
@@ -113,6 +122,8 @@ def layer_of(relpath: str) -> Layer | None:
         ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"]
     ):
         return ENGINE_TORCH_FREE
+    if inner == ["engine", "filecheck.py"]:
+        return ENGINE_STDLIB
     if inner[0] == "engine" and len(inner) > 1:
         return ENGINE_CORE
     if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] == "training" and len(inner) > 1):
@@ -293,6 +304,11 @@ VIOLATIONS = [
     (f"{LIB}/engine/registration.py", "from MIADeepLearningLib.training.spatial import warp\n",
      f"{LIB}.training.spatial"),
     (f"{LIB}/engine/flow.py", "def f():\n    from ..training import generator\n", f"{LIB}.training.generator"),
+    # engine/filecheck.py: the standard library and engine.errors, nothing else, not even inside a function
+    (f"{LIB}/engine/filecheck.py", "def f():\n    import numpy\n", "numpy"),
+    (f"{LIB}/engine/filecheck.py", "import SimpleITK as sitk\n", "SimpleITK"),
+    (f"{LIB}/engine/filecheck.py", "from MIADeepLearningLib.engine import imageio\n", f"{LIB}.engine.imageio"),
+    (f"{LIB}/mrml/source_files.py", "from MIADeepLearningLib.engine import imageio\n", f"{LIB}.engine.imageio"),
 ]
 
 
@@ -309,6 +325,8 @@ ALLOWED = [
     ("DLSegmentation.py", "from MIADeepLearningLib import jobs, runner, paths\nimport MIADeepLearningLib\n"),
     ("DLSegmentation.py", "def t():\n    from MIADeepLearningLib.testing import scenarios\n"),
     (f"{LIB}/mrml/volumes.py", "import numpy as np\nimport slicer, vtk\nfrom . import scene_guard\n"),
+    (f"{LIB}/mrml/source_files.py", "from MIADeepLearningLib.engine.filecheck import examine_image_file\n"),
+    (f"{LIB}/engine/filecheck.py", "import os, zlib\nfrom MIADeepLearningLib.engine.errors import InputError\n"),
     (f"{LIB}/runner.py", "import os, subprocess, queue\nfrom MIADeepLearningLib import jobs\nfrom . import paths\n"),
     (f"{LIB}/engine/tasks.py", "import torch\nimport SimpleITK as sitk\nfrom . import imageio\n"),
     (f"{LIB}/training/spatial.py", "from MIADeepLearningLib.engine.flow import warp\n"),

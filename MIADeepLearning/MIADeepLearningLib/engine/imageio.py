@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from MIADeepLearningLib.engine.errors import InputError
+from MIADeepLearningLib.engine.filecheck import verify_image_file
 
 SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
@@ -26,10 +27,15 @@ def image_name(path: str | Path) -> str:
 
 
 def read_image(path: str | Path) -> sitk.Image:
-    """Read an image file; an unreadable file is an input error, not a crash."""
+    """Read an image file; an unreadable file is an input error, not a crash.
+
+    The file is verified first (engine/filecheck.py): ITK reads some cut-short or corrupt files without a word, as
+    partly blank images or wrong voxels, which a model would then segment as if they were the patient's.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Input image {path} does not exist.")
+    verify_image_file(path)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:

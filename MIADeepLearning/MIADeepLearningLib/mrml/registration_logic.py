@@ -31,6 +31,7 @@ from MIADeepLearningLib.mrml.compat import segment_terminology
 from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file, segments_label_array
+from MIADeepLearningLib.mrml.source_files import verify_source_file
 from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun, launch
 from MIADeepLearningLib.mrml.transforms import load_grid_transform
 from MIADeepLearningLib.mrml.volumes import (
@@ -199,6 +200,7 @@ def _check_volume(node, role: str) -> None:
     if node is None:
         raise errors.InputError(f"No {role} volume is selected; select a 3D scalar volume.")
     check_input_volume(node)
+    verify_source_file(node, role)
     voxels = slicer.util.arrayFromVolume(node)
     finite = np.isfinite(voxels)
     if not finite.all():

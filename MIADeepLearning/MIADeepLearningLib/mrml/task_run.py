@@ -13,6 +13,7 @@ from typing import Any
 
 from MIADeepLearningLib import jobs, runner
 from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib.mrml.source_files import verify_source_file
 from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume
 
 EventCallback = Callable[[jobs.Event], None]
@@ -112,8 +113,10 @@ class TaskLogic:
         return registry.list_models(task=cls.TASK)
 
     def _checked_model(self, input_volume, model_id: str) -> registry.ModelInfo:
-        """InputError/ModelError (one sentence) before anything is created: a usable input, a model of this task."""
+        """InputError/ModelError (one sentence) before anything is created: a usable input whose file (when it comes
+        unchanged from one) is not damaged or cut short, and a model of this task."""
         check_input_volume(input_volume)
+        verify_source_file(input_volume)
         model = registry.get_model(model_id)
         if model.task != self.TASK:
             raise errors.ModelError(f"Model '{model.title}' is not a {self.TASK} model.")
