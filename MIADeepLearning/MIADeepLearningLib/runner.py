@@ -38,14 +38,62 @@ STATE_TIMEOUT = "timeout"
 STATE_CRASHED = "crashed"
 
 
+# Windows process creation flags (documented values; the subprocess module defines them only on Windows)
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
 def worker_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The worker's environment: the library importable, output unbuffered so progress arrives live."""
+    """The worker's environment: the library importable, output unbuffered so progress arrives live.
+
+    UTF-8 everywhere, whatever the user's locale: the runner decodes the worker's output as UTF-8 (on Windows the
+    default would be the ANSI code page, which cannot encode e.g. a Japanese name), and in UTF-8 mode a worker started
+    under a C or Latin-1 locale still opens files in folders named "Müller 山田". No bytecode is written: the library
+    may sit in a read-only program folder (clinical installs), where nothing may be written, administrators included.
+    """
     env = dict(os.environ)
     library = str(library_parent_dir())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [library, env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUTF8"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra or {})
     return env
+
+
+def python_for_worker(python_executable: str | None) -> str:
+    """The interpreter that runs the worker: the one given (PythonSlicer inside Slicer), else this process's own.
+
+    Inside an embedding application ``sys.executable`` can be empty (Slicer sets it to PythonSlicer's path only when
+    it finds PythonSlicer): then one sentence says so instead of an unreadable process-start error.
+    """
+    python = python_executable or sys.executable
+    if not python:
+        raise RuntimeError("No Python interpreter to run the worker was given, and this process does not know its own "
+                           "(sys.executable is empty); inside Slicer, PythonSlicer was not found.")
+    return python
+
+
+def hidden_process_kwargs(new_process_group: bool = False) -> dict:
+    """Popen/run keyword arguments for any process the Slicer side starts: on Windows no console window may open
+    (PythonSlicer and taskkill are console programs, and Slicer is not), so CREATE_NO_WINDOW plus a hidden
+    STARTUPINFO; `new_process_group`: its own process group (session on POSIX), so Cancel kills all it started."""
+    if os.name != "nt":
+        return {"start_new_session": True} if new_process_group else {}
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", CREATE_NO_WINDOW)
+    if new_process_group:
+        flags |= getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", CREATE_NEW_PROCESS_GROUP)
+    kwargs: dict = {"creationflags": flags}
+    startupinfo_class = getattr(subprocess, "STARTUPINFO", None)  # Windows only
+    if startupinfo_class is not None:
+        startupinfo = startupinfo_class()
+        startupinfo.dwFlags |= getattr(subprocess, "STARTF_USESHOWWINDOW", STARTF_USESHOWWINDOW)
+        startupinfo.wShowWindow = getattr(subprocess, "SW_HIDE", SW_HIDE)
+        kwargs["startupinfo"] = startupinfo
+    return kwargs
 
 
 def _pump(stream, kind: str, sink: queue.Queue) -> None:
@@ -64,19 +112,13 @@ def remove_job_outputs(job: jobs.Job) -> None:
         result_file.unlink()
 
 
-def _new_session_kwargs() -> dict:
-    """Own process group (session): Cancel can then kill the worker and everything it started in one go."""
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    return {"start_new_session": True}
-
-
 def kill_process_tree(process: subprocess.Popen) -> None:
     """Kill the worker and everything it started (data loaders, compilers), not only the launcher."""
     if os.name == "nt":
         if process.poll() is not None:
             return
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False,
+                       **hidden_process_kwargs())
     else:
         # The group outlives its leader: children of a worker that already exited are killed too.
         try:
@@ -187,7 +229,7 @@ class WorkerProcess(_JobHandle):
                  on_log: LogCallback | None = None, timeout_s: float | None = None,
                  env: dict[str, str] | None = None):
         super().__init__(job, on_event, on_log, timeout_s)
-        self.python_executable = python_executable or sys.executable
+        self.python_executable = python_for_worker(python_executable)
         self.extra_env = env
         self._queue: queue.Queue = queue.Queue()
         self._open_streams = 2
@@ -204,7 +246,7 @@ class WorkerProcess(_JobHandle):
         self._process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
             encoding="utf-8", errors="replace", bufsize=1, env=worker_environment(self.extra_env),
-            cwd=self.job.folder, **_new_session_kwargs(),
+            cwd=self.job.folder, **hidden_process_kwargs(new_process_group=True),
         )
         self._started_at = time.monotonic()
         for stream, kind in ((self._process.stdout, "stdout"), (self._process.stderr, "stderr")):
@@ -366,7 +408,7 @@ class WarmWorker:
 
     def __init__(self, python_executable: str | None = None, env: dict[str, str] | None = None,
                  on_log: LogCallback | None = None, cwd: str | Path | None = None, max_models: int = 1):
-        self.python_executable = python_executable or sys.executable
+        self.python_executable = python_for_worker(python_executable)
         self.env: dict[str, str] = dict(env or {})
         self.on_log = on_log
         self.cwd = str(cwd) if cwd else tempfile.gettempdir()  # never a job folder: those are deleted after use
@@ -471,7 +513,7 @@ class WarmWorker:
             popen = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
                 encoding="utf-8", errors="replace", bufsize=1, env=worker_environment(self.env), cwd=self.cwd,
-                **_new_session_kwargs(),
+                **hidden_process_kwargs(new_process_group=True),
             )
             self._server = _ServerProcess(popen)
             self.starts += 1

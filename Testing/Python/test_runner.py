@@ -120,7 +120,7 @@ def test_worker_main_usage_and_unknown_task(tmp_path, capsys, monkeypatch):
     events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
     assert [event.stage for event in events] == ["start", "error"]
     assert events[-1].error_type == "MIADLError"
-    assert events[-1].message == "Unknown task 'classify' (known: segment, synthesize, register)."
+    assert events[-1].message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
     assert "Traceback" in events[-1].traceback
 
 
@@ -284,5 +284,20 @@ def test_a_job_that_ended_in_time_is_not_reported_as_timed_out(tmp_path):
     final = process.wait()
     assert process.state == runner.STATE_ERROR, process.log_lines
     assert final.error_type == "MIADLError"
-    assert final.message == "Unknown task 'classify' (known: segment, synthesize, register)."
+    assert final.message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
     assert process.returncode == 2
+
+
+def test_worker_python_is_named_or_refused_in_one_sentence(monkeypatch, tmp_path) -> None:
+    """Inside Slicer sys.executable is empty when PythonSlicer is not found: a clear sentence, no process started,
+    instead of an unreadable process-start error."""
+    assert runner.python_for_worker("/opt/Slicer/bin/PythonSlicer") == "/opt/Slicer/bin/PythonSlicer"
+    assert runner.python_for_worker(None) == sys.executable
+    monkeypatch.setattr(sys, "executable", "")
+    with pytest.raises(RuntimeError, match=r"sys\.executable is empty\); inside Slicer, PythonSlicer was not found"):
+        runner.python_for_worker(None)
+    job = jobs.Job(task="segment", model="deepbet", inputs={}, folder=str(tmp_path / "job"))
+    with pytest.raises(RuntimeError, match="PythonSlicer was not found"):
+        runner.start(job)
+    with pytest.raises(RuntimeError, match="PythonSlicer was not found"):
+        runner.WarmWorker()

@@ -222,7 +222,7 @@ def test_serve_loop_in_process(tmp_path, monkeypatch):
     assert [(event.stage, event.job) for event in events] == [
         ("ready", None), ("start", str(unknown)), ("error", str(unknown)), ("start", str(unknown)),
         ("error", str(unknown))]
-    assert events[2].message == "Unknown task 'classify' (known: segment, synthesize, register)."
+    assert events[2].message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
 
     stream = io.StringIO()
     assert worker.serve(stdin=io.StringIO(str(tmp_path / "absent.json") + "\n" + str(unknown) + "\n"),
