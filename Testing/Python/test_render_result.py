@@ -1,6 +1,6 @@
 """What a clinician sees: after brain extraction the slice view shows the Brain overlay inside the brain and nowhere
-outside the head, and the 3D view shows the brain surface where the brain is. Rendered offscreen (OSMesa) by
-Slicer's own displayable managers."""
+outside the head, and the 3D view shows the brain surface where the brain is, zoomed to it on request; a synthesized
+volume is shown with its input's window. Rendered offscreen (OSMesa) by Slicer's own displayable managers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import slicer
 from MIADeepLearningLib.mrml import rendering
 from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
 from MIADeepLearningLib.mrml.segmentations import label_array
+from MIADeepLearningLib.mrml.synthesis_logic import SynthesisLogic
 from MIADeepLearningLib.mrml.volumes import ijk_to_ras
 from MIADeepLearningLib.testing import scenarios
 
@@ -62,3 +63,62 @@ def test_slice_and_3d_views_show_the_brain(scene, tmp_path):
     window = foreground[int(row) - 20:int(row) + 21, int(col) - 20:int(col) + 21]
     assert window.mean() > 0.9, "the brain surface is not drawn where the brain is"
     assert foreground.mean() > 0.05, "the 3D view shows almost nothing"
+
+    # zoomed to the brain (the demo's view): the brain fills most of the view and is not cut off
+    bounds = rendering.shown_segments_bounds(segmentation)
+
+    def brain_pixels(**view) -> np.ndarray:
+        """Pixels that change when the brain is hidden (the 3D background is a gradient, not one colour)."""
+        shown = rendering.render_3d_png(None, **view).astype(int)
+        display.SetVisibility(False)
+        empty = rendering.render_3d_png(None, **view).astype(int)
+        display.SetVisibility(True)
+        return np.abs(shown - empty).sum(axis=-1) > 30
+
+    fitted = brain_pixels(fit=bounds, box=False)
+    # (not compared with the plain view: its framing depends on Slicer's scene box, which the headless view sizes
+    # once, for the first scene it renders)
+    assert fitted.mean() > 0.3, fitted.mean()
+    rows, cols = np.nonzero(fitted)
+    size = fitted.shape[0]
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) > 0.65 * size
+    assert rows.min() > 0 and cols.min() > 0 and rows.max() < size - 1 and cols.max() < size - 1, "cut off"
+
+
+def _thick_head(spacing_mm: float = 5.0, slices: int = 8):
+    """A smooth head-like blob of 1 mm × 1 mm × `spacing_mm` voxels (a synthesis run takes seconds), windowed by hand
+    narrower than its range, as a reader windows a head: an automatic window on the output would differ."""
+    k, j, i = np.mgrid[:slices, :40, :40].astype(np.float32)
+    z = k * spacing_mm
+    centre_z = (slices - 1) * spacing_mm / 2
+    blob = 60.0 + 700.0 * np.exp(-((i - 19.5) ** 2 + (j - 21) ** 2 + (z - centre_z) ** 2) / (2 * 11.0**2))
+    blob += 250.0 * np.exp(-((i - 25) ** 2 + (j - 15) ** 2 + (z - centre_z - 2) ** 2) / (2 * 4.0**2))
+    matrix = np.diag([-1.0, -1.0, spacing_mm, 1.0])
+    matrix[:3, 3] = (20.0, -15.5, -centre_z)
+    volume = scenarios.volume_from_array(blob.astype(np.float32), matrix, "thick head")
+    volume.GetDisplayNode().SetAutoWindowLevel(False)
+    volume.GetDisplayNode().SetWindowLevel(500.0, 400.0)
+    return volume
+
+
+@pytest.mark.slow
+def test_synthesized_volume_is_shown_with_the_input_window(scene):
+    """The synthesized 1 mm volume carries its input's window/level, so the coronal views of input and output show
+    the same tissue equally bright (the demo's comparison screenshot puts them side by side)."""
+    scenarios.require_model("thick-slice-sr")
+    thick = _thick_head()
+    synthesized = SynthesisLogic().run(thick, "thick-slice-sr", device="cpu").volume_node
+    source, shown = thick.GetDisplayNode(), synthesized.GetDisplayNode()
+    assert not shown.GetAutoWindowLevel()
+    assert (shown.GetWindow(), shown.GetLevel()) == (source.GetWindow(), source.GetLevel())
+    assert shown.GetColorNodeID() == source.GetColorNodeID()
+
+    centre = (ijk_to_ras(thick) @ np.array([19.5, 21.0, 3.5, 1.0]))[:3]
+    before = rendering.render_slice_png(None, thick, "Coronal", offset_ras=centre, size=256).astype(float)[..., 1]
+    after = rendering.render_slice_png(None, synthesized, "Coronal", offset_ras=centre, size=256).astype(float)[..., 1]
+    values = slicer.util.arrayFromVolume(thick)
+    head = before > 40
+    assert head.mean() > 0.1
+    assert abs(np.median(after[head]) - np.median(before[head])) < 15, (np.median(after[head]), np.median(before[head]))
+    assert (after[head] >= 254).mean() < (before[head] >= 254).mean() + 0.05, "the synthesized view is over-bright"
+    assert values.max() > source.GetLevel() + source.GetWindow() / 2  # the window does saturate the bright spot

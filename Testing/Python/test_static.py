@@ -491,7 +491,9 @@ def test_screenshot_urls_point_at_pictures_of_this_repository() -> None:
     raw_base = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
     for url in urls:
         assert url.startswith(raw_base) and url.lower().endswith((".png", ".jpg", ".jpeg", ".gif")), url
-        assert (ROOT / url[len(raw_base):]).is_file(), f"{url} names a file that is not in the repository"
+        picture = ROOT / url[len(raw_base):]
+        assert picture.is_file(), f"{url} names a file that is not in the repository"
+        assert picture.stat().st_size < 1_000_000, f"{picture.name}: the index downloads it; keep it under 1 MB"
 
 
 def test_minimum_versions_are_said_everywhere() -> None:
