@@ -269,3 +269,167 @@ def test_check_input_volume_rejects_a_sequence_frame(scene):
     with pytest.raises(InputError, match="one frame of a 4D sequence"):
         volumes.check_input_volume(proxy)
     volumes.check_input_volume(frame)  # the plain node is fine
+
+
+# --- odd inputs a clinician may pick: label maps, warps, multi-volumes, colour ------------------------------------
+
+
+def _refusal(node) -> str:
+    from MIADeepLearningLib.engine.errors import InputError
+    from MIADeepLearningLib.mrml import volumes
+
+    with pytest.raises(InputError) as info:
+        volumes.check_input_volume(node)
+    return str(info.value)
+
+
+def test_check_input_volume_refuses_a_label_map_and_says_how_to_convert_it(scene):
+    import slicer
+
+    labels = slicer.util.addVolumeFromArray(np.arange(6 * 7 * 8, dtype=np.uint8).reshape(6, 7, 8) % 4,
+                                            ijkToRAS=_ijk_to_ras("oblique"), name="brain labels",
+                                            nodeClassName="vtkMRMLLabelMapVolumeNode")
+    assert labels.IsA("vtkMRMLScalarVolumeNode")  # a scalar volume subclass: the class check alone lets it through
+    message = _refusal(labels)
+    _assert_one_sentence(message, "'brain labels' is a label map", "not an image",
+                         "Volumes module (Volume Information > Convert to scalar volume)")
+
+
+def test_check_input_volume_refuses_a_colour_volume_and_names_the_converter(scene):
+    import vtk
+
+    rgb = vtk.vtkImageData()
+    rgb.SetDimensions(5, 6, 7)
+    rgb.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    photo = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "RGB photo")
+    photo.SetAndObserveImageData(rgb)
+    _assert_one_sentence(_refusal(photo), "'RGB photo' has 3 components per voxel", "single scalar volume",
+                         "convert it first (Vector to Scalar Volume module)")
+
+
+def test_check_input_volume_names_a_multi_volume_as_4d(scene):
+    """slicer-core has no vtkMRMLMultiVolumeNode (it comes with the MultiVolumeExplorer extension), so a node that
+    answers IsA like one stands in: a scalar volume subclass whose components are its frames."""
+    import slicer
+    import vtk
+
+    frames = vtk.vtkImageData()
+    frames.SetDimensions(5, 6, 7)
+    frames.AllocateScalars(vtk.VTK_SHORT, 12)
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName("DCE series")
+    node.SetAndObserveImageData(frames)
+    node.IsA = lambda name: name == "vtkMRMLMultiVolumeNode" or slicer.vtkMRMLScalarVolumeNode.IsA(node, name)
+    _assert_one_sentence(_refusal(node), "'DCE series' is a 4D multi-volume (12 frames)", "one 3D scalar volume",
+                         "extract the frame")
+
+
+def _warp(scene, name: str):
+    from MIADeepLearningLib.mrml import transforms
+
+    field = np.zeros((4, 5, 6, 3))
+    field[..., 0] = 1.5
+    return transforms.grid_transform_node_from_field(field, (0.0, 0.0, 0.0), (10.0, 10.0, 10.0), np.eye(3), name,
+                                                     scene)
+
+
+def _bspline(scene, name: str):
+    import slicer
+    import vtk
+
+    coefficients = vtk.vtkImageData()
+    coefficients.SetDimensions(4, 4, 4)
+    coefficients.SetSpacing(20.0, 20.0, 20.0)
+    coefficients.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    coefficients.GetPointData().GetScalars().Fill(0.5)
+    transform = slicer.vtkOrientedBSplineTransform()
+    transform.SetCoefficientData(coefficients)
+    node = scene.AddNewNodeByClass("vtkMRMLBSplineTransformNode", name)
+    node.SetAndObserveTransformFromParent(transform)
+    return node
+
+
+@pytest.mark.parametrize("kind", ["grid", "bspline", "linear under a grid"])
+def test_a_volume_under_a_non_linear_transform_is_refused_with_the_right_words(scene, tmp_path, kind):
+    from MIADeepLearningLib.engine.errors import InputError
+    from MIADeepLearningLib.mrml import volumes
+
+    node, _ = _volume("anisotropic", name="moving")
+    if kind == "bspline":
+        parent = _bspline(scene, "warp")
+    else:
+        parent = _warp(scene, "warp")
+    if kind == "linear under a grid":  # the chain to the world is non-linear although the node's own is linear
+        linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+        linear.SetAndObserveTransformNodeID(parent.GetID())
+        parent = linear
+    node.SetAndObserveTransformNodeID(parent.GetID())
+    assert not parent.IsTransformToWorldLinear()
+    message = _refusal(node)
+    _assert_one_sentence(message, f"'moving' is under the non-linear transform '{parent.GetName()}'",
+                         "harden the transform (Data module, right-click > Harden transform",
+                         "resamples the volume onto a new grid")
+    with pytest.raises(InputError, match="non-linear transform"):  # the export refuses it in the same words
+        volumes.export_volume(node, tmp_path / "x.nrrd")
+    assert not (tmp_path / "x.nrrd").exists()
+    node.SetAndObserveTransformNodeID(None)
+    assert volumes.check_input_volume(node) is None  # hardened (or taken out): accepted
+
+
+def test_a_linear_transform_keeps_the_plain_harden_message(scene):
+    node, _ = _volume("anisotropic", name="moved")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    message = _refusal(node)
+    _assert_one_sentence(message, "'moved' is under the transform 'registration'", "harden")
+    assert "non-linear" not in message
+
+
+# --- disk space of the job folder ----------------------------------------------------------------------------------
+
+
+def test_nrrd_size_is_what_the_export_writes(scene, tmp_path):
+    from MIADeepLearningLib.mrml import volumes
+
+    node, _ = _volume("oblique", dtype=np.int16, shape=(9, 10, 11))
+    path = volumes.export_volume(node, tmp_path / "input.nrrd")
+    assert 9 * 10 * 11 * 2 < path.stat().st_size <= volumes.nrrd_bytes(node) < path.stat().st_size + 4096
+
+
+def test_export_refuses_when_the_job_folder_drive_is_too_full(scene, tmp_path, monkeypatch):
+    from MIADeepLearningLib.engine.errors import InputError
+    from MIADeepLearningLib.mrml import volumes
+
+    node, _ = _volume("oblique", dtype=np.int16, shape=(9, 10, 11), name="whole body")
+    needed = volumes.nrrd_bytes(node)
+    folders = []
+
+    def free_bytes(folder) -> int:
+        folders.append(folder)
+        return needed - 1
+
+    monkeypatch.setattr(volumes, "free_disk_bytes", free_bytes)
+    with pytest.raises(InputError) as refused:
+        volumes.export_volume(node, tmp_path / "job" / "input.nrrd")
+    _assert_one_sentence(str(refused.value), "Handing 'whole body' to the model needs 0.00 GB of disk space in the "
+                                             f"job folder {tmp_path / 'job'}", "is free on that drive", "TMPDIR")
+    assert folders == [tmp_path / "job"] and not (tmp_path / "job" / "input.nrrd").exists()
+    monkeypatch.setattr(volumes, "free_disk_bytes", lambda folder: needed)  # exactly enough: written
+    assert volumes.export_volume(node, tmp_path / "job" / "input.nrrd").is_file()
+
+
+def test_a_too_full_drive_stops_the_module_before_a_job_folder_or_worker(scene, tmp_path, monkeypatch):
+    from MIADeepLearningLib import runner
+    from MIADeepLearningLib.engine.errors import InputError
+    from MIADeepLearningLib.mrml import volumes
+    from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
+
+    node, _ = _volume("oblique", dtype=np.int16, shape=(9, 10, 11), name="whole body")
+    started = []
+    monkeypatch.setattr(runner, "start", lambda *args, **kwargs: started.append(args))
+    monkeypatch.setattr(volumes, "free_disk_bytes", lambda folder: 1000)
+    jobs_root = tmp_path / "jobs"
+    ids = _node_ids(scene)
+    with pytest.raises(InputError, match=r"'whole body' to the model needs .* disk space"):
+        SegmentationLogic(jobs_root=jobs_root).start(node, "deepbet", device="cpu")
+    assert started == [] and list(jobs_root.iterdir()) == [] and _node_ids(scene) == ids

@@ -146,7 +146,7 @@ def _class_likelihood(values: np.ndarray, weights: np.ndarray, components: int, 
 
 
 def refine_with_intensities(probabilities: np.ndarray, intensities: np.ndarray, iterations: int = 2,
-                            components: int = 2) -> np.ndarray:
+                            components: int = 2, overwrite: bool = False) -> np.ndarray:
     """The network's tissue probabilities sharpened with the scan's own intensities, on the input's grid.
 
     Why: the network works on a 2 mm grid, so its probabilities, interpolated onto a finer input, blur every tissue
@@ -158,13 +158,21 @@ def refine_with_intensities(probabilities: np.ndarray, intensities: np.ndarray, 
     spatial prior, refitted `iterations` times (EM). Where two tissues look alike the likelihoods cancel and the
     network decides; the background probability is kept as the network gave it; a class with less than one voxel of
     probability is not fitted. probabilities: (K, ...) with class 0 = background; returns the same shape, float32.
+    `overwrite`: a float32 `probabilities` may be normalised and refined in place (and returned), one copy less.
     """
+    # Memory: on a whole-body CT every array here is hundreds of millions of voxels, so nothing is copied that
+    # need not be (a new normalised array, updated in place; the voxels converted only inside the region; the
+    # posterior computed in the likelihood's own array): the same operations in the same order, the same numbers.
     total = np.maximum(probabilities.sum(axis=0, keepdims=True), 1e-6)
-    probabilities = (probabilities / total).astype(np.float32)
+    if overwrite and probabilities.dtype == np.float32:
+        probabilities /= total
+    else:
+        probabilities = (probabilities / total).astype(np.float32, copy=False)  # a new array: refined in place below
+    del total
     region = probabilities[0] < REFINEMENT_REGION
     if iterations <= 0 or probabilities.shape[0] < 3 or not region.any():
         return probabilities
-    values = np.asarray(intensities, dtype=np.float64)[region]
+    values = np.asarray(intensities)[region].astype(np.float64)
     prior = probabilities[1:, region].astype(np.float64)
     floor = (1e-3 * (float(values.max() - values.min()) or 1.0)) ** 2
     posterior = prior
@@ -175,11 +183,11 @@ def refine_with_intensities(probabilities: np.ndarray, intensities: np.ndarray, 
         likelihood = np.ones_like(posterior)
         for index in np.flatnonzero(usable):
             likelihood[index] = _class_likelihood(values, posterior[index], components, floor)
-        joint = prior * likelihood
-        posterior = joint / np.maximum(joint.sum(axis=0, keepdims=True), 1e-300)
-    refined = probabilities.copy()
-    refined[1:, region] = (posterior * (1.0 - probabilities[0, region])).astype(np.float32)
-    return refined
+        likelihood *= prior  # the joint probability
+        likelihood /= np.maximum(likelihood.sum(axis=0, keepdims=True), 1e-300)
+        posterior = likelihood
+    probabilities[1:, region] = (posterior * (1.0 - probabilities[0, region])).astype(np.float32)
+    return probabilities
 
 
 def grid_shifts(value: Any, working_spacing: float, title: str) -> list[tuple[float, float, float]]:
@@ -303,13 +311,13 @@ class BrainTissueSegmentation:
                 on_grid = probabilities if on_grid is None else on_grid + probabilities
                 reports.append(report_)
             assert on_grid is not None
-            on_input = self._to_input_grid((on_grid / len(flips)).numpy(), moved, image)
-            total = on_input if total is None else total + on_input
+            total = self._to_input_grid((on_grid / len(flips)).numpy(), moved, image, add_to=total)
         assert total is not None
+        del smoothed, working  # a float32 copy of the whole input: not needed for the labels
         progress("postprocess", 0.88, "Combining the probabilities on the input grid")
         refinement = int(self.options.get("intensity_refinement_iterations", 0))
-        labels, uncertainty = self._labels(total / len(self.grid_shifts), image,
-                                           bool(self.options.get("uncertainty")), refinement)
+        total /= len(self.grid_shifts)
+        labels, uncertainty = self._labels(total, image, bool(self.options.get("uncertainty")), refinement)
         result: dict[str, Any] = {"label": labels, "warnings": []}
         if uncertainty is not None:
             result["uncertainty"] = uncertainty
@@ -328,15 +336,27 @@ class BrainTissueSegmentation:
         return result
 
     @staticmethod
-    def _to_input_grid(probabilities: np.ndarray, grid: sitk.Image, image: sitk.Image) -> np.ndarray:
-        """(K, ...) probabilities on `grid` resampled linearly onto the input's grid, class by class, in [0, 1]."""
-        stack = []
-        for index in range(probabilities.shape[0]):
+    def _to_input_grid(probabilities: np.ndarray, grid: sitk.Image, image: sitk.Image,
+                       add_to: np.ndarray | None = None) -> np.ndarray:
+        """(K, ...) probabilities on `grid` resampled linearly onto the input's grid, class by class, in [0, 1];
+        added into `add_to` (the sum over shifted grids) when given. Why in place: on the input grid each class is
+        4 bytes a voxel, and a list, a stack and a sum of such arrays took 12 times that on a whole-body CT."""
+        classes = probabilities.shape[0]
+        fresh = add_to is None
+        if fresh:
+            add_to = np.empty((classes, *reversed(image.GetSize())), np.float32)
+        for index in range(classes):
             channel = sitk.GetImageFromArray(np.ascontiguousarray(probabilities[index], dtype=np.float32))
             channel.CopyInformation(grid)
             resampled = sitk.Resample(channel, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
-            stack.append(np.clip(sitk.GetArrayFromImage(resampled), 0.0, 1.0))
-        return np.stack(stack)
+            values = sitk.GetArrayFromImage(resampled)
+            del resampled
+            np.clip(values, 0.0, 1.0, out=values)
+            if fresh:
+                add_to[index] = values
+            else:
+                add_to[index] += values
+        return add_to
 
     @staticmethod
     def _labels(final: np.ndarray, image: sitk.Image, with_uncertainty: bool, refinement_iterations: int = 0
@@ -345,8 +365,12 @@ class BrainTissueSegmentation:
         intensities, see refine_with_intensities) and, if asked, the normalised entropy of the final probabilities,
         both on the input's grid."""
         if refinement_iterations > 0:
-            final = refine_with_intensities(final, sitk.GetArrayViewFromImage(image), refinement_iterations)
-        label_image = sitk.GetImageFromArray(final.argmax(axis=0).astype(np.uint8))
+            final = refine_with_intensities(final, sitk.GetArrayViewFromImage(image), refinement_iterations,
+                                            overwrite=True)
+        labels = np.empty(final.shape[1:], np.uint8)
+        for start in range(0, labels.shape[0], 16):  # slab by slab: argmax alone would be 8 bytes a voxel
+            labels[start:start + 16] = final[:, start:start + 16].argmax(axis=0)
+        label_image = sitk.GetImageFromArray(labels)
         label_image.CopyInformation(image)
         if not with_uncertainty:
             return label_image, None

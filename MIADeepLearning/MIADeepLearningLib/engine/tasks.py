@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from MIADeepLearningLib import __version__
-from MIADeepLearningLib.engine import affine, checks, displacement, imageio, registration, registry
+from MIADeepLearningLib.engine import affine, checks, displacement, imageio, memory, registration, registry
 from MIADeepLearningLib.engine.brain_extraction import BrainExtraction
 from MIADeepLearningLib.engine.brain_tissue import PIPELINE_NAME as TISSUE_PIPELINE
 from MIADeepLearningLib.engine.brain_tissue import BrainTissueSegmentation
@@ -106,6 +106,16 @@ def _load_pipeline(model_id: str, task: str, device: str, options: dict | None,
     return _LoadedPipeline(model, pipeline, choice, run_options, cache_key)
 
 
+def _check_memory(loaded: _LoadedPipeline, paths: dict[str, str | Path | None]) -> None:
+    """Refuse (InputError, one sentence) a run whose peak memory, estimated from the input files' headers, exceeds
+    the memory available: before any voxel is read, so a whole-body CT fails in a second with advice instead of
+    swapping for minutes and being killed (engine/memory.py; MIADL_AVAILABLE_MEMORY_GB overrides the figure)."""
+    model_bytes = sum(weight.size or 0 for weight in loaded.model.weights)
+    spacing = getattr(loaded.pipeline, "working_spacing", None)  # the 2 mm grids of tissue and registration
+    memory.check_files(loaded.model.pipeline, paths, loaded.options, model_bytes,
+                       float(spacing) if isinstance(spacing, (int, float)) else None)
+
+
 def _read_and_check(image_path: str | Path, model: registry.ModelInfo, progress: ProgressCallback,
                     timings: dict[str, float], warnings: list[str]) -> sitk.Image:
     mark = time.perf_counter()
@@ -179,6 +189,7 @@ def _run_model(task: str, image_path: str | Path, model_id: str, device: str, op
     progress("load_model", 0.02, f"Loading model {model_id}")
     loaded = _load_pipeline(model_id, task, device, options, pipeline_cache, requested)
     timings["load_model"] = time.perf_counter() - started
+    _check_memory(loaded, {"image": image_path})
     image = _read_and_check(image_path, loaded.model, progress, timings, warnings)
     mark = time.perf_counter()
     outputs, device_used = _predict(loaded, image, progress, warnings, pipeline_cache)
@@ -317,12 +328,13 @@ def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: s
     loaded = _load_pipeline(model_id, "registration", device, options, pipeline_cache)
     timings["load_model"] = time.perf_counter() - started
 
-    mark = time.perf_counter()
-    progress("read_input", 0.06, "Reading the fixed and moving images")
     paths = {"fixed": fixed_path, "moving": moving_path, "fixed_mask": fixed_mask_path,
              "moving_mask": moving_mask_path, "moving_labels": moving_labels_path, "fixed_labels": fixed_labels_path}
     if fixed_labels_path is not None and moving_labels_path is None:
         raise InputError("A fixed label map is only used with a moving label map (to measure Dice); give both.")
+    _check_memory(loaded, paths)
+    mark = time.perf_counter()
+    progress("read_input", 0.06, "Reading the fixed and moving images")
     images = {role: imageio.read_image(path) for role, path in paths.items() if path is not None}
     timings["read_input"] = time.perf_counter() - mark
 

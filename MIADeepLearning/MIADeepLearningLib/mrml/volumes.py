@@ -14,6 +14,7 @@ places, but the array and matrix differ from the input's, so results are re-inde
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from MIADeepLearningLib.engine.errors import InputError
 
 GRID_TOLERANCE = 1e-6
 """Largest difference (mm, per IJKToRAS matrix entry) between two grids that are considered the same."""
+NRRD_HEADER_BYTES = 4096
+"""Room for the text header of an exported NRRD (a few hundred bytes in practice)."""
 
 
 def _describe(node: vtk.vtkObject) -> str:
@@ -40,11 +43,24 @@ def check_input_volume(node: slicer.vtkMRMLNode | None) -> None:
         raise InputError(
             f"{label} is a {node.GetClassName()}, not a scalar volume; the model needs a 3D scalar volume."
         )
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):  # a scalar volume subclass: its values are labels, not intensities
+        raise InputError(
+            f"{label} is a label map (a segmentation stored as a volume), not an image; to run the model on its "
+            "values anyway, convert it in the Volumes module (Volume Information > Convert to scalar volume) and "
+            "select the converted volume."
+        )
     image = node.GetImageData()
     components = image.GetNumberOfScalarComponents() if image is not None else 1
+    if node.IsA("vtkMRMLMultiVolumeNode"):  # MultiVolumeExplorer's 4D volume: one frame per component
+        raise InputError(
+            f"{label} is a 4D multi-volume ({components} frames); the model needs one 3D scalar volume, so extract "
+            "the frame you want first (for example with the Sequences module) and select that."
+        )
     if isinstance(node, getattr(slicer, "vtkMRMLTensorVolumeNode", ())) or components > 1:
         components = max(components, 2)
-        raise InputError(f"{label} has {components} components per voxel; the model needs a single scalar volume.")
+        hint = " (Vector to Scalar Volume module)" if node.IsA("vtkMRMLVectorVolumeNode") else ""
+        raise InputError(f"{label} has {components} components per voxel; the model needs a single scalar volume"
+                         f"{', so convert it first' + hint if hint else ''}.")
     if image is None or image.GetNumberOfPoints() == 0:
         raise InputError(f"{label} has no image data; load or create its voxels first.")
     dims = image.GetDimensions()
@@ -59,9 +75,18 @@ def check_input_volume(node: slicer.vtkMRMLNode | None) -> None:
 
 
 def _transform_message(node: slicer.vtkMRMLNode) -> str:
+    """The refusal of a volume under a transform. A non-linear one (grid, B-spline, or a linear transform under
+    one) is named as such: hardening it resamples the voxels onto a new grid, which the user should know."""
+    transform = node.GetParentTransformNode()
+    if transform.IsTransformToWorldLinear():
+        return (
+            f"{_describe(node)} is under the transform '{transform.GetName()}'; harden the transform (Data module, "
+            "right-click > Harden transform) so results can land on the volume's own grid."
+        )
     return (
-        f"{_describe(node)} is under the transform '{node.GetParentTransformNode().GetName()}'; harden the transform "
-        "(Data module, right-click > Harden transform) so results can land on the volume's own grid."
+        f"{_describe(node)} is under the non-linear transform '{transform.GetName()}' (a warp, such as a grid or "
+        "B-spline transform); harden the transform (Data module, right-click > Harden transform, which resamples "
+        "the volume onto a new grid) so results can land on the volume's own grid."
     )
 
 
@@ -98,12 +123,43 @@ def export_volume(node: slicer.vtkMRMLVolumeNode, path: str | os.PathLike, compr
         raise InputError(_transform_message(node))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not compress:
+        check_disk_space(node, path.parent)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # standalone: the node keeps its own storage node
     storage.SetFileName(path.as_posix())
     storage.SetUseCompression(1 if compress else 0)
     if not storage.WriteData(node):
         raise RuntimeError(f"Could not write {_describe(node)} to {path}.")
     return path
+
+
+def nrrd_bytes(node: slicer.vtkMRMLVolumeNode) -> int:
+    """Size of the node's uncompressed NRRD: every voxel's components and the header."""
+    image = node.GetImageData()
+    return (image.GetNumberOfPoints() * image.GetNumberOfScalarComponents() * image.GetScalarSize()
+            + NRRD_HEADER_BYTES)
+
+
+def free_disk_bytes(folder: str | os.PathLike) -> int | None:
+    """Free bytes on the drive that holds `folder` (None when the system does not say)."""
+    try:
+        return int(shutil.disk_usage(os.fspath(folder)).free)
+    except OSError:
+        return None
+
+
+def check_disk_space(node: slicer.vtkMRMLVolumeNode, folder: str | os.PathLike) -> None:
+    """InputError, one sentence, when the node's NRRD does not fit on the drive of `folder` (the job folder). Why
+    before writing: a whole-body CT is 0.6 GB, and a write that fills the drive half way fails with an I/O error
+    that names neither the volume nor the folder, and leaves the drive full for the user's other programs."""
+    needed = nrrd_bytes(node)
+    free = free_disk_bytes(folder)
+    if free is not None and needed > free:
+        raise InputError(
+            f"Handing {_describe(node)} to the model needs {needed / 1024**3:.2f} GB of disk space in the job folder "
+            f"{os.fspath(folder)}, but only {free / 1024**3:.2f} GB is free on that drive; free some space there, or "
+            "start Slicer with the TMPDIR (Windows: TEMP) environment variable pointing to a folder on a larger drive."
+        )
 
 
 def read_volume_file(

@@ -237,6 +237,11 @@ def scenario_bad_inputs_fail_cleanly() -> None:
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "a label map")
     assert_fails_cleanly(lambda: logic.run(phantom, MODEL_ID, output_volume=labelmap), errors.InputError,
                          "a label map", "not a scalar volume", watched_volume=phantom)
+    labels = slicer.util.addVolumeFromArray((slicer.util.arrayFromVolume(phantom) > 0).astype(np.uint8),
+                                            ijkToRAS=ijk_to_ras(phantom), name="phantom labels",
+                                            nodeClassName="vtkMRMLLabelMapVolumeNode")
+    assert_fails_cleanly(lambda: logic.run(labels, MODEL_ID), errors.InputError, "'phantom labels' is a label map",
+                         "not an image", "Convert to scalar volume", watched_volume=labels)
     assert_fails_cleanly(lambda: logic.run(phantom, "deepbet"), errors.ModelError, "not a synthesis model",
                          watched_volume=phantom)
     assert_fails_cleanly(lambda: logic.run(phantom, "no-such-model"), errors.ModelError, "unknown model")
