@@ -66,9 +66,10 @@ class Reporter:
 def check_torch_version() -> None:
     """Refuse a PyTorch older than the extension supports in one sentence that names the minimum, before the engine
     meets an API that torch lacks (which would end in a traceback nobody can act on)."""
+    import numpy
     import torch
 
-    problem = versions.torch_version_problem(torch.__version__)
+    problem = versions.torch_version_problem(torch.__version__, numpy.__version__)
     if problem:
         raise MIADLError(problem)
 
@@ -218,8 +219,11 @@ def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | Non
     import_s = time.perf_counter() - started
     reporter.progress("device", 0.6, "Checking the CUDA devices")
     report = device_report()
-    report["torch_minimum"] = versions.dotted(versions.MINIMUM_TORCH_VERSION)
-    report["torch_problem"] = versions.torch_version_problem(report["torch"])
+    import numpy
+
+    report["numpy"] = numpy.__version__
+    report["torch_minimum"] = versions.dotted(versions.minimum_torch_version(numpy.__version__))
+    report["torch_problem"] = versions.torch_version_problem(report["torch"], numpy.__version__)
     result = {"outputs": {}, "report": report, "provenance": {}, "warnings": [],
               "timings": {"engine_import": round(import_s, 3), "report": round(time.perf_counter() - started, 3)}}
     (Path(job.folder) / jobs.RESULT_FILE_NAME).write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -12,6 +12,7 @@ from MIADeepLearningLib.engine.errors import CancelledError
 
 
 def test_device_report_is_made_by_a_worker_process(headless, tmp_path) -> None:
+    import numpy
     import torch
 
     from MIADeepLearningLib.mrml.device_report import start_device_report
@@ -22,7 +23,8 @@ def test_device_report_is_made_by_a_worker_process(headless, tmp_path) -> None:
     run.wait()
     report = run.finish()
     assert report["torch"] == torch.__version__
-    assert report["torch_minimum"] == versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    assert report["numpy"] == numpy.__version__
+    assert report["torch_minimum"] == versions.dotted(versions.minimum_torch_version(numpy.__version__))
     assert report["torch_problem"] is None
     assert report["auto_choice"] and "cuda_usable" in report
     assert "device" in stages and stages[-1] == "done", stages

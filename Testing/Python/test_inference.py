@@ -219,6 +219,13 @@ def _busy(seconds: float) -> None:
         pass
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 class _PrecisionAware(torch.nn.Module):
     """Wraps a network: under CPU autocast it runs `low` (a stand-in for bf16), otherwise the fp32 network slowly."""
 
@@ -228,7 +235,7 @@ class _PrecisionAware(torch.nn.Module):
         self.calls: list[str] = []
 
     def forward(self, batch):
-        if torch.is_autocast_enabled("cpu"):
+        if _cpu_autocast_enabled():
             self.calls.append("bf16")
             with torch.autocast("cpu", enabled=False):
                 return self.low(batch)

@@ -110,6 +110,22 @@ def test_torch_version_problem(installed: str, supported: bool) -> None:
     assert versions.torch_requirement() == f">={versions.dotted(versions.MINIMUM_TORCH_VERSION)}"
 
 
+@pytest.mark.parametrize(("installed", "numpy_version", "minimum"), [
+    ("2.2.0", "1.26.4", None), ("2.2.0", "2.0.2", "2.3"), ("2.3.1", "2.0.2", None), ("2.2.0", None, None),
+    ("2.1.2", "1.26.4", "2.2"),
+])
+def test_numpy_2_needs_a_newer_torch(installed: str, numpy_version: str | None, minimum: str | None) -> None:
+    """Slicer 5.10 and later ship numpy 2, with which torch 2.2 cannot exchange arrays: the floor rises to 2.3."""
+    problem = versions.torch_version_problem(installed, numpy_version)
+    if minimum is None:
+        assert problem is None
+    else:
+        assert f"needs PyTorch {minimum} or newer" in problem, problem
+        assert ("beside numpy" in problem) == (minimum == "2.3"), problem
+    expected = "2.3" if numpy_version and numpy_version.startswith("2") else "2.2"
+    assert versions.torch_requirement(numpy_version) == f">={expected}"
+
+
 def test_version_tuple() -> None:
     assert versions.version_tuple("2.8.0+cu126") == (2, 8, 0)
     assert versions.version_tuple("2.10.0a0") == (2, 10, 0)
@@ -119,6 +135,7 @@ def test_version_tuple() -> None:
 
 def test_worker_refuses_an_older_torch_in_one_sentence(monkeypatch) -> None:
     """The worker names the minimum before the engine meets an API the old torch lacks; a supported torch passes."""
+    import numpy
     import torch
 
     from MIADeepLearningLib import worker
@@ -127,7 +144,7 @@ def test_worker_refuses_an_older_torch_in_one_sentence(monkeypatch) -> None:
     monkeypatch.setattr(torch, "__version__", "2.0.1")
     with pytest.raises(MIADLError) as raised:
         worker.import_engine()
-    minimum = versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    minimum = versions.dotted(versions.minimum_torch_version(numpy.__version__))
     assert str(raised.value).startswith(f"PyTorch 2.0.1 is installed, but MIADeepLearning needs PyTorch {minimum}")
 
 
@@ -209,6 +226,6 @@ def test_cli_refuses_an_older_torch_before_any_work(command, monkeypatch, capsys
     monkeypatch.setattr(torch, "__version__", "2.0.1")
     arguments = [part.format(input=image, output=output) for part in command]
     assert cli.main(arguments) == cli.EXIT_USAGE
-    minimum = versions.dotted(versions.MINIMUM_TORCH_VERSION)
+    minimum = versions.dotted(versions.minimum_torch_version(np.__version__))
     assert f"needs PyTorch {minimum} or newer" in capsys.readouterr().err
     assert not output.exists()

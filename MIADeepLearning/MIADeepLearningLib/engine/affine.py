@@ -125,9 +125,10 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Imag
     rigid = sitk.VersorRigid3DTransform()
     if initialization == "moments":
         # Moments of the binary foregrounds: the centre of the head, whichever tissues are bright in each contrast.
-        centred = sitk.CenteredTransformInitializer(
+        # SimpleITK < 2.4 returns a plain sitk.Transform (no GetCenter): the constructor makes it a versor again.
+        centred = sitk.VersorRigid3DTransform(sitk.CenteredTransformInitializer(
             sitk.Cast(fixed_fg, sitk.sitkFloat32), sitk.Cast(moving_fg, sitk.sitkFloat32),
-            sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS)
+            sitk.VersorRigid3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS))
         rigid.SetCenter(centred.GetCenter())
         rigid.SetTranslation(centred.GetTranslation())
     else:

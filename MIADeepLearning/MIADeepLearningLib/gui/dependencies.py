@@ -114,8 +114,9 @@ def _requirementSatisfied(requirement: str) -> bool:
 def _ensureTorch() -> None:
     """PyTorch comes from the PyTorch extension (it picks the CUDA build that fits the driver), never from pip here."""
     installed = _installedVersion("torch")
+    numpyVersion = _installedVersion("numpy")  # the worker uses Slicer's numpy: numpy 2 needs a newer torch
     if installed is not None:
-        problem = versions.torch_version_problem(installed)
+        problem = versions.torch_version_problem(installed, numpyVersion)
         if problem:
             raise DependenciesNotInstalled(problem)
         return  # checked from metadata, so torch is not loaded into Slicer's process
@@ -128,7 +129,8 @@ def _ensureTorch() -> None:
         )) from error
     torchLogic = PyTorchUtils.PyTorchUtilsLogic()
     if not torchLogic.torchInstalled():
-        torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=versions.torch_requirement())
+        torch = torchLogic.installTorch(askConfirmation=True,
+                                         torchVersionRequirement=versions.torch_requirement(numpyVersion))
         if torch is None:
             raise DependenciesNotInstalled(_(
                 "PyTorch was not installed, so the model cannot run. Nothing was changed."
