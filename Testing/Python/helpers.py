@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -301,3 +304,36 @@ def registration_phantom_pair(shift=(3.0, -2.0, 1.0), amplitude: float = 4.0, t2
     moving, moving_labels = phantom_images(moving_grid, points + np.asarray(shift) +
                                            phantom_deformation(points, amplitude), t2)
     return fixed, fixed_labels, moving, moving_labels
+
+
+def thick_blob_voxels(slices: int = 8, spacing_mm: float = 5.0) -> np.ndarray:
+    """(z, y, x) float32 voxels of a smooth head-like blob: 40 x 40 voxels of 1 mm in-plane, `slices` slices
+    `spacing_mm` apart (a thick-slice synthesis run on it takes seconds)."""
+    k, j, i = np.mgrid[:slices, :40, :40].astype(np.float32)
+    z = k * spacing_mm
+    centre_z = (slices - 1) * spacing_mm / 2
+    blob = 60.0 + 700.0 * np.exp(-((i - 19.5) ** 2 + (j - 21) ** 2 + (z - centre_z) ** 2) / (2 * 11.0**2))
+    blob += 250.0 * np.exp(-((i - 25) ** 2 + (j - 15) ** 2 + (z - centre_z - 2) ** 2) / (2 * 4.0**2))
+    return blob.astype(np.float32)
+
+
+def thick_blob_volume(name: str, slices: int = 8, spacing_mm: float = 5.0):
+    """thick_blob_voxels as a volume node of the headless scene (RAS: i, j flipped, centred on z = 0)."""
+    from MIADeepLearningLib.testing.scenarios import volume_from_array
+
+    centre_z = (slices - 1) * spacing_mm / 2
+    matrix = np.diag([-1.0, -1.0, spacing_mm, 1.0])
+    matrix[:3, 3] = (20.0, -15.5, -centre_z)
+    return volume_from_array(thick_blob_voxels(slices, spacing_mm), matrix, name)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MIADeepLearningLib ARGS` in a process of its own, as a user runs it (library on PYTHONPATH, no extra
+    model folders from the test session)."""
+    from MIADeepLearningLib.paths import library_parent_dir
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(library_parent_dir()), env.get("PYTHONPATH", "")]))
+    env.pop("MIADL_EXTRA_MODELS_DIRS", None)
+    return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
+                          env=env, cwd=str(cwd) if cwd else None, timeout=timeout, check=False)

@@ -7,27 +7,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import dice, small_head
+from helpers import run_cli as _cli
 
 from MIADeepLearningLib import cli
 from MIADeepLearningLib.engine import errors
-from MIADeepLearningLib.paths import library_parent_dir
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(library_parent_dir()), env.get("PYTHONPATH", "")]))
-    env.pop("MIADL_EXTRA_MODELS_DIRS", None)
-    return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
 
 
 def _read_report(path: Path) -> list[dict[str, str]]:

@@ -6,29 +6,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import SHIPPED_IDS, dice, rotation
+from helpers import run_cli as _cli
 
 from MIADeepLearningLib.engine import devices
-from MIADeepLearningLib.paths import library_parent_dir
 
 cpu_only = pytest.mark.skipif(devices.cuda_unavailable_reason() is None,
                               reason="these checks expect a PyTorch without a usable CUDA GPU")
 
 
-def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(library_parent_dir()), env.get("PYTHONPATH", "")]))
-    env.pop("MIADL_EXTRA_MODELS_DIRS", None)
-    return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300, check=False)
 
 
 def _dice(first: sitk.Image, second: sitk.Image) -> float:

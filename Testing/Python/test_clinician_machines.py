@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from helpers import TISSUE_MODEL_ID, write_tissue_package
+from helpers import TISSUE_MODEL_ID, thick_blob_volume, write_tissue_package
 
 from MIADeepLearningLib import jobs, paths, runner
 
@@ -130,20 +130,6 @@ def node_record(node) -> dict[str, Any]:
     return record
 
 
-def thick_volume(name: str, slices: int, spacing_mm: float):
-    """A smooth head-like blob, 40 x 40 voxels of 1 mm in-plane, `slices` thick slices (tiny: a run takes seconds)."""
-    from MIADeepLearningLib.testing.scenarios import volume_from_array
-
-    k, j, i = np.mgrid[:slices, :40, :40].astype(np.float32)
-    z = k * spacing_mm
-    centre_z = (slices - 1) * spacing_mm / 2
-    blob = 60.0 + 700.0 * np.exp(-((i - 19.5) ** 2 + (j - 21) ** 2 + (z - centre_z) ** 2) / (2 * 11.0**2))
-    blob += 250.0 * np.exp(-((i - 25) ** 2 + (j - 15) ** 2 + (z - centre_z - 2) ** 2) / (2 * 4.0**2))
-    matrix = np.diag([-1.0, -1.0, spacing_mm, 1.0])
-    matrix[:3, 3] = (20.0, -15.5, -centre_z)
-    return volume_from_array(blob.astype(np.float32), matrix, name)
-
-
 @dataclass
 class Clinic:
     """What the module's one setup did and saw."""
@@ -199,7 +185,7 @@ def _run_tasks(clinic: Clinic, scene) -> None:
     # Segmentation: a model imported (from another filesystem) into the cache under the user's home folder
     def segment(on_event):
         model_store.import_model(clinic.package_source)
-        volume = thick_volume(NODE_NAME, slices=10, spacing_mm=4.0)
+        volume = thick_blob_volume(NODE_NAME, slices=10, spacing_mm=4.0)
         with runner.WarmWorker() as warm:  # its cwd: the temp folder
             logic = SegmentationLogic(warm_worker=warm)  # job folders in the temp folder
             result = logic.run(volume, TISSUE_MODEL_ID, device="cpu", create_uncertainty=True,
@@ -208,7 +194,7 @@ def _run_tasks(clinic: Clinic, scene) -> None:
         return result
 
     def synthesize(on_event):
-        volume = thick_volume(f"{NODE_NAME} thick", slices=8, spacing_mm=5.0)
+        volume = thick_blob_volume(f"{NODE_NAME} thick", slices=8, spacing_mm=5.0)
         return SynthesisLogic(jobs_root=clinic.jobs_root).run(volume, "thick-slice-sr", device="cpu",
                                                               on_event=on_event, timeout_s=300)
 

@@ -13,8 +13,6 @@ import gzip
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -22,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import run_cli as _cli
 from helpers import write_tissue_package
 
 from MIADeepLearningLib import cli
 from MIADeepLearningLib.engine import filecheck, imageio, registry
 from MIADeepLearningLib.engine.errors import CancelledError, InputError
-from MIADeepLearningLib.paths import library_parent_dir
 
 SHAPE_ZYX = (20, 24, 28)
 SHAPE_TEXT = "(28×24×20 voxels of 2 bytes)"
@@ -262,12 +260,6 @@ def test_large_compressed_file_is_checked_in_bounded_memory(tmp_path):
 # ------------------------------------------------------------------------------------------------ CLI and batch
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(library_parent_dir()), env.get("PYTHONPATH", "")]))
-    env.pop("MIADL_EXTRA_MODELS_DIRS", None)
-    return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
 
 
 def test_cli_segment_refuses_a_cut_nii_gz_and_writes_nothing(tmp_path):

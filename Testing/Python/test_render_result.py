@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import slicer
+from helpers import thick_blob_volume
 
 from MIADeepLearningLib.mrml import rendering
 from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
@@ -88,14 +89,7 @@ def test_slice_and_3d_views_show_the_brain(scene, tmp_path):
 def _thick_head(spacing_mm: float = 5.0, slices: int = 8):
     """A smooth head-like blob of 1 mm × 1 mm × `spacing_mm` voxels (a synthesis run takes seconds), windowed by hand
     narrower than its range, as a reader windows a head: an automatic window on the output would differ."""
-    k, j, i = np.mgrid[:slices, :40, :40].astype(np.float32)
-    z = k * spacing_mm
-    centre_z = (slices - 1) * spacing_mm / 2
-    blob = 60.0 + 700.0 * np.exp(-((i - 19.5) ** 2 + (j - 21) ** 2 + (z - centre_z) ** 2) / (2 * 11.0**2))
-    blob += 250.0 * np.exp(-((i - 25) ** 2 + (j - 15) ** 2 + (z - centre_z - 2) ** 2) / (2 * 4.0**2))
-    matrix = np.diag([-1.0, -1.0, spacing_mm, 1.0])
-    matrix[:3, 3] = (20.0, -15.5, -centre_z)
-    volume = scenarios.volume_from_array(blob.astype(np.float32), matrix, "thick head")
+    volume = thick_blob_volume("thick head", slices, spacing_mm)
     volume.GetDisplayNode().SetAutoWindowLevel(False)
     volume.GetDisplayNode().SetWindowLevel(500.0, 400.0)
     return volume
