@@ -104,3 +104,40 @@ class UNet3D(_UNetBody):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.head(self._head_input(inputs)).float()
+
+
+class SequenceClassifierNet(nn.Module):
+    """A small 3D CNN that names a volume's type from a GRID_SIZE³ input (engine/classification.py).
+
+    A strided stem, then per level a strided conv and a conv (BatchNorm, LeakyReLU), global average and max pooling
+    and one linear layer. Batch norm rather than instance norm on purpose: the Hounsfield channels carry absolute
+    levels (CT's air, brain and bone values) that per-volume normalisation would erase. `saliency_layer` names the
+    8³ level MONAI's Grad-CAM hooks (fine enough to point at a region, coarse enough to be stable)."""
+
+    saliency_layer = "levels.1"
+
+    def __init__(self, in_channels: int = 3, classes: int = 8, features: Sequence[int] = (16, 32, 64, 128, 160)
+                 ) -> None:
+        super().__init__()
+        features = [int(value) for value in features]
+        self.features = features
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(cout),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.LeakyReLU(0.1, inplace=True))
+
+        self.stem = nn.Sequential(nn.Conv3d(in_channels, features[0], 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm3d(features[0]), nn.LeakyReLU(0.1, inplace=True))
+        self.levels = nn.ModuleList(block(features[index], features[index + 1], 2)
+                                    for index in range(len(features) - 1))
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(2 * features[-1], classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(inputs)
+        for level in self.levels:
+            hidden = level(hidden)
+        pooled = torch.cat([hidden.mean(dim=(2, 3, 4)), hidden.amax(dim=(2, 3, 4))], dim=1)
+        return self.head(self.dropout(pooled)).float()

@@ -119,6 +119,12 @@ class ModelInfo:
         return [str(name) for name in self.slicer.get("optional_outputs", [])]
 
     @property
+    def accepted_types(self) -> list[str]:
+        """The scan types the model is made for (engine/classification.CLASSES strings, from slicer.accepted_types);
+        [] when the package does not say (imported MONAI bundles): the input type check is then skipped."""
+        return [str(name) for name in self.slicer.get("accepted_types", [])]
+
+    @property
     def runtimes(self) -> dict[str, Any]:
         """Expected seconds (cpu_seconds, gpu_seconds; None when not measured) from the registry entry."""
         return dict(self.entry.get("runtimes", {}))
@@ -154,6 +160,7 @@ class ModelInfo:
             "description": self.description,
             "segments": [segment["name"] for segment in self.segments],
             "optional_outputs": self.optional_outputs,
+            "accepted_types": self.accepted_types,
             "requirements": self.pip_requirements,
             "requirements_no_deps": self.pip_requirements_no_deps,
             "package_dir": str(self.package_dir),
