@@ -1,4 +1,4 @@
-"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|register|models|device ...`.
+"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|register|classify|models|device ...`.
 
 Runs the same engine code as the Slicer worker, in-process; outputs land exactly on the input's grid.
 
@@ -25,9 +25,20 @@ WL] [--fixed-labels FL] [--report report.json] [--fixed-mask FM] [--moving-mask 
 one pair; every output lies on the fixed grid, the transform is an ITK/Slicer .h5 displacement field; all outputs are
 written, or none.
 
+`classify [--model sequence-type] -i IN [-i IN ...] [--json OUT.json] [--csv OUT.csv] [--saliency-dir DIR]` names
+each volume's scan type (t1w, t1c, t2w, flair, pdw, dwi, ct, other) with its class probabilities; -i takes files and
+folders (every image file directly in a folder); the model is loaded once and a volume that fails is reported while
+the others go on. JSON: a list of {input, label, probabilities, ood, reasons, error} (label null on error); a folder
+input also writes a CSV (input, label, probability, runner_up, runner_up_probability, ood, error) beside the JSON.
+`--saliency-dir DIR` writes `<case>_saliency.nii.gz` (Grad-CAM, 0..1) on each input's grid.
+
+Input type check: segment, synthesize and register classify their input with the sequence-type model when it is
+installed and the model's package states the types it accepts; a volume that looks like another type gets a warning
+(never a refusal). `--no-type-check` or the environment variable MIADL_TYPE_CHECK=0 turns it off.
+
 Exit codes: 0 success; 2 a problem with the command line, the input, the model or the device before any case ran,
 or a model that cannot be loaded (one sentence on stderr; in a batch the report lists what ran); 3 one or more cases
-of a folder failed (the others were written; see the report); 1 unexpected failure.
+of a folder (or volumes of a classify run) failed (the others were written; see the report); 1 unexpected failure.
 """
 
 from __future__ import annotations
@@ -103,6 +114,11 @@ def output_extension(input_path: Path, output_format: str) -> str:
     if output_format == "same":
         return image_suffix(input_path.name) or ".nii.gz"
     return f".{output_format}"
+
+
+def _type_check(args: argparse.Namespace) -> bool | None:
+    """--no-type-check turns the input type check off; otherwise MIADL_TYPE_CHECK decides (engine.tasks)."""
+    return False if getattr(args, "no_type_check", False) else None
 
 
 def check_model(model_id: str, device: str, task: str = "segmentation"):
@@ -315,7 +331,8 @@ def segment_file(args: argparse.Namespace, output: Path, masked: Path | None, un
 
     options = {"uncertainty": True} if uncertainty is not None else None
     result = segment_image(args.input, args.model, device=args.device, options=options,
-                           create_masked_volume=masked is not None, progress=_progress_printer(args.quiet))
+                           create_masked_volume=masked is not None, progress=_progress_printer(args.quiet),
+                           type_check=_type_check(args))
     imageio.write_image(result.label, output)
     if masked is not None:
         imageio.write_image(result.masked, masked)
@@ -354,7 +371,7 @@ def command_synthesize(args: argparse.Namespace) -> int:
     check_model(args.model, args.device, task="synthesis")
     options = {"uncertainty": "uncertainty" in targets, "difference": "difference" in targets}
     result = synthesize_image(source, args.model, device=args.device, options=options,
-                              progress=_progress_printer(args.quiet))
+                              progress=_progress_printer(args.quiet), type_check=_type_check(args))
     images = {"output": result.image, "uncertainty": result.uncertainty, "difference": result.difference}
     _write_all({path: images[role] for role, path in targets.items()})
     for warning in result.warnings:
@@ -408,7 +425,8 @@ def command_register(args: argparse.Namespace) -> int:
     result = register_images(inputs["fixed"], inputs["moving"], args.model, device=args.device, options=options,
                              fixed_mask_path=inputs.get("fixed-mask"), moving_mask_path=inputs.get("moving-mask"),
                              moving_labels_path=inputs.get("moving-labels"),
-                             fixed_labels_path=inputs.get("fixed-labels"), progress=_progress_printer(args.quiet))
+                             fixed_labels_path=inputs.get("fixed-labels"), progress=_progress_printer(args.quiet),
+                             type_check=_type_check(args))
 
     def write_report(path: Path) -> None:
         path.write_text(json.dumps(result.report, indent=2), encoding="utf-8")
@@ -502,7 +520,8 @@ def segment_folder(args: argparse.Namespace) -> int:
             try:
                 result = segment_image(path, model.id, device=args.device, options=options,
                                        create_masked_volume=masked_path is not None, progress=progress.stage,
-                                       input_name=path.name, pipeline_cache=pipeline_cache)
+                                       input_name=path.name, pipeline_cache=pipeline_cache,
+                                       type_check=_type_check(args))
                 images = {label_path: result.label}
                 if masked_path is not None:
                     images[masked_path] = result.masked
@@ -554,6 +573,158 @@ def segment_folder(args: argparse.Namespace) -> int:
             summary += f", {len(failed)} failed ({', '.join(row['case'] for row in failed)})"
         sys.stderr.write(f"{summary} in {_format_duration(time.perf_counter() - progress.started)}; "
                          f"report: {report.path}\n")
+    return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
+
+
+DEFAULT_CLASSIFIER = "sequence-type"
+CLASSIFY_COLUMNS = ["input", "label", "probability", "runner_up", "runner_up_probability", "ood", "error"]
+SALIENCY_FILE_SUFFIX = "_saliency.nii.gz"
+
+
+def classify_cases(values: list[str]) -> tuple[list[tuple[str, Path]], bool]:
+    """(case name, file) for the -i values in order, each folder expanded to its image files (find_cases), and
+    whether any value was a folder. A file that does not exist stays in the list: its entry reports the error."""
+    cases: list[tuple[str, Path]] = []
+    folder = False
+    for value in values:
+        path = Path(value)
+        if path.is_dir():
+            found = find_cases(path)
+            if not found:
+                raise InputError(f"The folder {path} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            cases += found
+            folder = True
+        else:
+            cases.append((case_name(path), path))
+    return cases, folder
+
+
+def _classify_targets(args: argparse.Namespace, cases: list[tuple[str, Path]], folder: bool
+                      ) -> tuple[Path | None, Path | None, Path | None]:
+    """(JSON, CSV, saliency folder) after the checks that must pass before the model runs (exit code 2)."""
+    json_path = Path(args.json) if args.json else None
+    csv_path = Path(args.csv) if args.csv else (json_path.with_suffix(".csv") if folder and json_path else None)
+    if json_path is not None and csv_path is not None and csv_path.resolve() == json_path.resolve():
+        raise UsageError(f"--csv {csv_path} and --json must be different files.")
+    sources = {path.resolve() for _, path in cases}
+    for option, path in (("--json", json_path), ("--csv", csv_path)):
+        if path is None:
+            continue
+        if path.resolve() in sources:
+            raise UsageError(f"{option} {path} would overwrite an input; choose another file.")
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name.")
+    saliency_dir = Path(args.saliency_dir) if args.saliency_dir else None
+    if saliency_dir is not None:
+        if saliency_dir.exists() and not saliency_dir.is_dir():
+            raise UsageError(f"--saliency-dir {saliency_dir} is a file; give a folder.")
+        names = [name for name, _ in cases]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise UsageError(f"Several inputs are named {', '.join(repeated)}; their saliency maps would overwrite "
+                             "each other in one --saliency-dir.")
+    for path in filter(None, (json_path, csv_path, saliency_dir)):
+        folder_to_make = path if path is saliency_dir else path.parent
+        try:
+            folder_to_make.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"Cannot create the folder {folder_to_make} ({error.strerror or error}).") from error
+    return json_path, csv_path, saliency_dir
+
+
+def _classification_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """The CSV row of one entry: the label, its probability and the runner-up."""
+    ranked = sorted(entry["probabilities"].items(), key=lambda item: -item[1])
+    row: dict[str, Any] = {"input": entry["input"], "label": entry["label"], "error": entry["error"],
+                           "ood": "" if entry["error"] else str(bool(entry["ood"])).lower()}
+    if entry["label"] is not None:
+        row["probability"] = f"{entry['probabilities'][entry['label']]:.4f}"
+    if len(ranked) > 1 and entry["label"] is not None:
+        runner_up = next(item for item in ranked if item[0] != entry["label"])
+        row["runner_up"], row["runner_up_probability"] = runner_up[0], f"{runner_up[1]:.4f}"
+    return row
+
+
+def command_classify(args: argparse.Namespace) -> int:
+    """Classify files and folders of volumes; JSON (and CSV) out; 0 when every volume was classified, 3 when some
+    failed (each one printed), 2 before any volume for a bad command line, model or device."""
+    from MIADeepLearningLib.engine.tasks import classify_images
+
+    cases, folder = classify_cases(args.input)
+    json_path, csv_path, saliency_dir = _classify_targets(args, cases, folder)
+    model = check_model(args.model, args.device, task="classification")
+    if saliency_dir is not None and "saliency" not in model.optional_outputs:
+        raise ModelError(f"Model '{model.title}' makes no saliency map.")
+    progress = BatchProgress(len(cases), quiet=args.quiet)
+    report = CsvReport(csv_path, CLASSIFY_COLUMNS) if csv_path is not None else None
+    entries: list[dict[str, Any]] = []
+
+    def finished(index: int, entry: dict[str, Any]) -> None:
+        case, _path = cases[index]
+        record = {key: entry[key] for key in ("input", "label", "probabilities", "ood", "reasons", "error")}
+        record["probabilities"] = {name: round(value, 6) for name, value in record["probabilities"].items()}
+        if saliency_dir is not None:
+            target = saliency_dir / f"{case}{SALIENCY_FILE_SUFFIX}"
+            record["saliency"] = None
+            if entry["saliency"] is not None:
+                try:
+                    _write_all({target: entry["saliency"]})
+                    record["saliency"] = str(target)
+                except (OSError, RuntimeError) as error:
+                    record["error"] = f"The saliency map could not be written to {target} ({error})."
+            else:
+                _remove_stale([target])
+        entries.append(record)
+        if report is not None:
+            report.add(_classification_row(record))
+        seconds = float(sum(value for key, value in entry["timings"].items() if key in ("read_input", "classify")))
+        if record["error"]:
+            progress.case_finished(STATUS_FAILED, seconds, f": {record['error']}")
+        else:
+            ood = ", out of distribution" if record["ood"] else ""
+            probability = record["probabilities"][record["label"]]
+            progress.case_finished(STATUS_OK, seconds, f": {record['label']} (p = {probability:.2f}{ood})")
+        if index + 1 < len(cases):
+            progress.case_started(index + 2, cases[index + 1][0])
+
+    def write_json() -> None:
+        text = json.dumps(entries, indent=2)
+        if json_path is None:
+            sys.stdout.write(text + "\n")
+            return
+        partial = json_path.with_name(f".{json_path.name}.partial")
+        partial.write_text(text + "\n", encoding="utf-8")
+        os.replace(partial, json_path)
+
+    def case_progress(stage: str, fraction: float, message: str) -> None:
+        """classify_images reports the whole run's fraction (0.05 + 0.9 · done / N); the bar wants the case's."""
+        progress.stage(stage, max(0.0, min(1.0, (fraction - 0.05) / 0.9 * len(cases) - progress.finished)), message)
+
+    progress.case_started(1, cases[0][0])
+    try:
+        output = classify_images([path for _, path in cases], model.id, device=args.device,
+                                 saliency=saliency_dir is not None, progress=case_progress,
+                                 input_names=[path.name for _, path in cases], on_result=finished)
+    except KeyboardInterrupt:
+        write_json()
+        sys.stderr.write(f"\ninterrupted; the results so far are in {json_path or 'the output above'}\n")
+        return EXIT_INTERRUPTED
+    finally:
+        if report is not None:
+            report.close()
+    write_json()
+    if args.provenance:
+        Path(args.provenance).write_text(json.dumps(output.provenance, indent=2), encoding="utf-8")
+    failed = [(case, record) for (case, _), record in zip(cases, entries) if record["error"]]
+    for case, record in failed:
+        sys.stderr.write(f"failed: {case} ({record['input']}): {record['error']}\n")
+    if failed or not args.quiet:
+        summary = f"{len(cases) - len(failed)} of {len(cases)} volumes classified"
+        if failed:
+            summary += f", {len(failed)} failed"
+        written = ", ".join(str(path) for path in (json_path, csv_path) if path is not None)
+        sys.stderr.write(f"{summary} in {_format_duration(time.perf_counter() - progress.started)}"
+                         f"{'; results: ' + written if written else ''}\n")
     return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
 
 
@@ -639,6 +810,29 @@ exit codes:
 """
 
 
+CLASSIFY_EPILOG = """\
+input and output:
+  -i FILE [-i FILE ...]   the volumes to classify, in order
+  -i FOLDER               every .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd file directly in the folder, in name order;
+                          also writes a CSV (input,label,probability,runner_up,runner_up_probability,ood,error),
+                          beside the JSON with the same name and .csv unless --csv says where
+  --json OUT.json         a list with, per input: {"input", "label" (t1w, t1c, t2w, flair, pdw, dwi, ct, other; null
+                          when the volume failed), "probabilities" {class: p}, "ood" (out of distribution: a label
+                          map, no head, ...), "reasons" [...], "error" (null or one sentence)}; stdout without --json
+  --saliency-dir DIR      DIR/<case>_saliency.nii.gz: the Grad-CAM map of the predicted class (0..1), exactly on the
+                          input's grid (size, spacing, origin, direction)
+
+exit codes:
+  0  every volume was classified
+  3  some volumes failed (each is printed on stderr and has its error in the JSON and CSV); the others were written
+  2  bad command line, model or device (nothing was classified; one line on stderr)
+  1  unexpected failure
+"""
+
+TYPE_CHECK_HELP = ("skip the input type check (the sequence-type classifier, when installed, warns when the volume "
+                   "looks like a type the model was not made for; also: environment variable MIADL_TYPE_CHECK=0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MIADeepLearningLib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -667,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     segment.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here "
                                               "(a folder input: one entry per successful case)")
+    segment.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     segment.set_defaults(handler=command_segment)
 
@@ -679,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.add_argument("--difference", help="also write output minus B-spline interpolation of the input")
     synthesize.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     synthesize.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
+    synthesize.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     synthesize.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     synthesize.set_defaults(handler=command_synthesize)
 
@@ -708,8 +904,28 @@ def build_parser() -> argparse.ArgumentParser:
                                "model's, 0 for the shipped one; slow on CPUs)")
     register.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     register.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
+    register.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     register.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     register.set_defaults(handler=command_register)
+
+    classify = commands.add_parser(
+        "classify", help="name the scan type of volumes (T1, T1 contrast, T2, FLAIR, PD, diffusion, CT, other)",
+        description="Classify each volume's scan type with a classification model (default: sequence-type), loaded "
+                    "once; a volume that fails is reported and the others go on.",
+        epilog=CLASSIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    classify.add_argument("--model", default=DEFAULT_CLASSIFIER,
+                          help="model id (default %(default)s; see `models --task classification`)")
+    classify.add_argument("-i", "--input", required=True, action="append", metavar="IN",
+                          help="an image file or a folder of them (repeat for more)")
+    classify.add_argument("--json", metavar="OUT.json", help="write the results as JSON here (default: stdout)")
+    classify.add_argument("--csv", metavar="OUT.csv", help="also write a CSV table here (default for a folder "
+                                                           "input: beside the JSON)")
+    classify.add_argument("--saliency-dir", metavar="DIR", help="write each volume's saliency map as "
+                                                                "DIR/<case>_saliency.nii.gz on its grid")
+    classify.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    classify.add_argument("--provenance", help="write model, weights sha256, device and versions as JSON here")
+    classify.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    classify.set_defaults(handler=command_classify)
 
     models = commands.add_parser("models", help="list, download or import models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
@@ -728,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_COMMANDS = (command_segment, command_synthesize, command_register)
+MODEL_COMMANDS = (command_segment, command_synthesize, command_register, command_classify)
 
 
 def main(argv: list[str] | None = None) -> int:

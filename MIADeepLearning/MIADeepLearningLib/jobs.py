@@ -9,6 +9,15 @@ object with a ``"stage"`` key is an :class:`Event`; any other line is plain log 
 Outputs are written under ``<folder>/.partial`` and moved into ``<folder>/outputs`` only when the whole job
 succeeded, so a cancelled or crashed job never leaves a half-written result that could be mistaken for one.
 
+Tasks (``Job.task``): ``segment``, ``synthesize``, ``register`` (see Docs/Developers.md), ``device`` (the device
+report) and ``classify``: ``inputs`` = {key: path} of any number of volumes, ``outputs`` = {"saliency_<key>":
+file name} only for the saliency maps wanted (each on its input's grid), ``options`` = {"input_names": {key: node
+name}}; ``result["classifications"]`` = {key: {"label": a class name or None, "probabilities": {class: p}, "ood":
+bool, "reasons": [...], "error": None or one sentence, "timings": {...}}} and ``result["outputs"]`` the written
+saliency maps under their ``saliency_<key>`` roles; a volume that fails is reported in its entry, the job still ends
+``done``. ``options["type_check"] = False`` turns off the input type check of segment, synthesize and register (a
+package's ``slicer.accepted_types`` checked by the sequence-type classifier, when installed: warnings only).
+
 A warm worker (``python -m MIADeepLearningLib.worker --serve``) runs many jobs in one process, keeping models loaded:
 it reads one ``job.json`` path per stdin line (``shutdown`` or end of input stops it) and stamps every event of a job
 with ``job`` = that line, so a client never attributes an event to the wrong job. Events without ``job`` are about

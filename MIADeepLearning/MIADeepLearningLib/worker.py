@@ -1,7 +1,9 @@
 """`python -m MIADeepLearningLib.worker <job.json>`: run one job, report progress as JSON lines, write files.
 
-Runs in its own process (PythonSlicer inside Slicer) so that Slicer stays responsive, Cancel can kill it, and a
-CUDA crash or out-of-memory cannot take the application down. Protocol: see jobs.py and Docs/Developers.md.
+Tasks: segment, synthesize, register, classify (several volumes, one model load; saliency maps on request) and
+device (see jobs.py). Runs in its own process (PythonSlicer inside Slicer) so that Slicer stays responsive, Cancel
+can kill it, and a CUDA crash or out-of-memory cannot take the application down. Protocol: see jobs.py and
+Docs/Developers.md.
 
 `python -m MIADeepLearningLib.worker --serve [--max-models N]` is the warm worker: the same jobs and events, many
 jobs per process, one job.json path per stdin line, loaded models kept between jobs (the N most recent, default 1,
@@ -118,9 +120,25 @@ def _finish_result(job: jobs.Job, output: Any, outputs: dict[str, str], engine_i
     return result
 
 
+def _is_auxiliary(key: Any) -> bool:
+    """A pipeline cache entry of a helper model (the input type check's classifier), not a job's own model."""
+    tasks = sys.modules.get("MIADeepLearningLib.engine.tasks")  # no such entry before the engine is imported
+    return tasks is not None and tasks.is_auxiliary_cache_key(key)
+
+
 def _model_was_cached(pipeline_cache: dict | None, cached_before: set) -> bool:
-    """No new cache entry although the cache had one: the task found this model already loaded."""
-    return pipeline_cache is not None and bool(cached_before) and set(pipeline_cache) <= cached_before
+    """No new cache entry although the cache had one: the task found this model already loaded (helper models such
+    as the type check's classifier do not count)."""
+    if pipeline_cache is None:
+        return False
+    before = {key for key in cached_before if not _is_auxiliary(key)}
+    return bool(before) and {key for key in pipeline_cache if not _is_auxiliary(key)} <= before
+
+
+def _type_check(job: jobs.Job) -> bool | None:
+    """job.options["type_check"]: False skips the input type check; absent: on unless MIADL_TYPE_CHECK=0."""
+    value = job.options.get("type_check")
+    return None if value is None else bool(value)
 
 
 def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
@@ -140,7 +158,7 @@ def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | No
     output = segment_image(
         job.inputs["image"], job.model, device=job.device, options=options or None,
         create_masked_volume="masked" in job.outputs, progress=reporter.progress,
-        input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache,
+        input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache, type_check=_type_check(job),
     )
     images = {"label": output.label, "masked": output.masked, "uncertainty": output.uncertainty}
     outputs = _write_outputs(job, reporter, images, {"label": "label.nrrd"})
@@ -159,7 +177,7 @@ def run_synthesize_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict |
                "difference": "difference" in job.outputs}
     output = synthesize_image(job.inputs["image"], job.model, device=job.device, options=options,
                               progress=reporter.progress, input_name=job.options.get("input_name"),
-                              pipeline_cache=pipeline_cache)
+                              pipeline_cache=pipeline_cache, type_check=_type_check(job))
     images = {"image": output.image, "uncertainty": output.uncertainty, "difference": output.difference}
     outputs = _write_outputs(job, reporter, images, {"image": "synthesized.nrrd"})
     return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before))
@@ -192,6 +210,7 @@ def run_register_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | N
         fixed_mask_path=job.inputs.get("fixed_mask"), moving_mask_path=job.inputs.get("moving_mask"),
         moving_labels_path=job.inputs.get("moving_labels"), fixed_labels_path=job.inputs.get("fixed_labels"),
         progress=reporter.progress, input_names=job.options.get("input_names"), pipeline_cache=pipeline_cache,
+        type_check=_type_check(job),
     )
 
     def write_transform(path: Path) -> Path:
@@ -206,6 +225,45 @@ def run_register_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | N
     outputs = _write_outputs(job, reporter, files, REGISTER_OUTPUTS)
     return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
                           report=output.report)
+
+
+SALIENCY_PREFIX = "saliency_"
+CLASSIFICATION_FIELDS = ("label", "probabilities", "ood", "reasons", "error", "timings")
+
+
+def run_classify_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Classify every volume of ``job.inputs`` (key -> path, any number) with a classification model loaded once.
+
+    ``job.outputs`` asks for saliency maps: ``saliency_<key>`` -> file name, written on that input's grid.
+    ``job.options["input_names"]`` (key -> name) names the inputs in the provenance. A volume that cannot be
+    classified does not fail the job: its entry in ``result["classifications"]`` (key -> {label, probabilities,
+    ood, reasons, error, timings}) has ``label`` None and ``error`` one sentence; the model or device failing does.
+    """
+    engine_import_s = import_engine()
+    from MIADeepLearningLib.engine.tasks import classify_images
+
+    keys = list(job.inputs)
+    if not keys:
+        raise MIADLError("A classify job needs at least one input volume.")
+    unknown = sorted(role for role in job.outputs if not (role.startswith(SALIENCY_PREFIX) and
+                                                          role[len(SALIENCY_PREFIX):] in job.inputs))
+    if unknown:
+        raise MIADLError(f"Unknown classify output(s) {', '.join(unknown)} (known: saliency_<input key>).")
+    names = dict(job.options.get("input_names") or {})
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    output = classify_images([job.inputs[key] for key in keys], job.model, device=job.device,
+                             saliency=[f"{SALIENCY_PREFIX}{key}" in job.outputs for key in keys],
+                             progress=reporter.progress, pipeline_cache=pipeline_cache,
+                             input_names=[str(names.get(key) or Path(job.inputs[key]).name) for key in keys])
+    for key, entry in zip(keys, output.results):
+        if entry["error"] is not None:
+            reporter.progress("classify", 0.95, f"{names.get(key) or key}: not classified: {entry['error']}")
+    images = {f"{SALIENCY_PREFIX}{key}": entry["saliency"] for key, entry in zip(keys, output.results)}
+    outputs = _write_outputs(job, reporter, images, {})
+    classifications = {key: {name: entry[name] for name in CLASSIFICATION_FIELDS}
+                       for key, entry in zip(keys, output.results)}
+    return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
+                          classifications=classifications)
 
 
 def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
@@ -231,7 +289,7 @@ def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | Non
 
 
 TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job,
-         "device": run_device_job}
+         "classify": run_classify_job, "device": run_device_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,
@@ -277,10 +335,13 @@ def announce_stopping(reporter: Reporter, message: str) -> None:
 
 def trim_pipeline_cache(pipeline_cache: dict, max_models: int) -> None:
     """After a warm job: keep only the most recently loaded pipelines (never more models than asked for) and give
-    the GPU memory of the job's activations back, so a warm worker holds its weights and nothing else."""
+    the GPU memory of the job's activations back, so a warm worker holds its weights and nothing else. Helper
+    models (the input type check's small classifier) are kept besides them, and do not count, unless no model is
+    to be kept at all."""
     evicted = False
-    while len(pipeline_cache) > max(0, max_models):
-        pipeline_cache.pop(next(iter(pipeline_cache)))
+    models = [key for key in pipeline_cache if max_models <= 0 or not _is_auxiliary(key)]
+    while len(models) > max(0, max_models):
+        pipeline_cache.pop(models.pop(0))
         evicted = True
     if evicted:
         gc.collect()

@@ -114,13 +114,13 @@ def test_worker_main_usage_and_unknown_task(tmp_path, capsys, monkeypatch):
     assert worker.main(["a.json", "b.json"]) == 64
     assert capsys.readouterr().err.count("usage: python -m MIADeepLearningLib.worker <job.json>") == 2
     monkeypatch.delenv(worker.FAULT_ENV, raising=False)
-    path = _job(tmp_path, tmp_path / "unused.nrrd", task="classify").write()
+    path = _job(tmp_path, tmp_path / "unused.nrrd", task="translate").write()
     stream = io.StringIO()
     assert worker.run(path, worker.Reporter(stream)) == 2
     events = [jobs.Event.from_line(line) for line in stream.getvalue().splitlines()]
     assert [event.stage for event in events] == ["start", "error"]
     assert events[-1].error_type == "MIADLError"
-    assert events[-1].message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
+    assert events[-1].message == f"Unknown task 'translate' (known: {', '.join(worker.TASKS)})."
     assert "Traceback" in events[-1].traceback
 
 
@@ -277,14 +277,14 @@ def test_crashed_worker_does_not_leave_its_children_or_hang_the_job(tmp_path, ph
 @posix_only
 def test_a_job_that_ended_in_time_is_not_reported_as_timed_out(tmp_path):
     """Nobody polled until after the deadline (a busy UI), but the worker had already finished."""
-    job = _job(tmp_path, tmp_path / "unused.nrrd", task="classify")
+    job = _job(tmp_path, tmp_path / "unused.nrrd", task="translate")
     process = runner.start(job, timeout_s=600)
     os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
     process.timeout_s = 0.001
     final = process.wait()
     assert process.state == runner.STATE_ERROR, process.log_lines
     assert final.error_type == "MIADLError"
-    assert final.message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
+    assert final.message == f"Unknown task 'translate' (known: {', '.join(worker.TASKS)})."
     assert process.returncode == 2
 
 

@@ -213,7 +213,7 @@ def test_shutdown_leaves_no_process(head_file, tmp_path):
 def test_serve_loop_in_process(tmp_path, monkeypatch):
     """Jobs by path, events stamped with their job, input errors keep serving, `shutdown` and end of input stop."""
     monkeypatch.delenv(worker.FAULT_ENV, raising=False)
-    unknown = jobs.Job(task="classify", model="deepbet", inputs={}, folder=str(tmp_path / "j1")).write()
+    unknown = jobs.Job(task="translate", model="deepbet", inputs={}, folder=str(tmp_path / "j1")).write()
     stream = io.StringIO()
     code = worker.serve(stdin=io.StringIO(f"{unknown}\n\n{unknown}\nshutdown\nnever read\n"),
                         reporter=worker.Reporter(stream))
@@ -222,7 +222,7 @@ def test_serve_loop_in_process(tmp_path, monkeypatch):
     assert [(event.stage, event.job) for event in events] == [
         ("ready", None), ("start", str(unknown)), ("error", str(unknown)), ("start", str(unknown)),
         ("error", str(unknown))]
-    assert events[2].message == f"Unknown task 'classify' (known: {', '.join(worker.TASKS)})."
+    assert events[2].message == f"Unknown task 'translate' (known: {', '.join(worker.TASKS)})."
 
     stream = io.StringIO()
     assert worker.serve(stdin=io.StringIO(str(tmp_path / "absent.json") + "\n" + str(unknown) + "\n"),

@@ -1,13 +1,22 @@
 """Task runners shared by the worker and the CLI: model resolution and verification, input checks, inference with
-device fallback, and provenance — everything between "a file and a model id" and "images on the input grid"."""
+device fallback, and provenance — everything between "a file and a model id" and "images on the input grid".
+
+Input type check: a package that states the scan types it is made for (``slicer.accepted_types``) gets its input
+classified by the sequence-type model when that model is installed (TYPE_CHECK_MODEL; its weights verify), and a
+volume that looks like another type adds one warning sentence to the run (never a refusal) and its type to the
+provenance (``input_type``). A missing classifier, or anything failing inside the check, skips it silently: the check
+must never cost a run. ``MIADL_TYPE_CHECK=0`` (or ``type_check=False``) turns it off.
+"""
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
+import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +32,15 @@ from MIADeepLearningLib.engine.brain_tissue import PIPELINE_NAME as TISSUE_PIPEL
 from MIADeepLearningLib.engine.brain_tissue import BrainTissueSegmentation
 from MIADeepLearningLib.engine.bundles import PIPELINE_NAME as BUNDLE_PIPELINE
 from MIADeepLearningLib.engine.bundles import MonaiBundle
+from MIADeepLearningLib.engine.classification import PIPELINE_NAME as CLASSIFICATION_PIPELINE
+from MIADeepLearningLib.engine.classification import (
+    WARNING_MIN_PROBABILITY,
+    Classification,
+    SequenceClassifier,
+    mismatch_warning,
+)
 from MIADeepLearningLib.engine.devices import choose_device
-from MIADeepLearningLib.engine.errors import InputError, ModelError
+from MIADeepLearningLib.engine.errors import InputError, MIADLError, ModelError
 from MIADeepLearningLib.engine.registration import PIPELINE_NAME as REGISTRATION_PIPELINE
 from MIADeepLearningLib.engine.registration import DeformableRegistration
 from MIADeepLearningLib.engine.synthesis import PIPELINE_NAME as SYNTHESIS_PIPELINE
@@ -39,10 +55,20 @@ ProgressCallback = Callable[[str, float, str], None]
 # A pipeline may also have `segments` (the labels it found in its package) and return "warnings" (one sentence each),
 # "provenance" (a JSON-able dict of what it decided) and optional outputs on the same grid (a segmentation's
 # "uncertainty", when the options ask for it and the package lists it in slicer.optional_outputs) from predict.
+# A classification pipeline has classify(image, saliency, progress) -> engine.classification.Classification.
 PIPELINES = {"deepbet_brain_extraction": BrainExtraction, BUNDLE_PIPELINE: MonaiBundle,
              SYNTHESIS_PIPELINE: ThickSliceSuperResolution, TISSUE_PIPELINE: BrainTissueSegmentation,
-             REGISTRATION_PIPELINE: DeformableRegistration}
+             REGISTRATION_PIPELINE: DeformableRegistration,
+             CLASSIFICATION_PIPELINE: SequenceClassifier}
 PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
+
+TYPE_CHECK_MODEL = "sequence-type"  # the classifier behind the input type check, when installed
+TYPE_CHECK_ENV = "MIADL_TYPE_CHECK"  # "0" (or false, no, off) turns the input type check off
+# Pipeline cache keys of helper models another task uses (the type check's classifier) start with this tag: model
+# ids cannot (registry schema), and a warm worker neither counts nor evicts them as the job's model.
+AUXILIARY_CACHE_TAG = "@auxiliary"
+
+_log = logging.getLogger(__name__)
 
 
 def _no_progress(stage: str, fraction: float, message: str) -> None:
@@ -176,13 +202,17 @@ def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: 
     }
     if outputs.get("provenance"):  # what the pipeline decided (e.g. a bundle's windows and inference report)
         provenance["pipeline"] = outputs["provenance"]
+    if outputs.get("input_type"):  # what the input type check found (per input for a registration)
+        provenance["input_type"] = outputs["input_type"]
     return provenance
 
 
 def _run_model(task: str, image_path: str | Path, model_id: str, device: str, options: dict | None,
-               progress: ProgressCallback, pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = ()
+               progress: ProgressCallback, pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = (),
+               type_check: bool | None = None
                ) -> tuple[_LoadedPipeline, sitk.Image, dict[str, Any], torch.device, list[str], dict[str, float]]:
-    """Load (or reuse) the model, read and check the input, predict with the OOM fallback; timings per stage."""
+    """Load (or reuse) the model, read and check the input (its type too), predict with the OOM fallback; timings
+    per stage. outputs["input_type"]: what the type check found, when it ran."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -191,25 +221,29 @@ def _run_model(task: str, image_path: str | Path, model_id: str, device: str, op
     timings["load_model"] = time.perf_counter() - started
     _check_memory(loaded, {"image": image_path})
     image = _read_and_check(image_path, loaded.model, progress, timings, warnings)
+    input_type = check_input_type(loaded, {"image": image}, progress, warnings, timings, pipeline_cache, type_check)
     mark = time.perf_counter()
     outputs, device_used = _predict(loaded, image, progress, warnings, pipeline_cache)
     warnings.extend(outputs.get("warnings", []))
     timings["inference"] = time.perf_counter() - mark
+    if input_type:
+        outputs = {**outputs, "input_type": input_type["image"]}
     return loaded, image, outputs, device_used, warnings, timings
 
 
 def segment_image(image_path: str | Path, model_id: str, device: str = "auto", options: dict | None = None,
                   create_masked_volume: bool = False, progress: ProgressCallback = _no_progress,
-                  input_name: str | None = None, pipeline_cache: PipelineCache | None = None) -> SegmentationOutput:
+                  input_name: str | None = None, pipeline_cache: PipelineCache | None = None,
+                  type_check: bool | None = None) -> SegmentationOutput:
     """Run a segmentation model on one image file; outputs are on the input's grid.
 
     `options` may ask for an uncertainty map ({"uncertainty": True}) from a model that lists "uncertainty" in its
     slicer.optional_outputs. With a `pipeline_cache`, a model loaded (and verified) by an earlier call on the same
-    device is reused.
+    device is reused. `type_check`: False skips the input type check (None: on unless MIADL_TYPE_CHECK=0).
     """
     requested = ("uncertainty",) if (options or {}).get("uncertainty") else ()
     loaded, image, outputs, device_used, warnings, timings = _run_model(
-        "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested)
+        "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested, type_check)
     if requested and outputs.get("uncertainty") is None:  # metadata that promises what its pipeline cannot make
         raise ModelError(f"Model '{loaded.model.title}' lists an uncertainty map, but its pipeline made none.")
     masked = masked_volume(image, outputs["label"]) if create_masked_volume else None
@@ -231,13 +265,14 @@ class SynthesisOutput:
 
 def synthesize_image(image_path: str | Path, model_id: str, device: str = "auto", options: dict | None = None,
                      progress: ProgressCallback = _no_progress, input_name: str | None = None,
-                     pipeline_cache: PipelineCache | None = None) -> SynthesisOutput:
+                     pipeline_cache: PipelineCache | None = None, type_check: bool | None = None) -> SynthesisOutput:
     """Run a synthesis model on one image file; the output grid is the pipeline's (e.g. 1 mm over the input's extent).
 
-    `options` may ask for the optional outputs: {"uncertainty": True, "difference": True}.
+    `options` may ask for the optional outputs: {"uncertainty": True, "difference": True}. `type_check` as in
+    segment_image.
     """
     loaded, _, outputs, device_used, warnings, timings = _run_model(
-        "synthesis", image_path, model_id, device, options, progress, pipeline_cache)
+        "synthesis", image_path, model_id, device, options, progress, pipeline_cache, (), type_check)
     provenance = _provenance(loaded, device_used, input_name or Path(image_path).name, warnings, outputs)
     return SynthesisOutput(outputs["image"], outputs.get("uncertainty"), outputs.get("difference"), provenance,
                            warnings, timings)
@@ -313,14 +348,15 @@ def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: s
                     moving_mask_path: str | Path | None = None, moving_labels_path: str | Path | None = None,
                     fixed_labels_path: str | Path | None = None, progress: ProgressCallback = _no_progress,
                     input_names: dict[str, str] | None = None,
-                    pipeline_cache: PipelineCache | None = None) -> RegistrationOutput:
+                    pipeline_cache: PipelineCache | None = None, type_check: bool | None = None) -> RegistrationOutput:
     """Register the moving image file to the fixed one; every output lies on the fixed image's grid.
 
     Masks (optional, on their image's grid) restrict the affine metric and the Jacobian statistics; a moving label
     map is propagated by nearest neighbour, and with a fixed label map too the report gets Dice before and after.
     `options` go to the pipeline (engine/registration.py: deformable, instance_steps, instance_lr,
     instance_smoothness, similarity, orientation) over the package's slicer.options. `input_names`: role -> name
-    for the provenance (default: the file names). InputError for inputs that cannot be registered."""
+    for the provenance (default: the file names). InputError for inputs that cannot be registered. `type_check` as
+    in segment_image (both images are checked; provenance["input_type"] has one entry per image)."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -352,6 +388,8 @@ def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: s
             warnings.append(warning)
             progress("checks", 0.1, f"Warning: {warning}")
     timings["checks"] = time.perf_counter() - mark
+    input_type = check_input_type(loaded, {"fixed": fixed, "moving": moving}, progress, warnings, timings,
+                                  pipeline_cache, type_check)
 
     mark = time.perf_counter()
     outputs, device_used = _run_with_cpu_fallback(
@@ -359,6 +397,8 @@ def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: s
                                                    progress), progress, warnings, pipeline_cache)
     warnings.extend(outputs.get("warnings", []))
     timings["inference"] = time.perf_counter() - mark
+    if input_type:
+        outputs = {**outputs, "input_type": input_type}
 
     mark = time.perf_counter()
     progress("postprocess", 0.9, "Warping the moving image and measuring the field")
@@ -377,3 +417,182 @@ def register_images(fixed_path: str | Path, moving_path: str | Path, model_id: s
     provenance["report"] = report
     return RegistrationOutput(field_image, warped, warped_labels, report, provenance, warnings, timings,
                               outputs.get("affine"))
+
+
+# ------------------------------------------------------------------------------------------- input type check
+
+
+def type_check_enabled(type_check: bool | None = None) -> bool:
+    """`type_check` when given; else on unless MIADL_TYPE_CHECK is 0, false, no or off."""
+    if type_check is not None:
+        return bool(type_check)
+    return os.environ.get(TYPE_CHECK_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def is_auxiliary_cache_key(key: Any) -> bool:
+    """A pipeline cache entry of a helper model (the type check's classifier), not a job's own model."""
+    return isinstance(key, tuple) and bool(key) and key[0] == AUXILIARY_CACHE_TAG
+
+
+def _type_classifier(device: torch.device, pipeline_cache: PipelineCache | None) -> Any:
+    """The type check's classifier on `device`: from the cache, else resolved, verified and loaded (ModelError when
+    it is not installed, its weights do not verify or it is no classifier)."""
+    key = (AUXILIARY_CACHE_TAG, TYPE_CHECK_MODEL, str(device))
+    pipeline = pipeline_cache.get(key) if pipeline_cache is not None else None
+    if pipeline is not None:
+        return pipeline
+    model = registry.get_model(TYPE_CHECK_MODEL)
+    pipeline_class = PIPELINES.get(model.pipeline)
+    if model.task != "classification" or not hasattr(pipeline_class, "classify"):
+        raise ModelError(f"Model '{model.title}' is no scan type classifier.")
+    pipeline = pipeline_class(model, registry.verified_weight_paths(model), device,
+                              dict(model.slicer.get("options", {})))
+    if pipeline_cache is not None:
+        pipeline_cache[key] = pipeline
+    return pipeline
+
+
+def check_input_type(loaded: _LoadedPipeline, images: dict[str, sitk.Image], progress: ProgressCallback,
+                     warnings: list[str], timings: dict[str, float], pipeline_cache: PipelineCache | None = None,
+                     type_check: bool | None = None) -> dict[str, dict[str, Any]] | None:
+    """Classify the already-read, already-checked inputs (role -> image) with the sequence-type model when the run's
+    package states its accepted types and the classifier is installed; a mismatch adds one warning sentence per
+    image. Returns role -> {"label", "probability", "model", "version"} for the provenance, or None when the check
+    did not run. Never raises: a check that fails is skipped (logged at debug level), the run goes on."""
+    accepted = loaded.model.accepted_types
+    if not accepted or not images or not type_check_enabled(type_check):
+        return None
+    mark = time.perf_counter()
+    try:
+        classifier = _type_classifier(loaded.choice.device, pipeline_cache)
+        found: dict[str, dict[str, Any]] = {}
+        sentences = []
+        progress("checks", 0.11, f"Checking the input type with the {classifier.model.title} model")
+        for role, image in images.items():
+            result = classifier.classify(image, saliency=False)
+            subject = "this" if len(images) == 1 else f"the {role} image"
+            sentence = mismatch_warning(result, accepted, loaded.model.title, subject=subject,
+                                        min_probability=float(classifier.options.get(
+                                            "warning_min_probability", WARNING_MIN_PROBABILITY)))
+            if sentence:
+                sentences.append(sentence)
+            found[role] = {"label": result.label, "probability": round(result.probability, 4),
+                           "model": classifier.model.id, "version": classifier.model.version}
+    except Exception as error:  # the check is an aid: whatever goes wrong in it must not cost the run
+        _log.debug("Input type check skipped: %s", error, exc_info=True)
+        return None
+    finally:
+        timings["type_check"] = time.perf_counter() - mark
+    for sentence in sentences:
+        warnings.append(sentence)
+        progress("checks", 0.12, f"Warning: {sentence}")
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ classification
+
+CLASSIFICATION_FIELDS = ("label", "probabilities", "ood", "reasons", "error", "timings")
+
+
+@dataclass
+class ClassificationOutput:
+    """classify_images' result: one entry per input, in order (see classify_images), and the run's provenance."""
+
+    results: list[dict[str, Any]]
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [entry for entry in self.results if entry["error"] is not None]
+
+
+def _error_entry(path: str | Path, name: str, error: str, timings: dict[str, float]) -> dict[str, Any]:
+    return {"input": str(path), "name": name, "label": None, "probabilities": {}, "ood": False, "reasons": [],
+            "error": error, "timings": timings, "saliency": None}
+
+
+def classify_images(paths: Sequence[str | Path], model_id: str = TYPE_CHECK_MODEL, device: str = "auto",
+                    saliency: bool | Sequence[bool] = False, progress: ProgressCallback = _no_progress,
+                    pipeline_cache: PipelineCache | None = None, input_names: Sequence[str] | None = None,
+                    on_result: Callable[[int, dict[str, Any]], None] | None = None) -> ClassificationOutput:
+    """Classify every image file with a classification model loaded once; a volume that fails is recorded and the
+    others go on.
+
+    Each entry of ``results``: ``{"input": path, "name", "label": a CLASSES string or None on error,
+    "probabilities": {class: p} (sum 1), "ood": bool, "reasons": [sentence parts], "error": None or one sentence,
+    "timings": {stage: seconds}, "saliency": sitk.Image on the input's grid or None}``. `saliency`: one flag for
+    all inputs or one per input (the model must list "saliency" in slicer.optional_outputs). A volume gets the same
+    structure checks (and the same InputError sentences) as the other tasks' inputs. Problems with the model or
+    device raise before any volume is read. `on_result(index, entry)` is called as each entry is made; the entry
+    then keeps no saliency image (the callback writes it), so a long batch does not hold every map in memory.
+    """
+    paths = list(paths)
+    flags = [bool(saliency)] * len(paths) if isinstance(saliency, bool) else [bool(flag) for flag in saliency]
+    if len(flags) != len(paths):
+        raise ValueError("saliency needs one flag per input")
+    names = list(input_names) if input_names is not None else [Path(path).name for path in paths]
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    started = time.perf_counter()
+    progress("load_model", 0.02, f"Loading model {model_id}")
+    loaded = _load_pipeline(model_id, "classification", device, None, pipeline_cache,
+                            ("saliency",) if any(flags) else ())
+    if not hasattr(loaded.pipeline, "classify"):
+        raise ModelError(f"Model '{loaded.model.title}' has no classification pipeline.")
+    timings["load_model"] = time.perf_counter() - started
+    device_used = loaded.choice.device
+    results: list[dict[str, Any]] = []
+    count = max(1, len(paths))
+    for index, (path, name, want_saliency) in enumerate(zip(paths, names, flags)):
+        def step(stage: str, fraction: float, message: str, index: int = index, name: str = name) -> None:
+            overall = 0.05 + 0.9 * (index + max(0.0, min(1.0, fraction))) / count
+            progress(stage, overall, f"[{index + 1}/{len(paths)}] {name}: {message}")
+
+        entry, device_used = _classify_one(loaded, path, name, want_saliency, step, warnings, pipeline_cache,
+                                           device_used)
+        if on_result is not None:
+            on_result(index, entry)
+            entry = {**entry, "saliency": None}
+        results.append(entry)
+    timings["classify"] = time.perf_counter() - started - timings["load_model"]
+    outputs: dict[str, Any] = {}
+    provenance = _provenance(loaded, device_used, ", ".join(names), warnings, outputs)
+    provenance["inputs"] = names
+    provenance["classifications"] = {name: {key: entry[key] for key in ("label", "probabilities", "ood", "error")}
+                                     for name, entry in zip(names, results)}
+    return ClassificationOutput(results, provenance, warnings, timings)
+
+
+def _classify_one(loaded: _LoadedPipeline, path: str | Path, name: str, saliency: bool, progress: ProgressCallback,
+                  warnings: list[str], pipeline_cache: PipelineCache | None, device_used: torch.device
+                  ) -> tuple[dict[str, Any], torch.device]:
+    """One volume: read, structure checks, classification (CPU fallback on GPU out-of-memory); an InputError or an
+    unexpected failure becomes the entry's error sentence."""
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    try:
+        _check_memory(loaded, {"image": path})
+        progress("read_input", 0.0, "Reading the volume")
+        image = imageio.read_image(path)
+        timings["read_input"] = time.perf_counter() - mark
+        progress("checks", 0.05, "Checking the volume")
+        imageio.check_scalar_volume(image, "The input volume")  # the sentences checks.check_structure gives
+        mark = time.perf_counter()
+        outputs, device_used = _run_with_cpu_fallback(
+            loaded, lambda pipeline: {"result": pipeline.classify(image, saliency=saliency, progress=progress)},
+            progress, warnings, pipeline_cache)
+        result: Classification = outputs["result"]
+        timings["classify"] = time.perf_counter() - mark
+        timings.update(result.timings)
+    except MIADLError as error:
+        return _error_entry(path, name, str(error), timings), device_used
+    except Exception as error:  # one bad volume must not end the others' classification
+        _log.debug("Classification of %s failed", path, exc_info=True)
+        return _error_entry(path, name, f"Unexpected error ({type(error).__name__}: {error}).", timings), device_used
+    entry = {"input": str(path), "name": name, "label": result.label,
+             "probabilities": {key: float(value) for key, value in result.probabilities.items()},
+             "ood": bool(result.ood), "reasons": list(result.reasons), "error": None,
+             "timings": {key: round(float(value), 4) for key, value in timings.items()}, "saliency": result.saliency}
+    return entry, device_used
