@@ -309,6 +309,14 @@ VIOLATIONS = [
     (f"{LIB}/engine/filecheck.py", "import SimpleITK as sitk\n", "SimpleITK"),
     (f"{LIB}/engine/filecheck.py", "from MIADeepLearningLib.engine import imageio\n", f"{LIB}.engine.imageio"),
     (f"{LIB}/mrml/source_files.py", "from MIADeepLearningLib.engine import imageio\n", f"{LIB}.engine.imageio"),
+    # classification: the Slicer side keeps its own class titles, since engine/classification.py imports torch
+    (f"{LIB}/mrml/classification_logic.py", "from MIADeepLearningLib.engine.classification import CLASSES\n",
+     f"{LIB}.engine.classification"),
+    ("DLClassification.py", "def f():\n    from MIADeepLearningLib.engine import classification\n",
+     f"{LIB}.engine.classification"),
+    ("DLClassification.py", "from DLSegmentation import DEFAULT_MODEL_ID\n", "DLSegmentation"),
+    (f"{LIB}/engine/classification.py", "from MIADeepLearningLib.training import sequence_render\n",
+     f"{LIB}.training.sequence_render"),
 ]
 
 
@@ -347,6 +355,19 @@ ALLOWED = [
 @pytest.mark.parametrize(("relpath", "source"), ALLOWED)
 def test_checker_accepts_allowed_imports(relpath: str, source: str) -> None:
     assert check_source(source, relpath) == []
+
+
+@pytest.mark.parametrize(("relpath", "layer"), [
+    ("DLClassification.py", MODULE),
+    (f"{LIB}/engine/classification.py", ENGINE_CORE),
+    (f"{LIB}/mrml/classification_logic.py", MRML),
+    (f"{LIB}/testing/classification_scenarios.py", MRML),
+    (f"{LIB}/training/sequence_render.py", ENGINE),
+    (f"{LIB}/training/train_classification.py", ENGINE),
+])
+def test_classification_files_have_their_layers(relpath: str, layer: Layer) -> None:
+    assert (SOURCE_DIR / relpath).is_file(), relpath
+    assert layer_of(relpath) is layer
 
 
 def test_checker_refuses_files_outside_every_layer() -> None:

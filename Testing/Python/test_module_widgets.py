@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "MIADeepLearning"
 UI_DIR = ROOT / "Resources" / "UI"
-MODULES = ("DLSegmentation", "DLSynthesis", "DLRegistration")
+MODULES = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification")
 
 
 # Stand-ins (installed only in the subprocess)
@@ -287,6 +287,7 @@ def install_stubs(recorder: Recorder) -> types.ModuleType:
 
 class FakeScene:
     StartCloseEvent, EndCloseEvent = "StartCloseEvent", "EndCloseEvent"
+    NodeAddedEvent, NodeRemovedEvent = "NodeAddedEvent", "NodeRemovedEvent"
 
     def __init__(self) -> None:
         self.nodes: list[Any] = []
@@ -403,6 +404,14 @@ _REGISTRATION_RESULT = types.SimpleNamespace(
     quality=[types.SimpleNamespace(measure="Folded voxels (det J <= 0), %", value=0.0)], warnings=[],
     timings={"total": 2.0}, summary=lambda: "folding 0.00 % of voxels",
 )
+_CLASSIFIED_VOLUME = FakeNode("head", "vtkMRMLScalarVolumeNode1")
+_CLASSIFICATION_RESULT = types.SimpleNamespace(
+    rows=[types.SimpleNamespace(volume_node=_CLASSIFIED_VOLUME, name="head", classified=True,
+                                saliency_node=FakeNode("head saliency", "vtkMRMLScalarVolumeNode9"),
+                                summary=lambda: "FLAIR (p = 0.96; runner-up T2-weighted 0.02)")],
+    table_node=FakeNode("Sequence types", "vtkMRMLTableNode1"), warnings=[], timings={"total": 2.0},
+    summary=lambda: "'head': FLAIR (p = 0.96; runner-up T2-weighted 0.02)",
+)
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
@@ -423,6 +432,12 @@ CASES: dict[str, dict[str, Any]] = {
                          "fixedSegmentation": None, "instanceSteps": 50, "keepModelLoaded": True},
         "result": _REGISTRATION_RESULT,
         "done": "Done: 'moving to fixed', 'moving registered', 'moving to fixed registration quality' in 2.0 s.",
+    },
+    "DLClassification": {
+        "model": "sequence-type", "title": "DL Classification", "failed": "Classification failed: boom",
+        "start_kwargs": {"createSaliency": False, "keepModelLoaded": True},
+        "result": _CLASSIFICATION_RESULT,
+        "done": "Done: 'head': FLAIR (p = 0.96; runner-up T2-weighted 0.02); see table 'Sequence types' (2.0 s).",
     },
 }
 
@@ -578,7 +593,7 @@ def case_logic_warm_worker(name: str) -> None:
     created: list[tuple] = []
     logic.createTaskLogic = lambda python, warm: created.append((python, warm)) or types.SimpleNamespace(warm=warm)
     accessor = getattr(logic, {"DLSegmentation": "segmentationLogic", "DLSynthesis": "synthesisLogic",
-                               "DLRegistration": "registrationLogic"}[name])
+                               "DLRegistration": "registrationLogic", "DLClassification": "classificationLogic"}[name])
 
     cold = accessor(False)
     assert accessor(False) is cold and cold.warm is None

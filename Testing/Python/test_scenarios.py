@@ -1,9 +1,9 @@
-"""The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest), run
-here on a headless MRML scene.
+"""The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest,
+DLClassificationTest), run here on a headless MRML scene.
 
-Same functions, same SegmentationLogic / SynthesisLogic / RegistrationLogic, real worker processes and the real
-networks (deepbet, thick-slice-sr, brain-registration); in CI every prerequisite is installed, so a skip here is a
-failure of the setup, not a pass.
+Same functions, same SegmentationLogic / SynthesisLogic / RegistrationLogic / ClassificationLogic, real worker
+processes and the real networks (deepbet, thick-slice-sr, brain-registration, sequence-type); in CI every
+prerequisite is installed, so a skip here is a failure of the setup, not a pass.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from typing import Callable
 
 import pytest
 
-from MIADeepLearningLib.testing import registration_scenarios, scenarios, synthesis_scenarios
+from MIADeepLearningLib.testing import (
+    classification_scenarios,
+    registration_scenarios,
+    scenarios,
+    synthesis_scenarios,
+)
 
 
 def _run(scenario: Callable[[], None]) -> None:
@@ -42,4 +47,11 @@ def test_synthesis_scenario(scene, name, scenario):
 @pytest.mark.parametrize("name,scenario", registration_scenarios.SCENARIOS,
                          ids=[name for name, _ in registration_scenarios.SCENARIOS])
 def test_registration_scenario(scene, name, scenario):
+    _run(scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scenario", classification_scenarios.SCENARIOS,
+                         ids=[name for name, _ in classification_scenarios.SCENARIOS])
+def test_classification_scenario(scene, name, scenario):
     _run(scenario)
