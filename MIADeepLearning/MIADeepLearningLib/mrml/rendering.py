@@ -236,12 +236,14 @@ class _SliceView:
         self.caption = _caption_actor(self.manager_renderer)
 
     def show(self, volume: slicer.vtkMRMLVolumeNode, orientation: str, offset_ras, size: int,
-             field_of_view_mm: float | None = None, caption: str | None = None) -> None:
+             field_of_view_mm: float | None = None, caption: str | None = None,
+             foreground: slicer.vtkMRMLVolumeNode | None = None, foreground_opacity: float = 0.5) -> None:
         self.window.SetSize(size, size)
         self.node.SetOrientation(orientation)
         composite = self.logic.GetSliceCompositeNode()
         composite.SetBackgroundVolumeID(volume.GetID())
-        composite.SetForegroundVolumeID(None)
+        composite.SetForegroundVolumeID(foreground.GetID() if foreground is not None else None)
+        composite.SetForegroundOpacity(float(foreground_opacity) if foreground is not None else 0.0)
         composite.SetLabelVolumeID(None)
         self.logic.ResizeSliceNode(size, size)
         self.logic.FitSliceToBackground()
@@ -351,6 +353,8 @@ def render_slice_png(
     size: int = 512,
     field_of_view_mm: float | None = None,
     caption: str | None = None,
+    foreground_volume: slicer.vtkMRMLVolumeNode | None = None,
+    foreground_opacity: float = 0.5,
 ) -> np.ndarray:
     """Render the slice view (background volume + every visible segmentation/model) and return H×W×3 uint8.
 
@@ -358,6 +362,8 @@ def render_slice_png(
     through; None keeps the centre of the volume. ``field_of_view_mm`` zooms to that width (None: the whole
     volume), centred on ``offset_ras`` when it is a point. ``caption`` is written in the top-left corner.
     ``path`` None skips the PNG. The volume is shown with its display node's window/level, as Slicer shows it.
+    ``foreground_volume`` is blended over it at ``foreground_opacity`` (the slice view's foreground layer, e.g. a
+    saliency map in its colour table, transparent where its display node thresholds it away); None shows none.
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"Orientation must be one of {ORIENTATIONS}, got {orientation!r}.")
@@ -366,7 +372,8 @@ def render_slice_png(
     views = _views_for_scene(size)
     if views.slice is None:
         views.slice = _SliceView(views.hs, size)
-    views.slice.show(background_volume, orientation, offset_ras, size, field_of_view_mm, caption)
+    views.slice.show(background_volume, orientation, offset_ras, size, field_of_view_mm, caption,
+                     foreground_volume, foreground_opacity)
     return _grab(views.slice.window, path)
 
 
