@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,17 +34,6 @@ from MIADeepLearningLib import jobs, runner
 from MIADeepLearningLib.testing import sample_data
 
 LIBRARY = Path(__file__).resolve().parents[2] / "MIADeepLearning"
-
-
-def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (Linux), else what platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def head_volume(shape_zyx, spacing_xyz, seed: int = 0) -> sitk.Image:
@@ -127,11 +115,11 @@ def main() -> int:
 
     from MIADeepLearningLib.engine import imageio, registry, tasks
     from MIADeepLearningLib.engine.classification import SequenceClassifier
-    from MIADeepLearningLib.engine.devices import choose_device
+    from MIADeepLearningLib.engine.devices import choose_device, cpu_name
 
     model = registry.get_model(tasks.TYPE_CHECK_MODEL)
     device = choose_device(args.device).device
-    print(f"CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with "
+    print(f"CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; device {device}; SimpleITK {sitk.Version_VersionString()}")
     load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"model: {model.id} v{model.version} ({model.weights[0].sha256[:12]}…){load}\n")

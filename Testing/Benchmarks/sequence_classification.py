@@ -20,8 +20,6 @@ faithful on a volume when the predicted class's probability falls more for the s
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MIADeepLearning"))
 
-from MIADeepLearningLib.engine import classification, registry
+from MIADeepLearningLib.engine import classification, devices, registry
 from MIADeepLearningLib.testing import sample_data
 
 
@@ -196,10 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     model = registry.get_model(args.model)
     weights = {"network": args.weights} if args.weights else registry.verified_weight_paths(model)
     classifier = classification.SequenceClassifier(model, weights, torch.device("cpu"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if os.path.exists("/proc/cpuinfo") else ""
-    print(f"# {model.title} {args.weights or model.version}; CPU: {cpu}, {args.threads} threads, float32; "
-          f"torch {torch.__version__}")
+    print(f"# {model.title} {args.weights or model.version}; CPU: {devices.cpu_name()}, {args.threads} threads, "
+          f"float32; torch {torch.__version__}")
     rows = []
     print("\n| volume | group | size | spacing (mm) | truth | predicted | p | runner-up | ood | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
