@@ -3,7 +3,10 @@ saliency maps. Prints tables; asserts nothing.
 
     python Testing/Benchmarks/sequence_classification.py --data ../shared/data [--model sequence-type]
 
-Real volumes (none of them seen in training; the model trains on renders of label maps only):
+Real volumes (the shipped model trains on renders of label maps only; weights fine-tuned on real scans with
+train_classification --real-cases are measured with `--fine-tuned-on Training/sequence-type-real-cases.tsv`: the
+listed rows are then marked "tuned" and left out of every accuracy, confusion matrix, calibration, stress and saliency
+number):
 - ../shared/data/brain-lesions: BraTS-MET case 00110 and TCGA glioma 6692 (preprocessed: 1 mm, skull-stripped),
   the same glioma's raw clinical series (2-D axial, ~5.5 mm slices, whole head), three MS patients' clinical series
   (2-D, 3-4 mm slices, whole head), niivue's FLAIR (1 mm) and DWI b0 (2 mm);
@@ -66,6 +69,18 @@ def real_volumes(data: Path) -> list[tuple[str, Path, str, str]]:
     if held_out_map.exists():
         items.append(("label map 15 as volume", held_out_map, "other", "other"))
     return items
+
+
+def fine_tuned_paths(listing: str, data: Path) -> set[Path]:
+    """The resolved paths of the real scans a training run fine-tuned on (train_classification --real-cases)."""
+    if not listing or not Path(listing).exists():
+        return set()
+    paths = set()
+    for line in Path(listing).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            paths.add((data / line.split()[0]).resolve())
+    return paths
 
 
 def _with_voxels(image: sitk.Image, voxels: np.ndarray) -> sitk.Image:
@@ -189,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-saliency", action="store_true")
     parser.add_argument("--stress", action="store_true", help="also the stress benchmark (unseen degradations)")
     parser.add_argument("--renders", type=int, default=0, help="also N renders per class of the held-out label maps")
+    parser.add_argument("--fine-tuned-on", default="",
+                        help="TSV of the real scans the weights were fine-tuned on (left out of the numbers)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = registry.get_model(args.model)
@@ -197,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {model.title} {args.weights or model.version}; CPU: {devices.cpu_name()}, {args.threads} threads, "
           f"float32; torch {torch.__version__}")
     rows = []
-    print("\n| volume | group | size | spacing (mm) | truth | predicted | p | runner-up | ood | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    tuned_paths = fine_tuned_paths(args.fine_tuned_on, args.data)
+    print(f"\nFine-tuned on {len(tuned_paths)} of these real scans ({args.fine_tuned_on or 'none'}): marked 'tuned', "
+          f"left out of every number below the table.")
+    print("\n| volume | group | size | spacing (mm) | truth | predicted | p | runner-up | ood | s | tuned |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, path, truth, group in real_volumes(args.data):
         image = sitk.ReadImage(str(path))
         if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() != 3:
@@ -209,12 +229,20 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         ranked = result.ranked()
         runner = next((item for item in ranked if item[0] != result.label), ranked[1])
+        tuned = Path(path).resolve() in tuned_paths
         rows.append({"name": name, "group": group, "truth": truth, "label": result.label,
                      "confidence": result.probabilities[result.label] if result.label in result.probabilities else 0,
-                     "seconds": seconds, "image": image, "ood": result.ood})
+                     "seconds": seconds, "image": image, "ood": result.ood, "tuned": tuned})
         spacing = "×".join(f"{value:.1f}" for value in image.GetSpacing())
         print(f"| {name} | {group} | {'×'.join(map(str, image.GetSize()))} | {spacing} | {truth} | {result.label} "
-              f"| {result.probability:.2f} | {runner[0]} {runner[1]:.2f} | {result.ood} | {seconds:.2f} |")
+              f"| {result.probability:.2f} | {runner[0]} {runner[1]:.2f} | {result.ood} | {seconds:.2f} | "
+              f"{'tuned' if tuned else ''} |")
+    tuned_rows = [row for row in rows if row["tuned"]]
+    if tuned_rows:
+        correct = sum(row["label"] == row["truth"] for row in tuned_rows)
+        print(f"\nThe {len(tuned_rows)} fine-tuning scans (not an accuracy: trained on): {correct} right.")
+    timed = rows
+    rows = [row for row in rows if not row["tuned"]]
     print("\n| group | volumes | correct | accuracy |")
     print("|---|---|---|---|")
     for group in ("1 mm", "thick", "other", "MR (1 mm + thick)", "all"):
@@ -243,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nExpected calibration error (10 bins, {len(rows)} volumes): "
           f"{expected_calibration_error(confidences, correct):.3f}")
     print(f"Median seconds per volume (read excluded, resample + network): "
-          f"{np.median([row['seconds'] for row in rows]):.2f}")
+          f"{np.median([row['seconds'] for row in timed]):.2f}")
     if args.renders:
         held_out_renders(classifier, args.data, args.renders, seed=2026)
     if args.stress:

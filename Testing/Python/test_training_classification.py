@@ -115,3 +115,56 @@ def test_a_batch_that_is_not_a_multiple_of_the_classes_is_refused(tiny_maps, tmp
     with pytest.raises(SystemExit, match="multiple of the 8 classes"):
         train_classification.main(["--label-maps", str(tiny_maps), "--held-out", "case_2", "--checkpoint",
                                    str(tmp_path / "c.pt"), "--batch", "12"])
+
+
+def _real_scan(folder: Path, name: str, spacing: tuple[float, float, float]) -> Path:
+    """A small head-like volume (a bright ellipsoid with a darker core) standing in for a real scan."""
+    z, y, x = np.mgrid[-1:1:40j, -1:1:48j, -1:1:44j]
+    radius = np.sqrt(x**2 + y**2 + z**2)
+    voxels = np.where(radius < 0.8, 300.0, 5.0) - np.where(radius < 0.4, 150.0, 0.0)
+    image = sitk.GetImageFromArray(voxels.astype(np.float32))
+    image.SetSpacing(spacing)
+    path = folder / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_real_cases_are_listed_loaded_and_augmented(tmp_path):
+    """--real-cases: a TSV of (path under --real-root, class); each scan is loaded once onto about 2 mm and every draw
+    is a new acquisition of it (same contrast order), through the classifier's own preprocessing."""
+    _real_scan(tmp_path, "iso.nii.gz", (1.0, 1.0, 1.0))
+    _real_scan(tmp_path, "thick.nii.gz", (0.9, 0.9, 4.0))
+    listing = tmp_path / "cases.tsv"
+    listing.write_text("# comment\niso.nii.gz\tflair\n\nthick.nii.gz\tt1w  # trailing comment\n")
+    cases = train_classification.load_real_cases(listing, tmp_path)
+    assert [(relative, kind) for relative, _, kind in cases] == [
+        ("iso.nii.gz", classification.CLASSES.index("flair")), ("thick.nii.gz", classification.CLASSES.index("t1w"))]
+    assert cases[0][1].GetSpacing() == (2.0, 2.0, 2.0), "1 mm scans are block-averaged once, at load"
+    for _, image, _ in cases:
+        first = render.augment_real(image, torch.Generator().manual_seed(5))
+        again = render.augment_real(image, torch.Generator().manual_seed(5))
+        other = render.augment_real(image, torch.Generator().manual_seed(6))
+        assert np.array_equal(sitk.GetArrayFromImage(first), sitk.GetArrayFromImage(again))
+        assert not np.array_equal(sitk.GetArrayFromImage(first), sitk.GetArrayFromImage(other))
+        inputs, _ = classification.network_input(first)
+        assert inputs.shape == (3, classification.GRID_SIZE, classification.GRID_SIZE, classification.GRID_SIZE)
+        assert torch.isfinite(inputs).all()
+    listing.write_text("iso.nii.gz\tmprage\n")
+    with pytest.raises(SystemExit, match="'mprage' is not one of"):
+        train_classification.load_real_cases(listing, tmp_path)
+    listing.write_text("missing.nii.gz\tt1w\n")
+    with pytest.raises(SystemExit, match="does not exist"):
+        train_classification.load_real_cases(listing, tmp_path)
+
+
+def test_training_with_real_cases_records_them(tiny_maps, tmp_path):
+    _real_scan(tmp_path, "scan.nii.gz", (1.0, 1.0, 1.0))
+    listing = tmp_path / "cases.tsv"
+    listing.write_text("scan.nii.gz\tt2w\n")
+    checkpoint = tmp_path / "classifier.pt"
+    argv = ["--label-maps", str(tiny_maps), "--held-out", "case_2", "--checkpoint", str(checkpoint), "--iterations",
+            "1", "--batch", "16", "--validate-every", "1", "--validation-per-class", "1", "--features", "4", "4", "8",
+            "8", "8", "--threads", "1", "--real-cases", str(listing), "--real-root", str(tmp_path)]
+    assert train_classification.main(argv) == 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["settings"]["real_cases"] == ["scan.nii.gz"]

@@ -6,7 +6,8 @@
 Every batch holds the eight classes (engine/classification.CLASSES) in equal shares, each scan rendered by
 training/sequence_render.py and passed through the classifier's own preprocessing (network_input), so training and
 inference see the same grid and channels. Validation: a fixed set of renders of the held-out maps, accuracy per
-class. ``--export`` writes the weights-only file the model package ships and prints its sha256.
+class. ``--real-cases`` mixes augmented real scans into every batch (fine-tuning; the cases listed must then be left
+out of any accuracy reported). ``--export`` writes the weights-only file the model package ships and prints its sha256.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as functional
 
@@ -46,6 +48,23 @@ def make_example(kind: str, maps: list[tuple[LabelMap, torch.Tensor]], generator
     label_map, tissues = maps[int(torch.randint(0, len(maps), (), generator=generator))]
     image = render.render_example(kind, label_map, tissues, generator, VOXEL_MM)
     return network_input(image)[0]
+
+
+def load_real_cases(listing: Path, root: Path) -> list[tuple[str, sitk.Image, int]]:
+    """(path, image, class index) of each `relative/path<TAB>class` line of `listing` (paths under `root`)."""
+    cases = []
+    for line in listing.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        relative, kind = line.split()
+        if kind not in CLASSES:
+            raise SystemExit(f"{listing}: '{kind}' is not one of {', '.join(CLASSES)}.")
+        path = root / relative
+        if not path.exists():
+            raise SystemExit(f"{listing}: {path} does not exist (is --real-root right?).")
+        cases.append((relative, render.load_real_scan(str(path)), CLASSES.index(kind)))
+    return cases
 
 
 def validation_set(maps: list[tuple[LabelMap, torch.Tensor]], per_class: int, seed: int
@@ -89,6 +108,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validate-every", type=int, default=200)
     parser.add_argument("--validation-per-class", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real-cases", type=Path, default=None,
+                        help="TSV of real scans to fine-tune on (relative path, class); report accuracy without them")
+    parser.add_argument("--real-root", type=Path, default=Path("../shared/data"), help="where --real-cases paths start")
+    parser.add_argument("--real-per-batch", type=int, default=2, help="real scans in each batch (in place of renders)")
     common.add_run_arguments(parser, "val_accuracy")
     return parser.parse_args(argv)
 
@@ -115,10 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                           lambda saved: common.require_same(saved, settings, ("features", "classes")))
     state.commands.append(common.command_line(MODULE, state, sys.argv[1:] if argv is None else argv, device))
     validation = validation_set(held_out, args.validation_per_class, args.seed + 1)
+    real = load_real_cases(args.real_cases, args.real_root) if args.real_cases else []
+    if real:
+        state.settings["real_cases"] = sorted(relative for relative, _, _ in real)
+    real_count = min(args.real_per_batch, args.batch - len(CLASSES)) if real else 0
 
     def draw(generator: torch.Generator, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kinds = [index % len(CLASSES) for index in range(args.batch)]
+        kinds = [index % len(CLASSES) for index in range(args.batch - real_count)]
         inputs = [make_example(CLASSES[kind], training, generator) for kind in kinds]
+        for _ in range(real_count):
+            _, image, kind = real[int(torch.randint(0, len(real), (), generator=generator))]
+            inputs.append(network_input(render.augment_real(image, generator))[0])
+            kinds.append(kind)
         return torch.stack(inputs), torch.tensor(kinds)
 
     def compute_loss(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
