@@ -1,4 +1,4 @@
-"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|register|classify|models|device ...`.
+"""Batch use without Slicer: `python -m MIADeepLearningLib segment|synthesize|register|classify|detect|models|device`.
 
 Runs the same engine code as the Slicer worker, in-process; outputs land exactly on the input's grid.
 
@@ -32,13 +32,21 @@ the others go on. JSON: a list of {input, label, probabilities, ood, reasons, er
 input also writes a CSV (input, label, probability, runner_up, runner_up_probability, ood, error) beside the JSON.
 `--saliency-dir DIR` writes `<case>_saliency.nii.gz` (Grad-CAM, 0..1) on each input's grid.
 
-Input type check: segment, synthesize and register classify their input with the sequence-type model when it is
-installed and the model's package states the types it accepts; a volume that looks like another type gets a warning
-(never a refusal). `--no-type-check` or the environment variable MIADL_TYPE_CHECK=0 turns it off.
+`detect [--model brain-lesion] -i IN [-i IN2 ...] -o ANOMALY --lesions LABELS [--brain BRAIN] [--json OUT.json]
+[--threshold T] [--min-volume MM3]` runs a lesion detection model on one scan (more co-registered contrasts of the
+same visit may follow): the anomaly map (0..1), the candidates as a label map (k = candidate k) and optionally the
+brain map, all exactly on the first input's grid, and a JSON summary {input, inputs, model, threshold, case_score,
+candidates [{label, volume_ml, center_ras, max_score, mean_score, tissue}], warnings, provenance} (stdout without
+--json); all outputs are written, or none.
+
+Input type check: segment, synthesize, register and detect classify their (first) input with the sequence-type model
+when it is installed and the model's package states the types it accepts; a volume that looks like another type gets a
+warning (never a refusal). `--no-type-check` or the environment variable MIADL_TYPE_CHECK=0 turns it off.
 
 Exit codes: 0 success; 2 a problem with the command line, the input, the model or the device before any case ran,
 or a model that cannot be loaded (one sentence on stderr; in a batch the report lists what ran); 3 one or more cases
-of a folder (or volumes of a classify run) failed (the others were written; see the report); 1 unexpected failure.
+of a folder (or volumes of a classify run) failed (the others were written; see the report); 1 unexpected failure
+(detect: one line on stderr, nothing written).
 """
 
 from __future__ import annotations
@@ -51,11 +59,12 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from MIADeepLearningLib.engine.errors import InputError, MIADLError, ModelError
+from MIADeepLearningLib.engine.registry import MODEL_TASKS
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -277,6 +286,16 @@ def _write_all(images: dict[Path, Any]) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _make_folders(paths: Iterable[Path]) -> None:
+    """The folders of the output files, made before the model runs: one that cannot be made fails now, in one line
+    (exit code 2), not after minutes of work."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"Cannot create the folder for {path} ({error.strerror or error}).") from error
+
+
 def _remove_stale(paths: list[Path]) -> None:
     """A failed case must not leave an older output of the same name that the report would contradict."""
     for path in paths:
@@ -363,11 +382,7 @@ def command_synthesize(args: argparse.Namespace) -> int:
             raise UsageError(f"--{role} would overwrite the input {source}; choose another file.")
     if len({path.resolve() for path in targets.values()}) != len(targets):
         raise UsageError("The output, uncertainty and difference files must be different files.")
-    for path in targets.values():  # before the model runs: a folder that cannot be made fails now, in one line
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"Cannot create the folder for {path} ({error.strerror or error}).") from error
+    _make_folders(targets.values())
     check_model(args.model, args.device, task="synthesis")
     options = {"uncertainty": "uncertainty" in targets, "difference": "difference" in targets}
     result = synthesize_image(source, args.model, device=args.device, options=options,
@@ -415,11 +430,7 @@ def command_register(args: argparse.Namespace) -> int:
             raise UsageError(f"--{role} would overwrite an input ({path}); choose another file.")
     if len({path.resolve() for path in targets.values()}) != len(targets):
         raise UsageError("The outputs (-o, --transform, --warped-labels, --report) must be different files.")
-    for path in targets.values():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"Cannot create the folder for {path} ({error.strerror or error}).") from error
+    _make_folders(targets.values())
     check_model(args.model, args.device, task="registration")
     options = {"instance_steps": args.instance_steps} if args.instance_steps is not None else None
     result = register_images(inputs["fixed"], inputs["moving"], args.model, device=args.device, options=options,
@@ -728,6 +739,91 @@ def command_classify(args: argparse.Namespace) -> int:
     return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
 
 
+DEFAULT_DETECTOR = "brain-lesion"
+DETECT_CANDIDATE_FIELDS = ("label", "volume_ml", "center_ras", "max_score", "mean_score", "tissue")
+
+
+def _detect_targets(args: argparse.Namespace, inputs: list[Path]) -> dict[str, Path]:
+    """The files to write (option -> path), after the checks that must pass before the model runs (exit code 2)."""
+    targets = {"-o": args.output, "--lesions": args.lesions, "--brain": args.brain, "--json": args.json,
+               "--provenance": args.provenance}
+    targets = {option: Path(path) for option, path in targets.items() if path}
+    for option in ("-o", "--lesions", "--brain"):
+        if option in targets and image_suffix(targets[option].name) is None:
+            raise UsageError(f"{option} {targets[option]} needs an image extension ({', '.join(IMAGE_SUFFIXES)}).")
+    sources = {path.resolve() for path in inputs}
+    for option, path in targets.items():
+        if path.resolve() in sources:
+            raise UsageError(f"{option} {path} would overwrite an input; choose another file.")
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name.")
+    if len({path.resolve() for path in targets.values()}) != len(targets):
+        raise UsageError("The outputs (-o, --lesions, --brain, --json, --provenance) must be different files.")
+    _make_folders(targets.values())
+    return targets
+
+
+def detection_summary(result: Any, inputs: list[Path], model_id: str) -> dict[str, Any]:
+    """The JSON that `detect` writes: the case, its score and candidates (by decreasing max score)."""
+    return {"input": str(inputs[0]), "inputs": [str(path) for path in inputs], "model": model_id,
+            "threshold": result.threshold, "case_score": result.case_score,
+            "candidates": [{key: candidate[key] for key in DETECT_CANDIDATE_FIELDS} for candidate in result.candidates],
+            "warnings": list(result.warnings), "provenance": result.provenance}
+
+
+def command_detect(args: argparse.Namespace) -> int:
+    """One scan (and optionally more co-registered contrasts) in; the anomaly map, the candidate label map, the
+    brain map and the JSON summary out, on the first input's grid; nothing is written unless everything succeeded,
+    and no failure ends in a traceback."""
+    from MIADeepLearningLib.engine.tasks import detect_lesions
+
+    inputs = [Path(value) for value in args.input]
+    for path in inputs:
+        if not path.exists():
+            raise InputError(f"Input image {path} does not exist.")
+        if not path.is_file():
+            raise InputError(f"The input {path} is not a file (detect takes image files, not folders).")
+    if len({path.resolve() for path in inputs}) != len(inputs):
+        raise UsageError("The same file is given twice as an input; give each contrast once.")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise UsageError(f"--threshold must lie between 0 and 1 (both excluded), not {args.threshold:g}.")
+    if args.min_volume is not None and not args.min_volume >= 0.0:
+        raise UsageError(f"--min-volume must be 0 or more cubic millimetres, not {args.min_volume:g}.")
+    targets = _detect_targets(args, inputs)
+    model = check_model(args.model, args.device, task="detection")
+    options = {"threshold": args.threshold, "min_volume_mm3": args.min_volume}
+    try:
+        result = detect_lesions(inputs, model.id, device=args.device,
+                                options={key: value for key, value in options.items() if value is not None} or None,
+                                progress=_progress_printer(args.quiet), type_check=_type_check(args))
+        summary = detection_summary(result, inputs, model.id)
+
+        def writer(content: Any) -> Callable[[Path], None]:
+            return lambda path: path.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+        files = {"-o": result.anomaly, "--lesions": result.label, "--brain": result.brain, "--json": writer(summary),
+                 "--provenance": writer({"segments": result.segments, **result.provenance})}
+        _write_all({path: files[option] for option, path in targets.items()})
+    except MIADLError:
+        raise
+    except Exception as error:  # the user gets one line, like every other failure of this command
+        text = (str(error).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"error: Lesion detection failed unexpectedly ({type(error).__name__}: {text}).\n")
+        return EXIT_UNEXPECTED
+    if "--json" not in targets:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    for warning in result.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
+    if not args.quiet:
+        found = ", ".join(f"C{item['label']} {item['volume_ml']:.2f} mL (max {item['max_score']:.2f}, "
+                          f"{item['tissue'] or 'unknown tissue'})" for item in result.candidates[:5])
+        more = f" and {len(result.candidates) - 5} more" if len(result.candidates) > 5 else ""
+        sys.stderr.write(f"{len(result.candidates)} candidate(s) above {result.threshold:g}"
+                         f"{': ' + found + more if found else ''}; case score {result.case_score:.3f}\n"
+                         f"wrote {', '.join(str(path) for path in targets.values())}\n")
+    return EXIT_OK
+
+
 def _download_printer(model_id: str, quiet: bool, stream: TextIO | None = None) -> Callable[[int, int | None], None]:
     """Download progress on stderr: redrawn on a terminal, a line per 10 % (or 10 MiB) otherwise."""
     stream = stream or sys.stderr
@@ -829,6 +925,26 @@ exit codes:
   1  unexpected failure
 """
 
+DETECT_EPILOG = """\
+input and output:
+  -i FILE [-i FILE ...]   the scan, then optionally more contrasts of the same visit, co-registered with it (each is
+                          resampled onto the first one's grid; one that covers too little of its head is refused)
+  -o FILE                 the anomaly map (lesion probability 0..1, float32), exactly on the first input's grid
+                          (size, spacing, origin, direction)
+  --lesions FILE          the candidates as a label map on the same grid: 0 none, k = candidate k (k = 1 scores
+                          highest)
+  --brain FILE            the brain map used (1 CSF, 2 gray matter, 3 white matter), on the same grid
+  --json OUT.json         {"input", "inputs", "model", "threshold", "case_score", "candidates": [{"label",
+                          "volume_ml", "center_ras" (RAS mm), "max_score", "mean_score", "tissue"}], "warnings",
+                          "provenance"}; stdout without --json
+  nothing is written unless everything succeeded
+
+exit codes:
+  0  the scan was analysed (with or without candidates)
+  2  bad command line, input, model, option or device (nothing was written; one line on stderr)
+  1  unexpected failure (nothing was written; one line on stderr)
+"""
+
 TYPE_CHECK_HELP = ("skip the input type check (the sequence-type classifier, when installed, warns when the volume "
                    "looks like a type the model was not made for; also: environment variable MIADL_TYPE_CHECK=0)")
 
@@ -927,9 +1043,33 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     classify.set_defaults(handler=command_classify)
 
+    detect = commands.add_parser(
+        "detect", help="lesion detection in brain MRI: anomaly map, lesion candidates, brain map (any contrast)",
+        description="Detect what does not fit healthy brain anatomy in one scan (optionally with more co-registered "
+                    "contrasts of the same visit); every output lies exactly on the first input's grid.",
+        epilog=DETECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    detect.add_argument("--model", default=DEFAULT_DETECTOR,
+                        help="model id (default %(default)s; see `models --task detection`)")
+    detect.add_argument("-i", "--input", required=True, action="append", metavar="IN",
+                        help="an image file; repeat for more co-registered contrasts (the first sets the grid)")
+    detect.add_argument("-o", "--output", required=True, metavar="ANOMALY", help="the anomaly map (0..1)")
+    detect.add_argument("--lesions", required=True, metavar="LABELS", help="the lesion candidates as a label map")
+    detect.add_argument("--brain", metavar="BRAIN", help="also write the brain map (1 CSF, 2 GM, 3 WM)")
+    detect.add_argument("--json", metavar="OUT.json", help="the candidates and case score as JSON (default: stdout)")
+    detect.add_argument("--threshold", type=float, metavar="T",
+                        help="anomaly above which a voxel belongs to a candidate, between 0 and 1 (default: the "
+                             "model's, 0.5 for the shipped one; lower finds more)")
+    detect.add_argument("--min-volume", type=float, metavar="MM3",
+                        help="smallest candidate kept, in cubic millimetres (default: the model's, 10)")
+    detect.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    detect.add_argument("--provenance", help="write model, weights sha256, device, options and segments as JSON here")
+    detect.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
+    detect.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    detect.set_defaults(handler=command_detect)
+
     models = commands.add_parser("models", help="list, download or import models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
-    models.add_argument("--task", help="only models of this task (e.g. segmentation)")
+    models.add_argument("--task", choices=MODEL_TASKS, help="only models of this task")
     install = models.add_mutually_exclusive_group()
     install.add_argument("--download", metavar="ID",
                          help="download a registered model into the user cache (sha256-verified before use)")
@@ -944,7 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_COMMANDS = (command_segment, command_synthesize, command_register, command_classify)
+MODEL_COMMANDS = (command_segment, command_synthesize, command_register, command_classify, command_detect)
 
 
 def main(argv: list[str] | None = None) -> int:

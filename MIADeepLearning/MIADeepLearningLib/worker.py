@@ -1,9 +1,9 @@
 """`python -m MIADeepLearningLib.worker <job.json>`: run one job, report progress as JSON lines, write files.
 
-Tasks: segment, synthesize, register, classify (several volumes, one model load; saliency maps on request) and
-device (see jobs.py). Runs in its own process (PythonSlicer inside Slicer) so that Slicer stays responsive, Cancel
-can kill it, and a CUDA crash or out-of-memory cannot take the application down. Protocol: see jobs.py and
-Docs/Developers.md.
+Tasks: segment, synthesize, register, classify (several volumes, one model load; saliency maps on request), detect
+(lesion candidates in one scan, optionally with more co-registered contrasts) and device (see jobs.py). Runs in
+its own process (PythonSlicer inside Slicer) so that Slicer stays responsive, Cancel can kill it, and a CUDA crash
+or out-of-memory cannot take the application down. Protocol: see jobs.py and Docs/Developers.md.
 
 `python -m MIADeepLearningLib.worker --serve [--max-models N]` is the warm worker: the same jobs and events, many
 jobs per process, one job.json path per stdin line, loaded models kept between jobs (the N most recent, default 1,
@@ -266,6 +266,50 @@ def run_classify_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | N
                           classifications=classifications)
 
 
+DETECT_OUTPUTS = {"anomaly": "anomaly.nrrd", "label": "label.nrrd", "brain": "brain.nrrd"}
+DETECT_FIRST_INPUT = "image"
+DETECT_RESULT_FIELDS = ("candidates", "case_score", "threshold", "segments")
+
+
+def detect_input_keys(inputs: dict[str, str]) -> list[str]:
+    """The job's input keys in run order: ``image`` (the reference grid), then ``image2``, ``image3``, ... by number;
+    any other key is refused (one sentence)."""
+    if not inputs.get(DETECT_FIRST_INPUT):
+        raise MIADLError(f"A detect job needs an input '{DETECT_FIRST_INPUT}' (the scan whose grid the results use).")
+    extra = {}
+    for key in inputs:
+        number = key[len(DETECT_FIRST_INPUT):]
+        if key != DETECT_FIRST_INPUT:
+            if not (key.startswith(DETECT_FIRST_INPUT) and number.isdigit() and int(number) >= 2):
+                raise MIADLError(f"Unknown detect input '{key}' (known: image, image2, image3, ...).")
+            extra[int(number)] = key
+    return [DETECT_FIRST_INPUT, *(extra[number] for number in sorted(extra))]
+
+
+def run_detect_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Detect lesions in ``job.inputs['image']`` (with ``image2``, ``image3``, ...: more co-registered contrasts of
+    the same visit); writes the anomaly map (``anomaly``), the candidate label map (``label``) and the brain map
+    (``brain``), all on the first input's grid; the result carries candidates, case_score, threshold and segments.
+    ``job.options``: ``model_options`` (threshold, min_volume_mm3, ...), ``input_names`` (key -> name)."""
+    engine_import_s = import_engine()
+    from MIADeepLearningLib.engine.tasks import detect_lesions
+
+    keys = detect_input_keys(job.inputs)
+    unknown = sorted(set(job.outputs) - set(DETECT_OUTPUTS))
+    if unknown:
+        raise MIADLError(f"Unknown detect output(s) {', '.join(unknown)} (known: {', '.join(DETECT_OUTPUTS)}).")
+    names = dict(job.options.get("input_names") or {})
+    cached_before = set(pipeline_cache) if pipeline_cache is not None else set()
+    output = detect_lesions([job.inputs[key] for key in keys], job.model, device=job.device,
+                            options=dict(job.options.get("model_options") or {}) or None, progress=reporter.progress,
+                            pipeline_cache=pipeline_cache, type_check=_type_check(job),
+                            input_names=[str(names.get(key) or Path(job.inputs[key]).name) for key in keys])
+    images = {"anomaly": output.anomaly, "label": output.label, "brain": output.brain}
+    outputs = _write_outputs(job, reporter, images, DETECT_OUTPUTS)
+    return _finish_result(job, output, outputs, engine_import_s, _model_was_cached(pipeline_cache, cached_before),
+                          **{name: getattr(output, name) for name in DETECT_RESULT_FIELDS})
+
+
 def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
     """The device report (PyTorch build, GPUs, free memory, why CUDA is or is not used) as the job's result, so the
     module makes it in the background like a run. An unsupported torch is reported, not refused: this is where the
@@ -289,7 +333,7 @@ def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | Non
 
 
 TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job,
-         "classify": run_classify_job, "device": run_device_job}
+         "classify": run_classify_job, "detect": run_detect_job, "device": run_device_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 # Resources/Models/models.json, in order
-SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue", "brain-registration", "sequence-type")
+SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue", "brain-registration", "sequence-type", "brain-lesion")
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:

@@ -278,17 +278,19 @@ class BrainTissueSegmentation:
             self.to(torch.device(report_.device))
         return torch.softmax(logits[:, : size[0], : size[1], : size[2]], dim=0), report_
 
-    def predict(self, image: sitk.Image, progress: ProgressCallback) -> dict[str, Any]:
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise InputError("Tissue segmentation needs a 3D single-channel volume.")
+    def probabilities_on_input(self, image: sitk.Image, progress: ProgressCallback, low: float = 0.15,
+                               high: float = 0.85, flip_average: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+        """The class probabilities (K, ...) on the input's grid, averaged over the test-time copies (mirrored with
+        `flip_average` or the options, shifted grids), and what the provenance says about how they were made;
+        progress in [low, high]."""
         grid = self.working_grid(image)
         orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(grid.GetDirection())
         size_text = "x".join(map(str, grid.GetSize()))
-        progress("resample", 0.12, f"Resampling onto a {self.working_spacing:g} mm {orientation} grid of "
-                                   f"{size_text} voxels")
+        progress("resample", low * 0.8, f"Resampling onto a {self.working_spacing:g} mm {orientation} grid of "
+                                        f"{size_text} voxels")
         smoothed = geometry.anti_aliased(image, self.working_spacing)  # once, for every shifted copy of the grid
         flips: dict[str, int | None] = {"none": None}
-        if self.options.get("uncertainty") or self.options.get("flip_average"):
+        if flip_average or self.options.get("uncertainty") or self.options.get("flip_average"):
             flips.update(self.flip_dims(grid))
         copies = len(self.grid_shifts) * len(flips)
         total: np.ndarray | None = None
@@ -304,35 +306,46 @@ class BrainTissueSegmentation:
                 index = shift_index * len(flips) + flip_index
                 label = "Network" if copies == 1 else f"Network, copy {index + 1} of {copies}"
                 flipped = inputs if dim is None else inputs.flip(dim + 1)  # dim 0 of the tensors is the channel
-                probabilities, report_ = self._probabilities(flipped, progress, label, 0.15 + 0.7 * index / copies,
-                                                             0.15 + 0.7 * (index + 1) / copies)
+                probabilities, report_ = self._probabilities(flipped, progress, label,
+                                                             low + (high - low) * index / copies,
+                                                             low + (high - low) * (index + 1) / copies)
                 if dim is not None:
                     probabilities = probabilities.flip(dim + 1)
                 on_grid = probabilities if on_grid is None else on_grid + probabilities
                 reports.append(report_)
             assert on_grid is not None
             total = self._to_input_grid((on_grid / len(flips)).numpy(), moved, image, add_to=total)
+            del working
         assert total is not None
-        del smoothed, working  # a float32 copy of the whole input: not needed for the labels
-        progress("postprocess", 0.88, "Combining the probabilities on the input grid")
-        refinement = int(self.options.get("intensity_refinement_iterations", 0))
+        del smoothed  # a float32 copy of the whole input: not needed any more
         total /= len(self.grid_shifts)
-        labels, uncertainty = self._labels(total, image, bool(self.options.get("uncertainty")), refinement)
-        result: dict[str, Any] = {"label": labels, "warnings": []}
-        if uncertainty is not None:
-            result["uncertainty"] = uncertainty
-        result["provenance"] = {
+        provenance = {
             "working_grid": {"size": list(grid.GetSize()), "spacing_mm": self.working_spacing,
                              "orientation": orientation},
             "classes": self.classes,
             "normalisation": normalisation,  # of the unshifted grid (the first)
             "test_time_flips": list(flips),  # "none" (the input as it is), then the mirrored anatomical axes
             "grid_shifts_mm": [list(shift) for shift in self.grid_shifts],
-            "intensity_refinement_iterations": refinement,
             "inference": [{"device": r.device, "precision": r.precision, "windows": r.windows_evaluated,
                            "seconds": round(r.seconds, 3), "fallbacks": r.fallbacks, "notes": r.notes}
                           for r in reports],
         }
+        return total, provenance
+
+    def predict(self, image: sitk.Image, progress: ProgressCallback) -> dict[str, Any]:
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("Tissue segmentation needs a 3D single-channel volume.")
+        total, provenance = self.probabilities_on_input(image, progress)
+        progress("postprocess", 0.88, "Combining the probabilities on the input grid")
+        refinement = int(self.options.get("intensity_refinement_iterations", 0))
+        labels, uncertainty = self._labels(total, image, bool(self.options.get("uncertainty")), refinement)
+        result: dict[str, Any] = {"label": labels, "warnings": []}
+        if uncertainty is not None:
+            result["uncertainty"] = uncertainty
+        provenance["intensity_refinement_iterations"] = refinement
+        result["provenance"] = {key: provenance[key] for key in (
+            "working_grid", "classes", "normalisation", "test_time_flips", "grid_shifts_mm",
+            "intensity_refinement_iterations", "inference")}
         return result
 
     @staticmethod

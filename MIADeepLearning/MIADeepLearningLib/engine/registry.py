@@ -43,6 +43,9 @@ LICENSE_RELATIVE_PATH = Path("LICENSE")
 # Written into each package folder of the cache by engine.model_store once the package verified.
 INSTALL_MARKER = ".miadl-install.json"
 DOWNLOAD_HINT = "python -m MIADeepLearningLib models --download"
+# The tasks a model can have: the enum of $defs/task in models.schema.json (a test keeps the two in step); each has
+# its task function in engine/tasks.py, its worker task and CLI command, and its Slicer module.
+MODEL_TASKS = ("segmentation", "registration", "synthesis", "classification", "detection")
 
 _log = logging.getLogger(__name__)
 
@@ -432,7 +435,10 @@ def imported_models(skip_ids: set[str]) -> list[ModelInfo]:
 
 
 def list_models(task: str | None = None) -> list[ModelInfo]:
-    """Built-in models, downloaded url models, imported models, then packages from $MIADL_EXTRA_MODELS_DIRS."""
+    """Built-in models, downloaded url models, imported models, then packages from $MIADL_EXTRA_MODELS_DIRS; only
+    those of `task` when given (one of MODEL_TASKS: a misspelt task is an error, not an empty list)."""
+    if task and task not in MODEL_TASKS:
+        raise ModelError(f"Unknown model task '{task}' (known: {', '.join(MODEL_TASKS)}).")
     root = models_dir()
     entries = load_registry().get("models", [])
     models = []

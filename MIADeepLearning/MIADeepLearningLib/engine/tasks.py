@@ -39,6 +39,8 @@ from MIADeepLearningLib.engine.classification import (
     SequenceClassifier,
     mismatch_warning,
 )
+from MIADeepLearningLib.engine.detection import PIPELINE_NAME as DETECTION_PIPELINE
+from MIADeepLearningLib.engine.detection import LesionDetection
 from MIADeepLearningLib.engine.devices import choose_device
 from MIADeepLearningLib.engine.errors import InputError, MIADLError, ModelError
 from MIADeepLearningLib.engine.registration import PIPELINE_NAME as REGISTRATION_PIPELINE
@@ -56,10 +58,17 @@ ProgressCallback = Callable[[str, float, str], None]
 # "provenance" (a JSON-able dict of what it decided) and optional outputs on the same grid (a segmentation's
 # "uncertainty", when the options ask for it and the package lists it in slicer.optional_outputs) from predict.
 # A classification pipeline has classify(image, saliency, progress) -> engine.classification.Classification.
+# A detection pipeline's predict also takes extra_images=[(name, sitk.Image), ...] (co-registered contrasts) and
+# returns "anomaly", "label", "brain", "candidates", "case_score", "threshold", "segments" (engine/detection.py).
 PIPELINES = {"deepbet_brain_extraction": BrainExtraction, BUNDLE_PIPELINE: MonaiBundle,
              SYNTHESIS_PIPELINE: ThickSliceSuperResolution, TISSUE_PIPELINE: BrainTissueSegmentation,
              REGISTRATION_PIPELINE: DeformableRegistration,
-             CLASSIFICATION_PIPELINE: SequenceClassifier}
+             CLASSIFICATION_PIPELINE: SequenceClassifier, DETECTION_PIPELINE: LesionDetection}
+# Pipelines without a measured memory bound of their own that run like one that has it: lesion detection is the
+# tissue network with one more class and no intensity refinement, so the tissue bound (which counts the
+# refinement's float64 arrays) is taken for its first input; extra contrasts (one float32 copy each on that grid, run
+# one after the other) are not counted. Borrowed, not measured.
+MEMORY_BOUND_OF = {DETECTION_PIPELINE: TISSUE_PIPELINE}
 PipelineCache = dict  # (model id, device, options) -> loaded pipeline; a warm worker keeps one between jobs
 
 TYPE_CHECK_MODEL = "sequence-type"  # the classifier behind the input type check, when installed
@@ -138,22 +147,26 @@ def _check_memory(loaded: _LoadedPipeline, paths: dict[str, str | Path | None]) 
     swapping for minutes and being killed (engine/memory.py; MIADL_AVAILABLE_MEMORY_GB overrides the figure)."""
     model_bytes = sum(weight.size or 0 for weight in loaded.model.weights)
     spacing = getattr(loaded.pipeline, "working_spacing", None)  # the 2 mm grids of tissue and registration
-    memory.check_files(loaded.model.pipeline, paths, loaded.options, model_bytes,
+    pipeline = MEMORY_BOUND_OF.get(loaded.model.pipeline, loaded.model.pipeline)
+    memory.check_files(pipeline, paths, loaded.options, model_bytes,
                        float(spacing) if isinstance(spacing, (int, float)) else None)
 
 
 def _read_and_check(image_path: str | Path, model: registry.ModelInfo, progress: ProgressCallback,
-                    timings: dict[str, float], warnings: list[str]) -> sitk.Image:
+                    timings: dict[str, float], warnings: list[str], name: str = "The input volume",
+                    fractions: tuple[float, float] = (0.08, 0.1)) -> sitk.Image:
+    """Read one input and run the structure checks (InputError sentences start with `name`); timings add up over
+    the inputs of a run; progress at `fractions` (reading, checks)."""
     mark = time.perf_counter()
-    progress("read_input", 0.08, "Reading the input image")
+    progress("read_input", fractions[0], "Reading the input image")
     image = imageio.read_image(image_path)
-    timings["read_input"] = time.perf_counter() - mark
+    timings["read_input"] = timings.get("read_input", 0.0) + time.perf_counter() - mark
     mark = time.perf_counter()
-    progress("checks", 0.1, "Checking the input against what the model expects")
-    for warning in checks.check_input(image, model.metadata):
+    progress("checks", fractions[1], "Checking the input against what the model expects")
+    for warning in checks.check_input(image, model.metadata, name):
         warnings.append(warning)
-        progress("checks", 0.1, f"Warning: {warning}")
-    timings["checks"] = time.perf_counter() - mark
+        progress("checks", fractions[1], f"Warning: {warning}")
+    timings["checks"] = timings.get("checks", 0.0) + time.perf_counter() - mark
     return image
 
 
@@ -176,10 +189,13 @@ def _run_with_cpu_fallback(loaded: _LoadedPipeline, run: Callable[[Any], dict[st
 
 
 def _predict(loaded: _LoadedPipeline, image: sitk.Image, progress: ProgressCallback, warnings: list[str],
-             pipeline_cache: PipelineCache | None) -> tuple[dict[str, Any], torch.device]:
-    """pipeline.predict, run again on the CPU when the GPU runs out of memory."""
-    return _run_with_cpu_fallback(loaded, lambda pipeline: pipeline.predict(image, progress), progress, warnings,
-                                  pipeline_cache)
+             pipeline_cache: PipelineCache | None, extra_images: Sequence[tuple[str, sitk.Image]] = ()
+             ) -> tuple[dict[str, Any], torch.device]:
+    """pipeline.predict, run again on the CPU when the GPU runs out of memory; `extra_images` (name, image) only
+    for pipelines that take more inputs (detection)."""
+    extra = {"extra_images": list(extra_images)} if extra_images else {}
+    return _run_with_cpu_fallback(loaded, lambda pipeline: pipeline.predict(image, progress, **extra), progress,
+                                  warnings, pipeline_cache)
 
 
 def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: str, warnings: list[str],
@@ -209,10 +225,11 @@ def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: 
 
 def _run_model(task: str, image_path: str | Path, model_id: str, device: str, options: dict | None,
                progress: ProgressCallback, pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = (),
-               type_check: bool | None = None
+               type_check: bool | None = None, extra_paths: Sequence[tuple[str, str | Path]] = ()
                ) -> tuple[_LoadedPipeline, sitk.Image, dict[str, Any], torch.device, list[str], dict[str, float]]:
     """Load (or reuse) the model, read and check the input (its type too), predict with the OOM fallback; timings
-    per stage. outputs["input_type"]: what the type check found, when it ran."""
+    per stage. outputs["input_type"]: what the type check found, when it ran. `extra_paths` (name, path): more
+    inputs for the pipeline (detection), read and checked as the first one; the type check sees the first only."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -221,9 +238,11 @@ def _run_model(task: str, image_path: str | Path, model_id: str, device: str, op
     timings["load_model"] = time.perf_counter() - started
     _check_memory(loaded, {"image": image_path})
     image = _read_and_check(image_path, loaded.model, progress, timings, warnings)
+    extra_images = [(name, _read_and_check(path, loaded.model, progress, timings, warnings,
+                                           f"The extra input {name}", (0.1, 0.1))) for name, path in extra_paths]
     input_type = check_input_type(loaded, {"image": image}, progress, warnings, timings, pipeline_cache, type_check)
     mark = time.perf_counter()
-    outputs, device_used = _predict(loaded, image, progress, warnings, pipeline_cache)
+    outputs, device_used = _predict(loaded, image, progress, warnings, pipeline_cache, extra_images)
     warnings.extend(outputs.get("warnings", []))
     timings["inference"] = time.perf_counter() - mark
     if input_type:
@@ -596,3 +615,54 @@ def _classify_one(loaded: _LoadedPipeline, path: str | Path, name: str, saliency
              "ood": bool(result.ood), "reasons": list(result.reasons), "error": None,
              "timings": {key: round(float(value), 4) for key, value in timings.items()}, "saliency": result.saliency}
     return entry, device_used
+
+
+# ----------------------------------------------------------------------------------------------------- detection
+
+DETECTION_MODEL = "brain-lesion"
+
+
+@dataclass
+class DetectionOutput:
+    """detect_lesions' result: every map on the FIRST input's grid, the ranked candidates and the provenance."""
+
+    anomaly: sitk.Image  # float32 0-1: the lesion probability (combined over the inputs)
+    label: sitk.Image  # uint16: 0 no candidate, k = candidate k
+    brain: sitk.Image  # uint8: the brain map used (1 CSF, 2 gray matter, 3 white matter)
+    candidates: list[dict[str, Any]]  # engine.candidates.CANDIDATE_FIELDS, by decreasing max score
+    case_score: float  # mean anomaly of the most anomalous millilitre of brain
+    threshold: float
+    segments: list[dict[str, Any]]  # one per candidate: value, name, color, terminology
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def detect_lesions(image_paths: Sequence[str | Path], model_id: str = DETECTION_MODEL, device: str = "auto",
+                   options: dict | None = None, progress: ProgressCallback = _no_progress,
+                   pipeline_cache: PipelineCache | None = None, type_check: bool | None = None,
+                   input_names: Sequence[str] | None = None) -> DetectionOutput:
+    """Run a detection model on one image file, or on several co-registered contrasts of one visit (the first is
+    the reference: the others are resampled onto its grid, and refused when they cover too little of its head).
+
+    Every input gets the structure checks of the other tasks; the input type check sees the first. `options`
+    override the package's (threshold, min_volume_mm3, combine, flip_average ...). `input_names` name the inputs
+    in the provenance and in messages (default: the file names). InputError for an input that cannot be used (a
+    volume that is no brain MRI included); ModelError for a model or option that cannot be."""
+    paths = list(image_paths)
+    if not paths:
+        raise InputError("Lesion detection needs at least one input volume.")
+    names = [str(name) for name in input_names] if input_names is not None else [Path(path).name for path in paths]
+    if len(names) != len(paths):
+        raise ValueError("input_names needs one name per input")
+    loaded, _, outputs, device_used, warnings, timings = _run_model(
+        "detection", paths[0], model_id, device, options, progress, pipeline_cache, (), type_check,
+        list(zip(names[1:], paths[1:])))
+    provenance = _provenance(loaded, device_used, names[0], warnings, outputs)
+    provenance.update(inputs=names, threshold=outputs["threshold"], case_score=outputs["case_score"],
+                      candidates=len(outputs["candidates"]))
+    if "min_volume_mm3" in (outputs.get("provenance") or {}):  # with the threshold: what the candidates used
+        provenance["min_volume_mm3"] = outputs["provenance"]["min_volume_mm3"]
+    return DetectionOutput(outputs["anomaly"], outputs["label"], outputs["brain"], list(outputs["candidates"]),
+                           float(outputs["case_score"]), float(outputs["threshold"]), list(outputs["segments"]),
+                           provenance, warnings, timings)

@@ -11,6 +11,7 @@ comes first — the same convention the synthesis pipeline uses at inference).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,11 +130,15 @@ class RenderSettings:
 
 
 def render(label_indices: torch.Tensor, values: np.ndarray, generator: torch.Generator,
-           settings: RenderSettings | None = None) -> torch.Tensor:
-    """A 1 mm image with random contrast from a compact label map (D, H, W); values in [0, 1]."""
+           settings: RenderSettings | None = None,
+           adjust_means: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """A 1 mm image with random contrast from a compact label map (D, H, W); values in [0, 1]. `adjust_means`
+    changes the drawn mean of each label before rendering (e.g. a pasted lesion set apart from the tissue around)."""
     settings = settings or RenderSettings()
     means = label_means(values, settings.contrast, generator)
     means = means + torch.randn(means.shape, generator=generator) * _scalar(generator, *settings.label_std)
+    if adjust_means is not None:
+        means = adjust_means(means)
     image = means.clamp(0, 1)[label_indices.long()]
     shape = tuple(image.shape)
     texture = torch.randn(shape, generator=generator) * _scalar(generator, *settings.texture_std)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ class SampleSettings:
     acquisition: tuple[int, gen.Acquisition] | None = None  # fixed (axis, acquisition) instead
     render_factor: int = 1  # 2: the label map is twice as fine; render there, then downsample (1: render as is)
     soft_targets: bool = False  # with render_factor 2: also the class fractions of each voxel (Sample.fractions)
+    # (labels, values, class lookup, generator, inner crop slices) -> the same with labels added (e.g. pasted
+    # lesions, training/lesion_shapes.LesionPainter) and a function adjusting the rendered means, or None
+    label_edit: Callable | None = None
+    classes: int = len(gen.TISSUE_CLASSES)  # output classes (the target's values are 0..classes-1)
 
 
 def margin(voxel_mm: float) -> int:
@@ -119,12 +124,17 @@ def make_sample(label_map: LabelMap, contrast: str, generator: torch.Generator, 
         transform = random_transform((size * factor,) * 3, centre, generator, settings.spatial,
                                      settings.voxel_mm / factor)
     labels = transform.apply_labels(label_map.indices)
-    image = gen.render(labels, label_map.values, generator, gen.RenderSettings(contrast=contrast))
-    lookup = torch.from_numpy(gen.tissue_classes(label_map.values))
+    values = label_map.values
+    lookup = torch.from_numpy(gen.tissue_classes(values))
+    adjust = None
+    if settings.label_edit is not None:
+        inner_fine = (slice(pad * factor, (pad + settings.patch) * factor),) * 3
+        labels, values, lookup, adjust = settings.label_edit(labels, values, lookup, generator, inner_fine)
+    image = gen.render(labels, values, generator, gen.RenderSettings(contrast=contrast), adjust)
     fractions = None
     if factor > 1:
         image = downsample_render(image)
-        fractions = block_fractions(lookup[labels], len(gen.TISSUE_CLASSES))
+        fractions = block_fractions(lookup[labels], settings.classes)
         target = fractions.argmax(dim=0)
     else:
         target = lookup[labels]
