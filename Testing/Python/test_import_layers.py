@@ -33,6 +33,8 @@ class Layer:
     # Library modules this layer may import (prefixes); None = any part of the library not forbidden.
     allowed_lib: tuple[str, ...] | None = None
     stdlib_only: bool = False
+    # When set: the only packages outside the standard library this layer may import (prefixes), e.g. ("numpy",).
+    third_party: tuple[str, ...] | None = None
     # Forbidden only when executed on import (module level, outside functions and `if TYPE_CHECKING:`).
     forbidden_at_import: tuple[str, ...] = ()
     allowed_lib_at_import: tuple[str, ...] | None = None
@@ -47,7 +49,7 @@ def _lib(*names: str) -> tuple[str, ...]:
 MODULE_FILES = tuple(sorted(path.stem for path in SOURCE_DIR.glob("*.py")))
 _SLICER_SIDE_LIB = (
     "mrml", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry", "engine.downloads",
-    "engine.model_store", "testing",
+    "engine.model_store", "engine.candidates", "testing",
 )
 
 MODULE = Layer(
@@ -68,7 +70,7 @@ MRML = Layer(
     forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils", *_lib("gui")),
     allowed_lib=_lib(
         "mrml", "testing", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry",
-        "engine.downloads", "engine.model_store", "engine.filecheck",
+        "engine.downloads", "engine.model_store", "engine.filecheck", "engine.candidates",
     ),
 )
 STDLIB_ONLY = Layer(
@@ -103,6 +105,16 @@ ENGINE_STDLIB = Layer(
     stdlib_only=True,
 )
 
+# Lesion candidates from an anomaly map: the engine runs it after the network, and the Slicer side (the lesion
+# detection logic's sensitivity slider) re-derives candidates with it without a worker, so it must import with
+# numpy alone (no torch, no SimpleITK) and nothing else of the library.
+ENGINE_CANDIDATES = Layer(
+    name="numpy-only engine part (engine/candidates.py)",
+    forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")),
+    allowed_lib=(),
+    third_party=("numpy",),
+)
+
 
 def layer_of(relpath: str) -> Layer | None:
     """The layer of a file, by its path relative to MIADeepLearning/ (posix separators)."""
@@ -124,6 +136,8 @@ def layer_of(relpath: str) -> Layer | None:
         return ENGINE_TORCH_FREE
     if inner == ["engine", "filecheck.py"]:
         return ENGINE_STDLIB
+    if inner == ["engine", "candidates.py"]:
+        return ENGINE_CANDIDATES
     if inner[0] == "engine" and len(inner) > 1:
         return ENGINE_CORE
     if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] == "training" and len(inner) > 1):
@@ -228,6 +242,9 @@ def check_source(source: str, relpath: str) -> list[str]:
                 )
         elif layer.stdlib_only and top not in STDLIB:
             problems.append(f"{where}, which is not in the standard library (stdlib only)")
+        elif layer.third_party is not None and top not in STDLIB and not _matches(ref.name, layer.third_party):
+            allowed = ", ".join(layer.third_party)
+            problems.append(f"{where}; besides the standard library it may import only {allowed}")
         elif ref.at_import and _matches(ref.name, layer.forbidden_at_import):
             problems.append(f"{where} at import time, which the torch-free Slicer side would then need")
     return problems
@@ -317,6 +334,19 @@ VIOLATIONS = [
     ("DLClassification.py", "from DLSegmentation import DEFAULT_MODEL_ID\n", "DLSegmentation"),
     (f"{LIB}/engine/classification.py", "from MIADeepLearningLib.training import sequence_render\n",
      f"{LIB}.training.sequence_render"),
+    # engine/candidates.py: numpy and the standard library only (the Slicer side re-derives candidates with it)
+    (f"{LIB}/engine/candidates.py", "import torch\n", "torch"),
+    (f"{LIB}/engine/candidates.py", "def f():\n    import SimpleITK as sitk\n", "SimpleITK"),
+    (f"{LIB}/engine/candidates.py", "from scipy import ndimage\n", "scipy"),
+    (f"{LIB}/engine/candidates.py", "from MIADeepLearningLib.engine import imageio\n", f"{LIB}.engine.imageio"),
+    (f"{LIB}/engine/candidates.py", "from . import errors\n", f"{LIB}.engine.errors"),
+    (f"{LIB}/engine/candidates.py", "import slicer\n", "slicer"),
+    # the Slicer side may use engine.candidates, never the engine's detection pipeline (SimpleITK, torch)
+    (f"{LIB}/mrml/detection_logic.py", "from MIADeepLearningLib.engine.detection import kji_to_ras\n",
+     f"{LIB}.engine.detection"),
+    ("DLLesionDetection.py", "def f():\n    from MIADeepLearningLib.engine import detection\n",
+     f"{LIB}.engine.detection"),
+    (f"{LIB}/gui/task_widget.py", "from MIADeepLearningLib.engine import candidates\n", f"{LIB}.engine.candidates"),
 ]
 
 
@@ -349,6 +379,12 @@ ALLOWED = [
      "    from MIADeepLearningLib.engine import registry, model_store\n    import PyTorchUtils\n"),
     (f"{LIB}/gui/task_widget.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
      "    from MIADeepLearningLib.mrml.task_run import TaskRun\n"),
+    (f"{LIB}/engine/candidates.py", "from __future__ import annotations\nfrom collections.abc import Sequence\n"
+     "import numpy as np\n"),
+    (f"{LIB}/mrml/detection_logic.py", "from MIADeepLearningLib.engine import candidates as lesion_candidates\n"),
+    (f"{LIB}/testing/detection_scenarios.py", "from MIADeepLearningLib.engine.candidates import find_candidates\n"),
+    ("DLLesionDetection.py", "def f():\n    from MIADeepLearningLib.engine.candidates import candidate_label\n"),
+    (f"{LIB}/gui/task_widget.py", "def f():\n    from MIADeepLearningLib.engine import candidates\n"),
 ]
 
 
@@ -366,6 +402,18 @@ def test_checker_accepts_allowed_imports(relpath: str, source: str) -> None:
     (f"{LIB}/training/train_classification.py", ENGINE),
 ])
 def test_classification_files_have_their_layers(relpath: str, layer: Layer) -> None:
+    assert (SOURCE_DIR / relpath).is_file(), relpath
+    assert layer_of(relpath) is layer
+
+
+@pytest.mark.parametrize(("relpath", "layer"), [
+    ("DLLesionDetection.py", MODULE),
+    (f"{LIB}/engine/candidates.py", ENGINE_CANDIDATES),
+    (f"{LIB}/engine/detection.py", ENGINE_CORE),
+    (f"{LIB}/mrml/detection_logic.py", MRML),
+    (f"{LIB}/testing/detection_scenarios.py", MRML),
+])
+def test_detection_files_have_their_layers(relpath: str, layer: Layer) -> None:
     assert (SOURCE_DIR / relpath).is_file(), relpath
     assert layer_of(relpath) is layer
 

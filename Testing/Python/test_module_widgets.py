@@ -8,7 +8,9 @@ progress, finish, cancel, errors and declined installs the same way in every mod
 
 Each case runs in a subprocess of its own: the stand-ins replace `qt`, `slicer` and `vtk` in sys.modules, which must
 not leak into the other suites (they use slicer-core's real `slicer`). The real widgets, layout and dialogs are
-covered by the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest).
+covered by the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest, DLClassificationTest,
+DLLesionDetectionTest); the lesion detection panel's own rules (extra contrasts, the sensitivity slider) by
+test_detection_module.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIR = ROOT / "MIADeepLearning"
 UI_DIR = ROOT / "Resources" / "UI"
-MODULES = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification")
+MODULES = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification", "DLLesionDetection")
 
 
 # Stand-ins (installed only in the subprocess)
@@ -412,6 +414,14 @@ _CLASSIFICATION_RESULT = types.SimpleNamespace(
     table_node=FakeNode("Sequence types", "vtkMRMLTableNode1"), warnings=[], timings={"total": 2.0},
     summary=lambda: "'head': FLAIR (p = 0.96; runner-up T2-weighted 0.02)",
 )
+_DETECTION_RESULT = types.SimpleNamespace(
+    anomaly_node=FakeNode("head anomaly map", "vtkMRMLScalarVolumeNode8"),
+    table_node=FakeNode("head lesion candidates table", "vtkMRMLTableNode1"),
+    candidates=[{"label": 1, "volume_ml": 1.5, "center_ras": [10.0, -5.0, 2.5], "max_score": 0.8,
+                 "mean_score": 0.7, "tissue": "white matter", "voxels": 40}],
+    found=1, threshold=0.5, case_score=0.83, warnings=[], timings={"total": 2.0},
+    summary=lambda: "1 lesion candidate at threshold 0.50; case abnormality score 0.83",
+)
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
@@ -438,6 +448,12 @@ CASES: dict[str, dict[str, Any]] = {
         "start_kwargs": {"createSaliency": False, "keepModelLoaded": True},
         "result": _CLASSIFICATION_RESULT,
         "done": "Done: 'head': FLAIR (p = 0.96; runner-up T2-weighted 0.02); see table 'Sequence types' (2.0 s).",
+    },
+    "DLLesionDetection": {
+        "model": "brain-lesion", "title": "DL Lesion Detection", "failed": "Lesion detection failed: boom",
+        "start_kwargs": {"extraVolumes": [], "outputSegmentation": None, "keepModelLoaded": True},
+        "result": _DETECTION_RESULT,
+        "done": "Done: 1 lesion candidate at threshold 0.50; case abnormality score 0.83 (2.0 s).",
     },
 }
 
@@ -593,7 +609,8 @@ def case_logic_warm_worker(name: str) -> None:
     created: list[tuple] = []
     logic.createTaskLogic = lambda python, warm: created.append((python, warm)) or types.SimpleNamespace(warm=warm)
     accessor = getattr(logic, {"DLSegmentation": "segmentationLogic", "DLSynthesis": "synthesisLogic",
-                               "DLRegistration": "registrationLogic", "DLClassification": "classificationLogic"}[name])
+                               "DLRegistration": "registrationLogic", "DLClassification": "classificationLogic",
+                               "DLLesionDetection": "detectionLogic"}[name])
 
     cold = accessor(False)
     assert accessor(False) is cold and cold.warm is None

@@ -1,9 +1,9 @@
 """The end-to-end scenarios of the Slicer self-tests (DLSegmentationTest, DLSynthesisTest, DLRegistrationTest,
-DLClassificationTest), run here on a headless MRML scene.
+DLClassificationTest, DLLesionDetectionTest), run here on a headless MRML scene.
 
-Same functions, same SegmentationLogic / SynthesisLogic / RegistrationLogic / ClassificationLogic, real worker
-processes and the real networks (deepbet, thick-slice-sr, brain-registration, sequence-type); in CI every
-prerequisite is installed, so a skip here is a failure of the setup, not a pass.
+Same functions, same SegmentationLogic / SynthesisLogic / RegistrationLogic / ClassificationLogic / DetectionLogic,
+real worker processes and the real networks (deepbet, thick-slice-sr, brain-registration, sequence-type,
+brain-lesion); in CI every prerequisite is installed, so a skip here is a failure of the setup, not a pass.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from MIADeepLearningLib.testing import (
     classification_scenarios,
+    detection_scenarios,
     registration_scenarios,
     scenarios,
     synthesis_scenarios,
@@ -54,4 +55,11 @@ def test_registration_scenario(scene, name, scenario):
 @pytest.mark.parametrize("name,scenario", classification_scenarios.SCENARIOS,
                          ids=[name for name, _ in classification_scenarios.SCENARIOS])
 def test_classification_scenario(scene, name, scenario):
+    _run(scenario)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,scenario", detection_scenarios.SCENARIOS,
+                         ids=[name for name, _ in detection_scenarios.SCENARIOS])
+def test_detection_scenario(scene, name, scenario):
     _run(scenario)

@@ -12,7 +12,7 @@
   module file declares it as a dependency (test_import_layers.py forbids such imports; shared code is in gui/).
 
 Every per-module check is parametrized over the module files (DLSegmentation, DLSynthesis, DLRegistration,
-DLClassification).
+DLClassification, DLLesionDetection).
 
 Nothing here imports slicer, qt or the module files; they are read as text, XML and ast.
 """
@@ -685,7 +685,7 @@ def test_setup_installs_downloads_and_imports_nothing_heavy(module: Path) -> Non
 def test_setup_is_followed_into_the_shared_gui_code() -> None:
     """The shared setup part, the model list and the Logic's constructor live in gui/; they must be checked too."""
     trees = _module_trees()
-    for stem in ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification"):
+    for stem in ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification", "DLLesionDetection"):
         widget = _classes(trees[stem])[f"{stem}Widget"]
         reached = {name for name, _ in _reachable_from_setup(trees[stem], widget, trees)}
         expected = {"_setupTaskWidget", "_populateModelComboBox", f"{stem}Logic.availableModels",
@@ -929,7 +929,7 @@ def test_module_test_runs_the_shared_scenarios(module: Path) -> None:
 
 def test_every_task_module_is_checked() -> None:
     """The parametrized checks above run per module file; make sure every task module is among them."""
-    assert {"DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification"} <= {
+    assert {"DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification", "DLLesionDetection"} <= {
         module.stem for module in _module_files()}
 
 

@@ -1,4 +1,5 @@
-"""Slicer-side (Qt) code shared by the task modules (DLSegmentation, DLSynthesis, DLRegistration, DLClassification).
+"""Slicer-side (Qt) code shared by the task modules (DLSegmentation, DLSynthesis, DLRegistration, DLClassification,
+DLLesionDetection).
 
 Why a library package: a task module must not import another task module (Slicer would have to load it first, and
 copies of the Apply/poll/cancel code drift apart). Each module file keeps only what is its own (its .ui, parameter
