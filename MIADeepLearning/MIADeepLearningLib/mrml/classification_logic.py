@@ -30,7 +30,14 @@ from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.source_files import verify_source_file
 from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun, launch
-from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume, place_beside, read_volume_file
+from MIADeepLearningLib.mrml.volumes import (
+    OVERLAY_COLOR_NODE_IDS,
+    check_input_volume,
+    export_volume,
+    place_beside,
+    read_volume_file,
+    style_overlay,
+)
 
 WORKER_TASK = "classify"
 # What scripts and the other modules read on a classified volume (label: one of the model's classes, e.g. "flair")
@@ -42,8 +49,7 @@ TABLE_NAME = "Sequence types"
 SALIENCY_SUFFIX = "saliency"
 # The first of these colour tables present in the scene colours a saliency map (the file tables are loaded by
 # Slicer's Colors module; the last one exists in every scene, the headless one included).
-SALIENCY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                           "vtkMRMLColorTableNodeRainbow")
+SALIENCY_COLOR_NODE_IDS = OVERLAY_COLOR_NODE_IDS
 SALIENCY_THRESHOLD = 0.1  # below this the overlay is transparent, so the scan shows through where nothing mattered
 
 # The titles of engine.classification.CLASSES (that module imports torch, which the Slicer side never does; a test
@@ -233,18 +239,7 @@ def classification_table(rows: list[VolumeClassification], name: str, scene, ref
 
 def style_saliency(node) -> None:
     """0-1 in a colour table, transparent below SALIENCY_THRESHOLD: meant as the foreground over its scan."""
-    node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    scene = node.GetScene()
-    color_id = next((color_id for color_id in SALIENCY_COLOR_NODE_IDS
-                     if scene is not None and scene.GetNodeByID(color_id) is not None), None)
-    if color_id is not None:
-        display.SetAndObserveColorNodeID(color_id)
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(0.0, 1.0)
-    display.SetAutoThreshold(False)
-    display.SetThreshold(SALIENCY_THRESHOLD, 1.0)
-    display.SetApplyThreshold(True)
+    style_overlay(node, SALIENCY_THRESHOLD, SALIENCY_COLOR_NODE_IDS)
 
 
 # ----------------------------------------------------------------------------------------------------- the run

@@ -47,6 +47,7 @@ from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.source_files import verify_source_file
 from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun, launch
 from MIADeepLearningLib.mrml.volumes import (
+    OVERLAY_COLOR_NODE_IDS,
     array_from_image,
     check_input_volume,
     export_volume,
@@ -56,6 +57,7 @@ from MIADeepLearningLib.mrml.volumes import (
     put_on_grid,
     read_unattached_volume,
     same_grid,
+    style_overlay,
 )
 
 WORKER_TASK = "detect"
@@ -101,8 +103,7 @@ TABLE_SUFFIX = "lesion candidates table"
 DEFAULT_SEGMENTATION_SUFFIX = "lesion candidates"
 # The anomaly map is transparent below this, so the anatomy shows through where nothing departs from it
 ANOMALY_DISPLAY_THRESHOLD = 0.1
-ANOMALY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                          "vtkMRMLColorTableNodeRainbow")
+ANOMALY_COLOR_NODE_IDS = OVERLAY_COLOR_NODE_IDS
 
 CANDIDATE_COLUMN = "Candidate"
 VOLUME_COLUMN = "Volume (mL)"
@@ -195,18 +196,7 @@ def candidate_boxes(labels: np.ndarray, count: int, node) -> list[tuple[np.ndarr
 # ----------------------------------------------------------------------------------------------------- display
 def style_anomaly_map(node) -> None:
     """0-1 in a colour table, transparent below ANOMALY_DISPLAY_THRESHOLD: meant as the foreground over its scan."""
-    node.CreateDefaultDisplayNodes()
-    display = node.GetDisplayNode()
-    scene = node.GetScene()
-    color_id = next((color_id for color_id in ANOMALY_COLOR_NODE_IDS
-                     if scene is not None and scene.GetNodeByID(color_id) is not None), None)
-    if color_id is not None:
-        display.SetAndObserveColorNodeID(color_id)
-    display.SetAutoWindowLevel(False)
-    display.SetWindowLevelMinMax(0.0, 1.0)
-    display.SetAutoThreshold(False)
-    display.SetThreshold(ANOMALY_DISPLAY_THRESHOLD, 1.0)
-    display.SetApplyThreshold(True)
+    style_overlay(node, ANOMALY_DISPLAY_THRESHOLD, ANOMALY_COLOR_NODE_IDS)
 
 
 def brain_map_colors(scene) -> Any:

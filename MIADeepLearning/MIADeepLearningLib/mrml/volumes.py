@@ -290,3 +290,27 @@ def export_label_array(voxels: np.ndarray, reference: slicer.vtkMRMLVolumeNode, 
     node.SetIJKToRASMatrix(matrix)
     node.SetName(reference.GetName())
     return export_volume(node, path)
+
+
+# Colour tables for 0-1 overlays (saliency, anomaly), the first one the scene has: a perceptual map where Slicer ships
+# it, else older tables
+OVERLAY_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+                          "vtkMRMLColorTableNodeRainbow")
+
+
+def style_overlay(node: slicer.vtkMRMLScalarVolumeNode, threshold: float,
+                  color_node_ids: tuple[str, ...] = OVERLAY_COLOR_NODE_IDS) -> None:
+    """A 0-1 map in a colour table, window 0-1, transparent below `threshold`: meant as the foreground over its scan,
+    so the scan shows through where the map says nothing."""
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    scene = node.GetScene()
+    color_id = next((color_id for color_id in color_node_ids
+                     if scene is not None and scene.GetNodeByID(color_id) is not None), None)
+    if color_id is not None:
+        display.SetAndObserveColorNodeID(color_id)
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetAutoThreshold(False)
+    display.SetThreshold(threshold, 1.0)
+    display.SetApplyThreshold(True)
