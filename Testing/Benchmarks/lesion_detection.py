@@ -279,19 +279,10 @@ def render(tissues: torch.Tensor, lesion: np.ndarray | None, contrast: str, seed
 
 
 def held_out_shapes(folder: Path, cache: Path) -> list[Any]:
-    """The held-out shapes of lesion_shapes.load_lesion_shapes(folder, 1, cache=cache). An existing cache is read here
-    with each array loaded once: lesion_shapes.read_shapes indexes the .npz per shape, which decompresses the whole
-    1 mm mask array (~0.6 G voxels, ~2 s) every time, hours for the ~4,400 shapes."""
-    from MIADeepLearningLib.training.lesion_shapes import LesionShape, load_lesion_shapes
+    """The held-out shapes at 1 mm (lesion_shapes.load_lesion_shapes; `cache` written on the first run)."""
+    from MIADeepLearningLib.training.lesion_shapes import load_lesion_shapes
 
-    if not cache.is_file():
-        return load_lesion_shapes(folder, 1, cache=cache)[1]
-    bundle = np.load(cache)
-    masks, sizes, names, kinds, kept = (bundle[key] for key in ("masks", "sizes", "names", "kinds", "held_out"))
-    ends = np.cumsum([int(np.prod(size)) for size in sizes])
-    return [LesionShape(str(names[index]), str(kinds[index]),
-                        masks[ends[index] - int(np.prod(sizes[index])):ends[index]].reshape(sizes[index]).copy())
-            for index in np.flatnonzero(kept)]
+    return load_lesion_shapes(folder, 1, cache=cache)[1]
 
 
 def synthetic_runs(data: Path, folder: Path, count: int, max_cases: int | None, shape_cache: Path,

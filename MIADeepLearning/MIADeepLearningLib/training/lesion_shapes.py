@@ -210,10 +210,6 @@ class LesionPainter:
         return adjust
 
 
-def lesion_volume_ml(mask: np.ndarray, voxel_mm: float) -> float:
-    return float(mask.sum()) * voxel_mm**3 / 1000.0
-
-
 def sphere(radius_voxels: float) -> np.ndarray:
     """A ball mask (for tests and smoke runs without the real masks)."""
     size = 2 * math.ceil(radius_voxels) + 1
