@@ -22,6 +22,9 @@ atexit.register(shutil.rmtree, os.environ["MIADL_CACHE_DIR"], ignore_errors=True
 # The input-type check (the sequence classifier run before other models) is off unless a test turns it on: tests
 # that assert the warnings of a run must not depend on what the classifier thinks of a synthetic phantom.
 os.environ.setdefault("MIADL_TYPE_CHECK", "0")
+# Networks run in PyTorch unless a test asks for the OpenVINO CPU path (test_cpu_runtime.py): its first call on a
+# network converts and checks it (seconds), and tests that count a network's calls must see one call per window.
+os.environ.setdefault("MIADL_CPU_RUNTIME", "pytorch")
 if str(LIBRARY_ROOT) not in sys.path:
     sys.path.insert(0, str(LIBRARY_ROOT))
 

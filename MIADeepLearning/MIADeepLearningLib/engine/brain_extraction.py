@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from MIADeepLearningLib.engine import geometry
+from MIADeepLearningLib.engine import cpu_runtime, geometry
 from MIADeepLearningLib.engine.errors import InputError
 from MIADeepLearningLib.engine.registry import ModelInfo
 
@@ -74,6 +74,7 @@ class BrainExtraction:
         self.device = device
         self.threshold = float(options.get("threshold", 0.5))
         self.margin = float(options.get("bbox_margin", 0.1))
+        self.runtime_notes: dict[str, None] = {}  # what ran the networks in the last run, and why (ordered set)
         self.spacing_mm = float(options.get("working_spacing_mm", 1.0))
         with warnings.catch_warnings():  # deepbet ships TorchScript; torch 2.13 deprecates torch.jit.load itself
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -87,13 +88,17 @@ class BrainExtraction:
         return self
 
     def _network(self, model: torch.jit.ScriptModule, voxels: torch.Tensor) -> torch.Tensor:
-        """Brain probability of one normalised volume; fp16/bf16 autocast on CUDA, fp32 on the CPU."""
+        """Brain probability of one normalised volume; fp16/bf16 autocast on CUDA; on the CPU fp32, by OpenVINO
+        where it was checked against PyTorch on this machine (engine/cpu_runtime.py)."""
         with torch.inference_mode():
             if self.device.type == "cuda":
                 dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
                 with torch.autocast("cuda", dtype=dtype):
                     return model(voxels[None, None])[0, 1].float()
-            return model(voxels[None, None])[0, 1]
+            call = cpu_runtime.runner(model, self.device, "labels")
+            probability = call(voxels[None, None])[0, 1].float()
+            self.runtime_notes[call.note] = None
+            return probability
 
     def brain_probability(self, head_ras: np.ndarray, progress: ProgressCallback = _no_progress) -> np.ndarray:
         """Brain probability on the (R, A, S)-indexed model grid."""
@@ -120,6 +125,7 @@ class BrainExtraction:
 
     def predict(self, image: sitk.Image, progress: ProgressCallback = _no_progress) -> dict[str, sitk.Image]:
         """Brain label (uint8, 1 = brain) and probability on the input's own grid."""
+        self.runtime_notes = {}
         progress("preprocess", 0.12, "Resampling to a 1 mm RAS working grid")
         grid = geometry.ras_model_grid(image, self.spacing_mm)
         background = float(sitk.GetArrayViewFromImage(image).min())
@@ -136,4 +142,5 @@ class BrainExtraction:
         mask = sitk.Cast(mask, sitk.sitkUInt8)
         mask.CopyInformation(image)
         probability.CopyInformation(image)
-        return {"label": mask, "probability": probability}
+        return {"label": mask, "probability": probability,
+                "provenance": {"network_runtime": list(self.runtime_notes)}}

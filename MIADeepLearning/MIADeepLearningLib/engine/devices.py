@@ -92,6 +92,10 @@ def device_report() -> dict[str, Any]:
                 "memory_total_gib": round(total / 2**30, 2),
             })
     report["auto_choice"] = choose_device("auto").reason
+    report["cpu_native_bf16"] = cpu_has_native_bf16()
+    from MIADeepLearningLib.engine import cpu_runtime  # imports this module: not at the top
+
+    report["cpu_runtime"] = cpu_runtime.status()
     return report
 
 

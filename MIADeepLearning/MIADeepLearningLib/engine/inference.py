@@ -6,8 +6,9 @@ what makes it cheaper (the network evaluations dominate the time; stitching cost
 - windows whose input is entirely background are not run through the network; the network's output on one pure
   background window (computed once) is blended in their place, so labels stay those of MONAI (exactly so with the
   default threshold, the input minimum; a higher `background_threshold` treats near-background as pure background);
-- on a CPU with native bf16, bf16 autocast when a probe on the first windows shows that it keeps the labels (and is
-  not slower); on CUDA, bf16 (or fp16) autocast and TF32;
+- on a CPU without native bf16, OpenVINO instead of PyTorch fp32 where it was checked to give the same labels or
+  intensities and to be faster (engine/cpu_runtime.py); on a CPU with native bf16, bf16 autocast when a probe on the
+  first windows shows that it keeps the labels (and is not slower); on CUDA, bf16 (or fp16) autocast and TF32;
 - the stitching buffer is kept in ``output_dtype`` (fp16 by default) in slabs that are freed one by one while the
   float32 result is written, and the input is never copied or padded as a whole: the peak stays at or below MONAI's;
 - on CUDA, out of memory falls back step by step: half the batch (down to 1), then stitching on the CPU, then the
@@ -28,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from MIADeepLearningLib.engine import devices
+from MIADeepLearningLib.engine import cpu_runtime, devices
 
 ProgressCallback = Callable[[float], None]
 
@@ -96,6 +97,7 @@ class InferenceReport:
     precision: str = "float32"  # the network's compute precision: float32, or bfloat16/float16 autocast
     stitch_device: str = "cpu"  # where the blending buffer was at the end
     notes: list[str] = field(default_factory=list)  # decisions that are not fallbacks (bf16 probe, skipped windows)
+    runtime: str = "pytorch"  # what ran the network: pytorch, or openvino <version> (engine/cpu_runtime.py)
 
 
 # ---------------------------------------------------------------------------------------------- grid and weights
@@ -361,6 +363,7 @@ class _WindowedRun:
             self.batch = devices.sw_batch_size_for(device, self.roi, self.image.shape[0])
         self.precision: torch.dtype | None = None
         self.probe_pending = False
+        self.call = self._network_call()
         self._choose_precision()
         self.stitcher: _Stitcher | None = None
         self.stitching_on_device = False  # the buffer is on the (CUDA) device, so moving it can free memory
@@ -394,10 +397,22 @@ class _WindowedRun:
             foreground.insert(0, foreground.pop(first))
         return foreground, background
 
+    def _network_call(self) -> Any:
+        """What runs the network: on the CPU a runner that may use OpenVINO (checked against PyTorch fp32 first),
+        on CUDA the network itself."""
+        if self.on_cuda:
+            return self.network
+        kind = "intensities" if self.config.output_kind == "intensities" else "labels"
+        return cpu_runtime.runner(self.network, self.device, kind)
+
     def _choose_precision(self) -> None:
-        """CUDA: autocast in bf16/fp16. CPU: bf16 is only a candidate, decided by a probe on the first windows."""
+        """CUDA: autocast in bf16/fp16. CPU: bf16 is only a candidate, decided by a probe on the first windows, and
+        only where the CPU runtime is PyTorch (OpenVINO's own check compares against fp32)."""
         self.precision, self.probe_pending = None, False
         if not self.config.autocast:
+            return
+        if isinstance(self.call, cpu_runtime.NetworkRunner) and not (
+                self.call.decided and self.call.accelerated is None):
             return
         candidate = devices.autocast_dtype(self.device)
         if candidate is None:
@@ -459,7 +474,7 @@ class _WindowedRun:
         """Float32 outputs of a batch; the first CPU batch also decides bf16 against fp32."""
         if self.probe_pending:
             return self._probe(batch)
-        return _forward(self.network, batch, self.precision, self.roi)
+        return _forward(self.call, batch, self.precision, self.roi)
 
     def _probe(self, batch: torch.Tensor) -> torch.Tensor:
         """Runs the first batch in fp32 (the output blended) and in bf16, and keeps bf16 if the labels stay (>= 99.9 %
@@ -472,12 +487,12 @@ class _WindowedRun:
         if decided is not None:
             self.precision, note = decided
             self.notes.append(note + " (decided on an earlier run)")
-            return _forward(self.network, batch, self.precision, self.roi)
+            return _forward(self.call, batch, self.precision, self.roi)
         started = time.process_time()
-        full = _forward(self.network, batch, None, self.roi)
+        full = _forward(self.call, batch, None, self.roi)
         full_seconds = time.process_time() - started
         started = time.process_time()
-        low = _forward(self.network, batch, torch.bfloat16, self.roi)
+        low = _forward(self.call, batch, torch.bfloat16, self.roi)
         low_seconds = time.process_time() - started
         speedup = full_seconds / max(low_seconds, 1e-6)
         if self.config.output_kind == "intensities":
@@ -609,6 +624,7 @@ class _WindowedRun:
         if self.config.sw_batch_size is None:
             self.batch = devices.sw_batch_size_for(cpu, self.roi, self.image.shape[0])
         self.batch = self.batch or 1
+        self.call = self._network_call()
         self._choose_precision()
         self.fallbacks.append("GPU out of memory: ran on the CPU")
 
@@ -635,10 +651,15 @@ class _WindowedRun:
             assert self.stitcher is not None
             output = self._attempt(self.stitcher_finish, batch_matters=False)
         self._report(1.0)
+        runtime = "pytorch"
+        if isinstance(self.call, cpu_runtime.NetworkRunner):
+            runtime = self.call.runtime
+            self.notes.append(self.call.note)
         report = InferenceReport(
             device=str(self.device), sw_batch_size=int(self.batch or 1), windows_total=len(self.windows),
             windows_evaluated=len(self.foreground), seconds=time.perf_counter() - started, fallbacks=self.fallbacks,
-            precision=_precision_name(self.precision), stitch_device=str(self.stitcher.device), notes=self.notes)
+            precision=_precision_name(self.precision), stitch_device=str(self.stitcher.device), notes=self.notes,
+            runtime=runtime)
         return output, report
 
     def stitcher_finish(self) -> torch.Tensor:
