@@ -92,6 +92,19 @@ def test_converted_once_checked_and_decision_reused(runtime):
     assert [entry["runtime"] for entry in report["decisions_on_this_machine"]] == [first.runtime]
 
 
+def test_batch_norm_networks_convert(runtime):
+    """Batch norm keeps a 0-dim counter among its weights: the fingerprint must take it (MONAI's UNet has them)."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.BatchNorm3d(4),
+                                  torch.nn.Conv3d(4, 2, 1)).eval()
+    inputs = phantom((1, 1, 12, 12, 12))
+    with torch.inference_mode():
+        runner = cpu_runtime.runner(network, CPU)
+        runner(inputs)
+        assert runner.runtime.startswith("openvino"), runner.note
+        assert torch.allclose(runner(inputs), network(inputs), atol=1e-4)
+
+
 def test_other_weights_other_conversion_and_shapes_are_dynamic(runtime):
     inputs = phantom()
     with torch.inference_mode():

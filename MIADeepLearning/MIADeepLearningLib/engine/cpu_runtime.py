@@ -133,7 +133,7 @@ def weights_fingerprint(network: torch.nn.Module) -> str:
     for name, tensor in network.state_dict().items():
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 
