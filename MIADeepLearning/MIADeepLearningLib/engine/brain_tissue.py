@@ -13,6 +13,9 @@ mirrored copies; the mean of their probabilities gives the labels and its normal
 that measurably helps (about +0.01 Dice for brain-tissue 0.1.0) — so asking for the map does not change them.
 ``grid_shifts_mm`` runs the whole thing again on copies of the working grid shifted by a fraction of a voxel and
 averages the probabilities on the input grid: each copy samples the partial volumes of a fine scan differently.
+``crop_to_head`` (default true) runs the network only over the head's box on each working grid (engine/crop.py,
+CROP_MARGIN_MM around the foreground) when that needs fewer or smaller windows; outside the box the probabilities are
+background's.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from MIADeepLearningLib.engine import geometry
+from MIADeepLearningLib.engine import crop, geometry
 from MIADeepLearningLib.engine.encoding import normalise
 from MIADeepLearningLib.engine.errors import InputError, ModelError
 from MIADeepLearningLib.engine.inference import (
@@ -48,6 +51,9 @@ KEEP_INPUT_AXES = "input"
 # network saw in training; a package may add "AP" and "SI" in slicer.options.flip_axes.
 FLIP_AXES = {"LR": 0, "AP": 1, "SI": 2}
 DEFAULT_FLIP_AXES = ("LR",)
+# Air kept around the head's box (crop_to_head). The network's InstanceNorm makes its output depend on everything in a
+# window, so this is not a receptive field but a measured choice: see Docs/Developers.md (cropping to the head).
+CROP_MARGIN_MM = 16.0
 
 # Standard names, colours and terminology of the tissue classes (training.generator.TISSUE_CLASSES), for packages
 # whose metadata names no segments (slicer.segments overrides them label by label). Where each code comes from:
@@ -224,7 +230,8 @@ class BrainTissueSegmentation:
         self.options = {"roi_size": 96, "overlap": 0.5, "uncertainty": False, "flip_average": False,
                         "intensity_refinement_iterations": 0, "grid_shifts_mm": [[0.0, 0.0, 0.0]],
                         "orientation": DEFAULT_ORIENTATION,
-                        "flip_axes": list(DEFAULT_FLIP_AXES), **options}
+                        "flip_axes": list(DEFAULT_FLIP_AXES), crop.OPTION: True, **options}
+        self.crop_to_head = crop.crop_option(self.options, title)
         orientation = self.options["orientation"]
         if orientation != KEEP_INPUT_AXES:
             try:
@@ -260,13 +267,26 @@ class BrainTissueSegmentation:
                 dims[axis] = dim
         return dims
 
+    def head_box(self, volume: torch.Tensor) -> tuple[slice, ...] | None:
+        """The box (spatial slices of a (1, D, H, W) working-grid input) the network runs over; None: the whole
+        grid (the option is off, or the box would not save MIN_SAVING of the windows)."""
+        if not self.crop_to_head:
+            return None
+        multiple = int(self.network.size_multiple)
+        margin = math.ceil(CROP_MARGIN_MM / self.working_spacing - 1e-9)
+        box = crop.foreground_box(volume[0].numpy(), margin, multiple)
+        shape = tuple(int(n) for n in volume.shape[1:])
+        return box if crop.worth_it(box, shape, self._roi_size(), float(self.options["overlap"]), multiple) else None
+
+    def _roi_size(self) -> int:
+        multiple = int(self.network.size_multiple)
+        return max(multiple, int(self.options["roi_size"]) // multiple * multiple)
+
     def _probabilities(self, volume: torch.Tensor, progress: ProgressCallback, label: str, low: float,
                        high: float) -> tuple[torch.Tensor, InferenceReport]:
         """Softmax over the classes, (K, D, H, W), of a (1, D, H, W) input; windowed, progress in [low, high]."""
-        multiple = int(self.network.size_multiple)
-        padded, size = pad_to_multiple(volume, multiple)
-        roi_size = max(multiple, int(self.options["roi_size"]) // multiple * multiple)
-        roi = tuple(min(roi_size, n) for n in padded.shape[1:])
+        padded, size = pad_to_multiple(volume, int(self.network.size_multiple))
+        roi = tuple(min(self._roi_size(), n) for n in padded.shape[1:])
         config = WindowedInferenceConfig(roi_size=roi, overlap=float(self.options["overlap"]), mode="gaussian",
                                          output_kind="labels")
 
@@ -294,18 +314,21 @@ class BrainTissueSegmentation:
             flips.update(self.flip_dims(grid))
         copies = len(self.grid_shifts) * len(flips)
         total: np.ndarray | None = None
-        reports, normalisation = [], {}
+        reports, normalisation, crops = [], {}, []
         for shift_index, shift in enumerate(self.grid_shifts):
             moved = shifted_grid(grid, shift)
             working = geometry.resample_linear(smoothed, moved)
             normalised, offset, scale = normalise(torch.from_numpy(sitk.GetArrayFromImage(working)))
             normalisation = normalisation or {"offset": offset, "scale": scale}
             inputs = normalised[None].float()
+            box = self.head_box(inputs)
+            crops.append(crop.describe_box(None if box is None else box[::-1], grid.GetSize()))  # (i, j, k) order
+            region = inputs if box is None else inputs[(slice(None), *box)].contiguous()
             on_grid: torch.Tensor | None = None
             for flip_index, dim in enumerate(flips.values()):
                 index = shift_index * len(flips) + flip_index
                 label = "Network" if copies == 1 else f"Network, copy {index + 1} of {copies}"
-                flipped = inputs if dim is None else inputs.flip(dim + 1)  # dim 0 of the tensors is the channel
+                flipped = region if dim is None else region.flip(dim + 1)  # dim 0 of the tensors is the channel
                 probabilities, report_ = self._probabilities(flipped, progress, label,
                                                              low + (high - low) * index / copies,
                                                              low + (high - low) * (index + 1) / copies)
@@ -314,7 +337,13 @@ class BrainTissueSegmentation:
                 on_grid = probabilities if on_grid is None else on_grid + probabilities
                 reports.append(report_)
             assert on_grid is not None
-            total = self._to_input_grid((on_grid / len(flips)).numpy(), moved, image, add_to=total)
+            on_grid /= len(flips)
+            if box is not None:  # outside the head's box: background, as the network gives on air
+                whole = torch.zeros((on_grid.shape[0], *inputs.shape[1:]), dtype=on_grid.dtype)
+                whole[0] = 1.0
+                whole[(slice(None), *box)] = on_grid
+                on_grid = whole
+            total = self._to_input_grid(on_grid.numpy(), moved, image, add_to=total)
             del working
         assert total is not None
         del smoothed  # a float32 copy of the whole input: not needed any more
@@ -326,7 +355,9 @@ class BrainTissueSegmentation:
             "normalisation": normalisation,  # of the unshifted grid (the first)
             "test_time_flips": list(flips),  # "none" (the input as it is), then the mirrored anatomical axes
             "grid_shifts_mm": [list(shift) for shift in self.grid_shifts],
-            "inference": [{"device": r.device, "precision": r.precision, "windows": r.windows_evaluated,
+            "crop": crops,  # one per working grid, in the order of grid_shifts_mm: each finds its own box
+            "inference": [{"device": r.device, "runtime": r.runtime, "precision": r.precision,
+                           "windows": r.windows_evaluated,
                            "seconds": round(r.seconds, 3), "fallbacks": r.fallbacks, "notes": r.notes}
                           for r in reports],
         }
@@ -344,7 +375,7 @@ class BrainTissueSegmentation:
             result["uncertainty"] = uncertainty
         provenance["intensity_refinement_iterations"] = refinement
         result["provenance"] = {key: provenance[key] for key in (
-            "working_grid", "classes", "normalisation", "test_time_flips", "grid_shifts_mm",
+            "working_grid", "classes", "normalisation", "test_time_flips", "grid_shifts_mm", "crop",
             "intensity_refinement_iterations", "inference")}
         return result
 

@@ -447,7 +447,7 @@ class MonaiBundle:
             "weights_file": self.weights_file.name,
             "window": {key: (list(value) if isinstance(value, tuple) else value) for key, value in window.items()},
             "model_grid": list(model_input.shape[1:]),
-            "inference": {"device": report.device, "precision": report.precision,
+            "inference": {"device": report.device, "runtime": report.runtime, "precision": report.precision,
                           "sw_batch_size": report.sw_batch_size, "windows_total": report.windows_total,
                           "windows_evaluated": report.windows_evaluated, "fallbacks": list(report.fallbacks),
                           "notes": list(report.notes)},

@@ -1,9 +1,10 @@
 """The part of a volume that holds the head: networks need not run over the air around it.
 
 A 1 mm 256³ field of view is often half air. Running a network only over the foreground's bounding box (plus a
-margin wider than what the network looks at) gives the same answer inside the head in a fraction of the time; the
-caller fills the rest with what the network gives on air (background for a segmenter, the input itself for a
-residual restoration network).
+margin as wide as what the network looks at) gives about the same answer inside the head in less time: exactly the
+same for a convolutional network when one window covers the box, slightly different where window seams fall
+elsewhere or where normalisation layers (InstanceNorm) see other statistics. The caller fills the rest with what
+the network gives on air (background for a segmenter, the input itself for a residual restoration network).
 
 Windowed inference works in whole windows, so a smaller box only saves time where it needs fewer or smaller windows
 (`windowed_work`); a pipeline crops only then, because a crop that saves nothing can still change the result a

@@ -4,6 +4,10 @@ The input is resampled linearly onto a 1 mm grid with the input's orientation th
 network (trained on simulated thick-slice acquisitions, see training/train_synthesis.py) adds what interpolation
 cannot recover. Because the output grid keeps the input's axes, the thick-slice axis is one array axis; it is moved
 to the front, where the network was trained to expect it, and back afterwards.
+
+The network runs only over the head's box (engine/crop.py; option ``crop_to_head``, default true) with a margin of
+the network's reach: outside it the output is the interpolated input, which is what a residual network that adds a
+learned correction gives on air (the correction there is about zero). The test-time flips run on the same box.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from MIADeepLearningLib.engine import crop
 from MIADeepLearningLib.engine.encoding import network_input, normalise
 from MIADeepLearningLib.engine.errors import InputError, ModelError
 from MIADeepLearningLib.engine.geometry import isotropic_grid, resample_anti_aliased
@@ -45,7 +50,8 @@ class ThickSliceSuperResolution:
         self.network = network.eval().to(device)
         self.device = device
         self.options = {"output_spacing_mm": 1.0, "roi_size": 96, "overlap": 0.25, "uncertainty": False,
-                        "difference": False, **options}
+                        "difference": False, crop.OPTION: True, **options}
+        self.crop_to_head = crop.crop_option(self.options, getattr(model, "title", "thick-slice synthesis"))
 
     def to(self, device: torch.device) -> ThickSliceSuperResolution:
         self.network = self.network.to(device)
@@ -68,6 +74,18 @@ class ThickSliceSuperResolution:
         if str(report_.device) != str(self.device):
             self.to(torch.device(report_.device))
         return output[0, : size[0], : size[1], : size[2]], report_
+
+    def head_box(self, inputs: torch.Tensor) -> tuple[slice, ...] | None:
+        """The box (spatial slices of the (3, D, H, W) network input) the network runs over, found on channel 0
+        (the interpolated image) with a margin of the network's reach; None: the whole volume (the option is off,
+        or the box would not save MIN_SAVING of the windows)."""
+        if not self.crop_to_head:
+            return None
+        multiple = int(self.network.size_multiple)
+        box = crop.foreground_box(inputs[0].numpy(), crop.unet_reach(multiple), multiple)
+        shape = tuple(int(n) for n in inputs.shape[1:])
+        worth = crop.worth_it(box, shape, int(self.options["roi_size"]), float(self.options["overlap"]), multiple)
+        return box if worth else None
 
     def predict(self, image: sitk.Image, progress: ProgressCallback) -> dict[str, Any]:
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -97,6 +115,8 @@ class ThickSliceSuperResolution:
         slice_index = ((offset[axis] + positions) / slice_spacing).float()
         normalised, low, scale = normalise(upsampled)
         inputs = network_input(normalised, slice_index, slice_spacing)
+        box = self.head_box(inputs)
+        region = inputs if box is None else inputs[(slice(None), *box)].contiguous()
         flips: list[tuple[int, ...]] = [()]
         if self.options.get("uncertainty"):
             flips += [(2,), (3,), (2, 3)]  # in-plane flips: the slice geometry stays the same
@@ -104,10 +124,15 @@ class ThickSliceSuperResolution:
         for index, dims in enumerate(flips):
             low_fraction = 0.2 + 0.7 * index / len(flips)
             high_fraction = 0.2 + 0.7 * (index + 1) / len(flips)
-            flipped = inputs.flip(list(dims)) if dims else inputs
+            flipped = region.flip(list(dims)) if dims else region
             label = "Network" if len(flips) == 1 else f"Network, flip {index + 1} of {len(flips)}"
             output, report_ = self._predict_array(flipped, progress, label, low_fraction, high_fraction)
-            predictions.append(output.flip([d - 1 for d in dims]) if dims else output)
+            output = output.flip([d - 1 for d in dims]) if dims else output
+            if box is not None:  # outside the box: the interpolated input (every flip alike, so no spread there)
+                filled = inputs[0].float().clone()
+                filled[box] = output
+                output = filled
+            predictions.append(output)
             reports.append(report_)
         stacked = torch.stack(predictions)
         mean = stacked.mean(dim=0) * scale + low
@@ -125,11 +150,23 @@ class ThickSliceSuperResolution:
             "input_spacing_mm": [round(float(value), 4) for value in spacing],
             "output_size": list(grid.GetSize()), "output_spacing_mm": output_spacing,
             "normalisation": {"offset": low, "scale": scale}, "test_time_flips": len(flips),
-            "inference": [{"device": r.device, "precision": r.precision, "windows": r.windows_evaluated,
+            "crop": self._describe(box, inputs.shape[1:], array_axis),
+            "inference": [{"device": r.device, "runtime": r.runtime, "precision": r.precision,
+                           "windows": r.windows_evaluated,
                            "seconds": round(r.seconds, 3), "fallbacks": r.fallbacks, "notes": r.notes}
                           for r in reports],
         }
         return result
+
+    @staticmethod
+    def _describe(box: tuple[slice, ...] | None, shape: Any, array_axis: int) -> str:
+        """crop.describe_box in the output grid's (i, j, k) order, as output_size: the network's arrays have the
+        thick axis first."""
+        network_axes = [array_axis] + [axis for axis in range(3) if axis != array_axis]  # (z, y, x) axis of each
+        order = [network_axes.index(axis) for axis in (2, 1, 0)]  # network axis of each of i, j, k
+        sizes = [int(n) for n in shape]
+        ijk_box = None if box is None else [box[axis] for axis in order]
+        return crop.describe_box(ijk_box, [sizes[axis] for axis in order])
 
     @staticmethod
     def _to_image(volume: torch.Tensor, array_axis: int, grid: sitk.Image) -> sitk.Image:
