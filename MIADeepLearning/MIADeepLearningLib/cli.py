@@ -130,6 +130,11 @@ def _type_check(args: argparse.Namespace) -> bool | None:
     return False if getattr(args, "no_type_check", False) else None
 
 
+COPIES_HELP = ("how many copies of the input the network sees, averaged: 1 (fastest), 2 (+ its left-right mirror) or "
+               "4 (+ both on a half-voxel shifted grid); brain tissue and lesion detection only (default: the "
+               "model's, see its model card for what each costs and gains)")
+
+
 def check_model(model_id: str, device: str, task: str = "segmentation"):
     """Everything about the model and device that can fail, checked once before the first case (exit code 2)."""
     from MIADeepLearningLib.engine import registry
@@ -336,6 +341,24 @@ def command_segment(args: argparse.Namespace) -> int:
     return segment_file(args, output, masked, uncertainty)
 
 
+COPIES_PIPELINES = ("brain_tissue_segmentation", "lesion_detection")  # pipelines with the test_time_copies option
+
+
+def with_copies(args: argparse.Namespace, options: dict | None) -> dict | None:
+    """`options` plus --test-time-copies, which only the brain tissue and lesion pipelines take (a clear error for
+    other models rather than a silently ignored flag)."""
+    copies = getattr(args, "test_time_copies", None)
+    if copies is None:
+        return options
+    from MIADeepLearningLib.engine import registry
+
+    model = registry.get_model(args.model)
+    if model.pipeline not in COPIES_PIPELINES:
+        raise ModelError(f"Model '{model.title}' has no test-time copies; --test-time-copies is for the brain tissue "
+                         "and lesion detection models.")
+    return {**(options or {}), "test_time_copies": copies}
+
+
 def check_optional_outputs(model, args: argparse.Namespace) -> None:
     """The optional outputs the command line asks for must be ones the model lists (slicer.optional_outputs)."""
     requested = ["uncertainty"] if args.uncertainty or args.uncertainty_suffix is not None else []
@@ -348,7 +371,7 @@ def segment_file(args: argparse.Namespace, output: Path, masked: Path | None, un
     from MIADeepLearningLib.engine import imageio
     from MIADeepLearningLib.engine.tasks import segment_image
 
-    options = {"uncertainty": True} if uncertainty is not None else None
+    options = with_copies(args, {"uncertainty": True} if uncertainty is not None else None)
     result = segment_image(args.input, args.model, device=args.device, options=options,
                            create_masked_volume=masked is not None, progress=_progress_printer(args.quiet),
                            type_check=_type_check(args))
@@ -507,7 +530,7 @@ def segment_folder(args: argparse.Namespace) -> int:
     if uncertainty_suffix:
         columns.insert(columns.index("masked_output") + 1, UNCERTAINTY_COLUMN)
     report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv", columns)
-    options = {"uncertainty": True} if uncertainty_suffix else None
+    options = with_copies(args, {"uncertainty": True} if uncertainty_suffix else None)
     progress = BatchProgress(len(cases), quiet=args.quiet)
     pipeline_cache: dict = {}
     provenance: dict[str, Any] = {}
@@ -791,7 +814,8 @@ def command_detect(args: argparse.Namespace) -> int:
         raise UsageError(f"--min-volume must be 0 or more cubic millimetres, not {args.min_volume:g}.")
     targets = _detect_targets(args, inputs)
     model = check_model(args.model, args.device, task="detection")
-    options = {"threshold": args.threshold, "min_volume_mm3": args.min_volume}
+    options = {"threshold": args.threshold, "min_volume_mm3": args.min_volume,
+               "test_time_copies": args.test_time_copies}
     try:
         result = detect_lesions(inputs, model.id, device=args.device,
                                 options={key: value for key, value in options.items() if value is not None} or None,
@@ -974,6 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--format", choices=OUTPUT_FORMATS, default="same",
                          help="output folder: file format of the outputs (default: the input's own)")
     segment.add_argument("--report", help="folder input: the CSV report (default <output folder>/report.csv)")
+    segment.add_argument("--test-time-copies", type=int, choices=(1, 2, 4), metavar="{1,2,4}", help=COPIES_HELP)
     segment.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     segment.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here "
                                               "(a folder input: one entry per successful case)")
@@ -1061,6 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "model's, 0.5 for the shipped one; lower finds more)")
     detect.add_argument("--min-volume", type=float, metavar="MM3",
                         help="smallest candidate kept, in cubic millimetres (default: the model's, 10)")
+    detect.add_argument("--test-time-copies", type=int, choices=(1, 2, 4), metavar="{1,2,4}", help=COPIES_HELP)
     detect.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     detect.add_argument("--provenance", help="write model, weights sha256, device, options and segments as JSON here")
     detect.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)

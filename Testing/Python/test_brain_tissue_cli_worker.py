@@ -174,3 +174,24 @@ def test_worker_refuses_uncertainty_from_a_model_without_it(tmp_path):
     assert code == 2 and events[-1].error_type == "ModelError"
     assert events[-1].message == "Model 'Brain extraction (deepbet)' makes no uncertainty map."
     assert not Path(job.outputs_dir).exists() and not job.partial_dir.exists()
+
+
+def test_cli_test_time_copies(tissue_model, tmp_path, capsys):
+    """--test-time-copies picks the speed / accuracy choice; a model without copies refuses it in one sentence."""
+    head = _head(tmp_path / "in" / "head.nrrd")
+    label, provenance = tmp_path / "tissue.nrrd", tmp_path / "p.json"
+    code = cli.main(["segment", "--model", tissue_model, "-i", str(head), "-o", str(label), "--test-time-copies", "1",
+                     "--provenance", str(provenance), "--device", "cpu", "-q"])
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    _assert_on_grid(label, head)
+    record = json.loads(provenance.read_text())
+    assert record["parameters"]["test_time_copies"] == 1
+    assert record["pipeline"]["test_time_flips"] == ["none"] and len(record["pipeline"]["inference"]) == 1
+    capsys.readouterr()
+    code = cli.main(["segment", "--model", "deepbet", "-i", str(head), "-o", str(tmp_path / "brain.nrrd"),
+                     "--test-time-copies", "2", "--device", "cpu", "-q"])
+    error = capsys.readouterr().err
+    assert code == cli.EXIT_USAGE and "has no test-time copies" in error and "Traceback" not in error
+    assert not (tmp_path / "brain.nrrd").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--model", tissue_model, "-i", str(head), "-o", str(label), "--test-time-copies", "3"])

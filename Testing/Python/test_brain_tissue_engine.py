@@ -442,3 +442,27 @@ def test_a_2d_or_colour_image_is_refused(weights):
     for image in (sitk.Image([20, 20], sitk.sitkFloat32), sitk.Image([10, 10, 10], sitk.sitkVectorFloat32, 2)):
         with pytest.raises(InputError, match="3D single-channel"):
             pipeline.predict(image, _no_progress)
+
+
+@pytest.mark.parametrize("copies, flips, shifts", [
+    (1, ["none"], [[0.0, 0.0, 0.0]]),
+    (2, ["none", "LR"], [[0.0, 0.0, 0.0]]),
+    (4, ["none", "LR"], [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]),
+])
+def test_test_time_copies_choose_flips_and_shifts(weights, copies, flips, shifts):
+    """One number for the speed / accuracy choice: each copy is one network run, and the provenance lists them."""
+    image, _, _ = _phantom(*GRIDS["anisotropic"], DIRECTIONS["oblique"])
+    pipeline = _banded(weights, flip_average=True, grid_shifts_mm=[[0, 0, 0], [1, 1, 1]], test_time_copies=copies)
+    result = pipeline.predict(image, _no_progress)
+    _assert_on_grid(result["label"], image, "label")
+    assert result["provenance"]["test_time_flips"] == flips
+    assert result["provenance"]["grid_shifts_mm"] == shifts
+    assert len(result["provenance"]["inference"]) == copies
+    # without a second shift in the model's options, 4 copies shift by half a working voxel
+    assert _pipeline(weights, test_time_copies=4).grid_shifts[1] == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("value", [0, 3, 8, "2", True, 2.5])
+def test_test_time_copies_refuses_other_values(weights, value):
+    with pytest.raises(ModelError, match="test_time_copies must be one of 1, 2, 4"):
+        _pipeline(weights, test_time_copies=value)

@@ -218,6 +218,10 @@ def shifted_grid(grid: sitk.Image, shift_mm: tuple[float, float, float]) -> sitk
     return moved
 
 
+COPIES_OPTION = "test_time_copies"
+TEST_TIME_COPIES = (1, 2, 4)
+
+
 class BrainTissueSegmentation:
     """Pipeline class for the engine's PIPELINES table (see tasks.py for the interface)."""
 
@@ -242,6 +246,25 @@ class BrainTissueSegmentation:
         if unknown:
             raise ModelError(f"Model '{title}': flip_axes {unknown} are not among {sorted(FLIP_AXES)}.")
         self.grid_shifts = grid_shifts(self.options["grid_shifts_mm"], self.working_spacing, title)
+        copies = self.options.get(COPIES_OPTION)
+        if copies is not None:
+            self._set_test_time_copies(copies, title)
+
+    def _set_test_time_copies(self, copies: Any, title: str) -> None:
+        """The speed / accuracy choice in one number: 1 (the input as it is), 2 (+ its left-right mirror) or 4 (+
+        both again on a grid shifted by half a working voxel, or by the model's second grid shift). Each copy is a
+        full network run; what each costs and gains is measured in the model card."""
+        if isinstance(copies, bool) or copies not in TEST_TIME_COPIES:
+            raise ModelError(f"Model '{title}': {COPIES_OPTION} must be one of {', '.join(map(str, TEST_TIME_COPIES))}"
+                             f", not {copies!r}.")
+        self.options["flip_average"] = copies >= 2
+        if copies < 4:
+            self.grid_shifts = self.grid_shifts[:1]
+        elif len(self.grid_shifts) < 2:
+            half = self.working_spacing / 2.0
+            self.grid_shifts = [self.grid_shifts[0], (half, half, half)]
+        else:
+            self.grid_shifts = self.grid_shifts[:2]
 
     def to(self, device: torch.device) -> BrainTissueSegmentation:
         self.network = self.network.to(device)
