@@ -273,3 +273,16 @@ def test_openvino_sends_no_usage_telemetry(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert not (tmp_path / "intel").exists()
+
+
+def test_registration_velocity_goes_through_the_runner(runtime):
+    """The registration network runs once per pair outside windowed inference; its runtime reaches the provenance."""
+    from types import SimpleNamespace
+
+    from MIADeepLearningLib.engine import registration
+
+    pipeline = SimpleNamespace(network=UNet3D(in_channels=2, out_channels=3, features=(4, 8)).eval(), device=CPU)
+    inputs = phantom((1, 2, 16, 24, 16))[0]
+    velocity = registration.DeformableRegistration._velocity(pipeline, inputs)
+    assert velocity.shape == (3, 16, 24, 16)
+    assert "OpenVINO" in pipeline.network_runtime and "checked against PyTorch fp32" in pipeline.network_runtime

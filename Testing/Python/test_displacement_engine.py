@@ -36,6 +36,26 @@ def test_warps_equal_simpleitk_resample_exactly(kind):
     assert set(np.unique(expected_labels)) == {0, 1, 2, 3}  # labels never blended
 
 
+@pytest.mark.parametrize("pixel", [sitk.sitkFloat32, sitk.sitkInt16, sitk.sitkFloat64])
+def test_warps_equal_simpleitk_resample_where_the_field_leaves_the_moving_image(pixel):
+    """Arrays and images go through WarpImageFilter, transforms through Resample: the same voxels, also where points
+    land outside the moving image (default value, nearest-neighbour labels) and for any moving pixel type."""
+    fixed, moving, labels, field = registration_case("oblique_anisotropic")
+    field = field * 6.0 + np.array([9.0, -7.0, 5.0])  # far enough to push part of the grid out of the moving image
+    moving = sitk.Cast(moving * 50.0, pixel)
+    transform = sitk.DisplacementFieldTransform(displacement.field_image(field, fixed))
+    expected = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -3.0, sitk.sitkFloat32))
+    expected_labels = sitk.GetArrayFromImage(sitk.Resample(labels, fixed, transform, sitk.sitkNearestNeighbor, 0,
+                                                           labels.GetPixelID()))
+    assert (expected == -3.0).mean() > 0.05, "some points must fall outside the moving image"
+    for given in (field, displacement.field_image(field, fixed)):
+        warped = displacement.warp_image(moving, fixed, given, default=-3.0)
+        assert warped.GetPixelID() == sitk.sitkFloat32
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(warped), expected)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(displacement.warp_labels(labels, fixed, given)),
+                                      expected_labels)
+
+
 @pytest.mark.parametrize("kind", CASES)
 def test_vectors_are_lps_millimetres_sampling_the_moving_image(kind):
     """warped(p) = moving(p + u(p)): checked on a moving image linear in LPS position, which linear interpolation
@@ -119,6 +139,19 @@ def test_slabs_give_the_same_determinant_as_one_piece(monkeypatch):
     whole = displacement.jacobian_determinant(field, fixed)
     monkeypatch.setattr(displacement, "_SLAB", 1000)
     assert np.abs(displacement.jacobian_determinant(field, fixed) - whole).max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", CASES)
+def test_determinant_equals_numpy_on_the_physical_jacobian(kind):
+    """The written-out determinant equals np.linalg.det of I + (np.gradient along the index axes) ·
+    (direction · diag(spacing))^-1 — the plain construction — for a non-linear field on every kind of grid."""
+    fixed, _, _, _ = registration_case(kind)
+    field = np.sin(physical_points(fixed) @ np.array([[0.2, -0.1, 0.15], [0.05, 0.25, -0.2], [0.1, 0.1, 0.3]])) * 3.0
+    by_index = np.stack([np.gradient(field, axis=axis) for axis in (2, 1, 0)], axis=-1)  # [..., a, c]
+    to_index = np.linalg.inv(np.asarray(fixed.GetDirection()).reshape(3, 3) @ np.diag(fixed.GetSpacing()))
+    expected = np.linalg.det(np.eye(3) + by_index @ to_index)
+    assert np.abs(displacement.jacobian_determinant(field, fixed) - expected).max() < 1e-12
+    assert expected.min() < 0.8 and expected.max() > 1.2, "the test field stretches and squeezes"
 
 
 def test_folding_field_is_reported():

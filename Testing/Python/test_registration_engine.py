@@ -26,7 +26,7 @@ from helpers import (
 )
 
 from MIADeepLearningLib.engine import affine, displacement, flow, geometry, registration, registry, tasks
-from MIADeepLearningLib.engine.errors import InputError
+from MIADeepLearningLib.engine.errors import InputError, ModelError
 
 MODEL_ID = "brain-registration"
 FOLDS_LIMIT = 0.1  # % of the fixed foreground where det J <= 0
@@ -318,26 +318,32 @@ def test_instance_optimisation_works_across_contrasts(phantom_files):
 
 
 def test_instance_optimisation_runs_on_one_cpu_thread_and_restores_the_count(phantom_files, monkeypatch):
-    """The refinement's small tensors gain almost no wall time from more threads (INSTANCE_CPU_THREADS): it runs on
-    one, and the process's thread count is restored afterwards, also when the refinement fails."""
+    """The refinement's steps (small tensors) gain almost no wall time from more threads (INSTANCE_CPU_THREADS): they
+    run on one, the descriptors before them on all, and the process's thread count is restored afterwards, also
+    when a step fails."""
     seen = []
-    real = registration.instance_optimise
+    real = registration.integrate_velocity
 
-    def recording(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
+    def recording(velocity, *args, **kwargs):
+        if velocity.requires_grad:  # a refinement step (the network's and the final integrations need no gradient)
+            seen.append(torch.get_num_threads())
+        return real(velocity, *args, **kwargs)
 
-    monkeypatch.setattr(registration, "instance_optimise", recording)
+    monkeypatch.setattr(registration, "integrate_velocity", recording)
+    descriptors = []
+    real_mind = registration.mind_ssc
+    monkeypatch.setattr(registration, "mind_ssc", lambda *a, **k: descriptors.append(torch.get_num_threads())
+                        or real_mind(*a, **k))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         _register(phantom_files, instance_steps=2)
-        assert seen == [1] and torch.get_num_threads() == 2
+        assert seen == [1, 1] and descriptors == [2, 2] and torch.get_num_threads() == 2
 
-        def failing(*args, **kwargs):
+        def failing(self):
             raise RuntimeError("refinement failed")
 
-        monkeypatch.setattr(registration, "instance_optimise", failing)
+        monkeypatch.setattr(registration._Adam, "step", failing)
         with pytest.raises(RuntimeError, match="refinement failed"):
             _register(phantom_files, instance_steps=2)
         assert torch.get_num_threads() == 2
@@ -564,3 +570,220 @@ def test_affine_runs_on_the_working_spacing_for_finer_images():
     speck.CopyInformation(fine)
     with pytest.raises(InputError, match="The fixed mask is thinner than the 2 mm voxels"):
         registration.affine_inputs(fine, coarse, speck, None, 2.0)
+
+
+# ---------------------------------------------------------------------------- (f) the head's box, faster pieces
+
+
+def _padded(image: sitk.Image, voxels: int) -> sitk.Image:
+    """The image with `voxels` of air (0) on every side, its content where it was (a wide field of view)."""
+    return sitk.ConstantPad(image, [voxels] * 3, [voxels] * 3, 0.0)
+
+
+class _SmoothVelocity(torch.nn.Module):
+    """Stands in for the network: a velocity that varies smoothly over whatever grid it is given (several voxels
+    everywhere, so a field that dropped to zero beyond the head's box would jump); records the input shapes."""
+
+    size_multiple = 8
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(inputs.shape))
+        axes = torch.meshgrid(*(torch.linspace(0.0, 3.0, n) for n in inputs.shape[2:]), indexing="ij")
+        return torch.stack([2.0 + torch.sin(axes[1]), -1.5 + 0.5 * torch.cos(axes[2]), 1.0 + 0.3 * axes[0]])[None]
+
+
+def _box_of(crop: dict, grid: sitk.Image, fixed: sitk.Image) -> np.ndarray:
+    """(z, y, x) bool on the fixed grid: the fixed voxel centres inside the crop's voxel centres."""
+    index = np.asarray([grid.TransformPhysicalPointToContinuousIndex(point) for point in
+                        physical_points(fixed).reshape(-1, 3).tolist()]).reshape(*reversed(fixed.GetSize()), 3)
+    start, size = np.asarray(crop["start"]), np.asarray(crop["size"])
+    return np.all((index >= start) & (index <= start + size - 1), axis=-1)
+
+
+def test_a_wide_field_of_view_is_cropped_to_the_head_and_the_field_stays_continuous():
+    """Fixed and moving heads with air around them: the network runs on the head's box only (provenance says which),
+    and the field still covers the whole fixed grid, with the box's border displacement carried on outside it: no
+    jump where the box ends, none larger than between neighbours inside."""
+    fixed, _, moving, _ = registration_phantom_pair()
+    fixed, moving = _padded(fixed, 16), _padded(moving, 16)
+    pipeline = _pipeline()
+    pipeline.network = _SmoothVelocity()
+    result = pipeline.register(fixed, moving)
+    grid = pipeline.working_grid(fixed)
+    crop = result["provenance"]["working_grid"]["crop"]
+    assert result["provenance"]["working_grid"]["size"] == list(grid.GetSize()), "the whole grid, as before"
+    assert crop is not None and crop["voxel_share"] < 0.6 and crop["margin_mm"] == registration.CROP_MARGIN_MM
+    assert pipeline.network.shapes == [(1, 2, *reversed(crop["size"]))]
+    field = result["field"]
+    assert field.GetSize() == fixed.GetSize() and field.GetPixelID() == sitk.sitkVectorFloat64
+    np.testing.assert_allclose(field.GetOrigin(), fixed.GetOrigin(), atol=1e-9)
+    np.testing.assert_allclose(field.GetDirection(), fixed.GetDirection(), atol=1e-12)
+    deformable = (sitk.GetArrayFromImage(field)
+                  - sitk.GetArrayFromImage(registration.total_field(result["affine"], fixed)))
+    inside = _box_of(crop, grid, fixed)
+    assert 0.1 < inside.mean() < 0.9, "the fixed grid reaches beyond the box"
+    assert float(np.linalg.norm(deformable, axis=-1)[~inside].min()) > 2.0, "outside: the border's displacement"
+    for axis in range(3):
+        step = np.linalg.norm(np.diff(deformable, axis=axis), axis=-1)
+        both = np.logical_and(inside.take(range(inside.shape[axis] - 1), axis=axis),
+                              inside.take(range(1, inside.shape[axis]), axis=axis))
+        assert step[~both].max() <= 1.01 * step[both].max(), (axis, step[~both].max(), step[both].max())
+
+
+def test_the_head_box_does_not_depend_on_how_the_fixed_image_is_stored():
+    """The same padded fixed phantom stored with permuted and flipped axes (same voxels, same physical place): the
+    working grid is in LIA axes either way, so the crop keeps the same box and the registration the same Dice."""
+    fixed, fixed_labels, moving, moving_labels = registration_phantom_pair()
+    fixed, moving = _padded(fixed, 16), _padded(moving, 16)
+    fixed_labels, moving_labels = _padded(fixed_labels, 16), _padded(moving_labels, 16)
+    restored = tuple(sitk.Flip(sitk.PermuteAxes(image, [2, 0, 1]), [True, False, False])
+                     for image in (fixed, fixed_labels))
+    stored = [(fixed, fixed_labels), restored]
+    assert not np.allclose(restored[0].GetDirection(), fixed.GetDirection())
+    np.testing.assert_allclose(restored[0].TransformContinuousIndexToPhysicalPoint([0.0, 0.0, 0.0]),
+                               fixed.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, fixed.GetSize()[2] - 1.0]),
+                               atol=1e-6)  # new axis 0 is old axis 2, flipped: it starts at that axis's far end
+    crops, scores = [], []
+    for image, labels in stored:
+        result = _pipeline(instance_steps=10).register(image, moving)
+        crops.append(result["provenance"]["working_grid"]["crop"])
+        warped = displacement.warp_labels(moving_labels, image, result["field"])
+        scores.append(float(np.mean(list(displacement.dice_per_label(warped, labels).values()))))
+    assert crops[0] is not None and crops[0]["size"] == crops[1]["size"], crops
+    assert abs(scores[0] - scores[1]) < 0.02, scores
+
+
+def test_a_head_that_fills_the_grid_is_not_cropped_and_registers_as_before():
+    """No air to cut (the phantom fills its grid): with or without the crop option, the same field."""
+    fixed, _, moving, _ = registration_phantom_pair()
+    results = [_pipeline(instance_steps=2, crop_to_head=crop).register(fixed, moving) for crop in (True, False)]
+    assert [result["provenance"]["working_grid"]["crop"] for result in results] == [None, None]
+    np.testing.assert_array_equal(*(sitk.GetArrayFromImage(result["field"]) for result in results))
+
+
+def test_cropping_keeps_the_accuracy_on_a_padded_phantom():
+    """The real network and 20 refinement steps on the phantom pair with air around both heads: on the head's box
+    about as good as on the whole grid, in a fraction of its voxels, without folding."""
+    fixed, fixed_labels, moving, moving_labels = registration_phantom_pair()
+    fixed, moving = _padded(fixed, 16), _padded(moving, 16)
+    fixed_labels, moving_labels = _padded(fixed_labels, 16), _padded(moving_labels, 16)
+    scores = {}
+    for crop in (True, False):
+        result = _pipeline(instance_steps=20, crop_to_head=crop).register(fixed, moving)
+        assert (result["provenance"]["working_grid"]["crop"] is not None) == crop
+        warped = displacement.warp_labels(moving_labels, fixed, result["field"])
+        scores[crop] = float(np.mean(list(displacement.dice_per_label(warped, fixed_labels).values())))
+        determinant = displacement.jacobian_determinant(result["field"])
+        inside = sitk.GetArrayFromImage(affine.foreground(fixed)) > 0
+        assert displacement.jacobian_stats(determinant, inside).non_positive_percent < FOLDS_LIMIT
+    assert scores[True] > scores[False] - 0.02, scores
+
+
+def test_a_fixed_mask_beyond_the_head_box_keeps_the_whole_grid():
+    """The refinement's similarity counts inside the fixed mask; a mask reaching into the air keeps every voxel."""
+    fixed, _, moving, _ = registration_phantom_pair()
+    fixed, moving = _padded(fixed, 16), _padded(moving, 16)
+    everywhere = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
+    everywhere.CopyInformation(fixed)
+    pipeline = _pipeline(instance_steps=1)
+    pipeline.network = _SmoothVelocity()
+    result = pipeline.register(fixed, moving, fixed_mask=everywhere)
+    assert result["provenance"]["working_grid"]["crop"] is None
+    assert pipeline.network.shapes == [(1, 2, *reversed(pipeline.working_grid(fixed).GetSize()))]
+
+
+def test_the_crop_option_is_checked():
+    with pytest.raises(ModelError, match="crop_to_head must be true or false"):
+        _pipeline(crop_to_head="no")
+
+
+@pytest.mark.parametrize("kind", [*sorted(REGISTRATION_GRIDS), "not_parallel"])
+def test_field_on_fixed_equals_simpleitk_resampling(kind):
+    """The axis-by-axis interpolation onto the fixed grid (working axes parallel to the fixed ones, as
+    working_grid makes them) gives SimpleITK's linear resampling of the same vectors; a grid at another angle goes
+    through SimpleITK itself."""
+    fixed = _fixed("oblique_anisotropic" if kind == "not_parallel" else kind)
+    grid = registration.working_grid(fixed, 2.0, "LIA", 8, margin=1 if kind != "not_parallel" else 6)
+    if kind == "not_parallel":  # turned about its centre, still enclosing the fixed grid (wider margin)
+        centre = grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in grid.GetSize()])
+        grid.SetDirection((np.asarray(grid.GetDirection()).reshape(3, 3) @ rotation(2, 7.0)).ravel().tolist())
+        grid.SetOrigin((np.asarray(grid.GetOrigin()) + centre - np.asarray(grid.TransformContinuousIndexToPhysicalPoint(
+            [(n - 1) / 2 for n in grid.GetSize()]))).tolist())
+        assert registration._axis_map(grid, fixed) is None
+    else:
+        assert registration._axis_map(grid, fixed) is not None
+    generator = torch.Generator().manual_seed(7)
+    voxels = torch.nn.functional.interpolate(torch.randn((1, 3, 4, 4, 4), generator=generator),
+                                             size=tuple(reversed(grid.GetSize())), mode="trilinear",
+                                             align_corners=True)[0].double().numpy()
+    vectors = sitk.GetImageFromArray(registration.physical_displacement(voxels, grid), isVector=True)
+    vectors.CopyInformation(grid)
+    expected = sitk.GetArrayFromImage(sitk.Resample(vectors, fixed, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                    sitk.sitkVectorFloat64, True))
+    np.testing.assert_allclose(registration.field_on_fixed(voxels, grid, fixed), expected, rtol=0, atol=1e-9)
+
+
+def test_sampling_on_every_cpu_thread_equals_one_grid_sample():
+    """flow.sample cuts the grid into slabs, one per torch thread: the same values, and the same gradients up to
+    float summation order, as one grid_sample call, for slab counts that do and do not divide the depth."""
+    generator = torch.Generator().manual_seed(11)
+    threads = torch.get_num_threads()
+    try:
+        for count, depth in ((2, 12), (3, 13)):
+            torch.set_num_threads(count)
+            volume = torch.randn((1, 3, depth, 9, 8), generator=generator, requires_grad=True)
+            grid = (torch.rand((1, depth, 9, 8, 3), generator=generator) * 2.4 - 1.2).requires_grad_()
+            expected = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="border",
+                                                       align_corners=True)
+            sampled = flow.sample(volume, grid)
+            torch.testing.assert_close(sampled, expected, rtol=0, atol=0)
+            weights = torch.rand(expected.shape, generator=generator)
+            for ours, theirs in zip(torch.autograd.grad((sampled * weights).sum(), (volume, grid)),
+                                    torch.autograd.grad((expected * weights).sum(), (volume, grid))):
+                torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_descriptor_rows_interpolate_as_grid_sample_and_box_max_as_max_pool():
+    """The refinement reads descriptors at scattered points from a channels-last table and dilates masks axis by
+    axis: the numbers (and point gradients) of grid_sample and max_pool3d."""
+    generator = torch.Generator().manual_seed(5)
+    shape = (9, 11, 7)
+    features = torch.rand((12, *shape), generator=generator)
+    points = (torch.rand((400, 3), generator=generator) * (torch.tensor(shape) + 2.0) - 1.0).requires_grad_()
+    expected = torch.nn.functional.grid_sample(features[None], registration._normalised_points(points, shape),
+                                               mode="bilinear", padding_mode="border",
+                                               align_corners=True)[0, :, :, 0, 0]
+    rows = registration._trilinear_rows(registration.channels_last(features), shape, points).T
+    torch.testing.assert_close(rows, expected, rtol=0, atol=1e-5)
+    ours = torch.autograd.grad(rows.square().sum(), points)[0]
+    theirs = torch.autograd.grad(expected.square().sum(), points)[0]
+    interior = ((points > 0.01) & (points < torch.tensor(shape) - 1.01)).all(dim=1)
+    interior &= ((points - points.round()).abs() > 1e-3).all(dim=1)  # a kink of the interpolant: either slope
+    torch.testing.assert_close(ours[interior], theirs[interior], rtol=1e-4, atol=1e-4)
+    mask = (torch.rand(shape, generator=generator) > 0.97).float()
+    torch.testing.assert_close(registration.box_max(mask),
+                               torch.nn.functional.max_pool3d(mask[None, None], 5, stride=1, padding=2)[0, 0],
+                               rtol=0, atol=0)
+
+
+def test_the_refinement_optimiser_steps_as_torch_adam():
+    """The refinement's own Adam (it avoids the seconds torch.optim's first use costs) moves a tensor exactly as
+    torch.optim.Adam with the same step size."""
+    generator = torch.Generator().manual_seed(2)
+    target = torch.randn((3, 5, 6, 7), generator=generator)
+    ours, theirs = (torch.zeros((3, 5, 6, 7), requires_grad=True) for _ in range(2))
+    optimiser, reference = registration._Adam(ours, 0.4), torch.optim.Adam([theirs], lr=0.4)
+    for _ in range(25):
+        ours.grad = None
+        ((ours - target) ** 4).sum().backward()
+        optimiser.step()
+        reference.zero_grad()
+        ((theirs - target) ** 4).sum().backward()
+        reference.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=0)

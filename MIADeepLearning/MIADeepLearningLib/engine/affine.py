@@ -197,7 +197,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, 
     return method
 
 
-def _matrix_offset(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+def matrix_offset(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
     """(M, t) with transform(x) = M x + t, for any SimpleITK matrix-offset transform (affine, Euler, similarity)."""
     try:
         matrix = np.asarray(transform.GetMatrix(), dtype=float).reshape(3, 3)
@@ -217,7 +217,7 @@ def compose_with_field(affine: sitk.Transform, fixed: sitk.Image,
     moving image at A(p + u(p)). This equals sitk.CompositeTransform([A, u]) (the last transform added is applied
     first). Without `field` the result is the affine alone as a field. Returns a float64 3-vector image (LPS mm).
     """
-    matrix, offset = _matrix_offset(affine)
+    matrix, offset = matrix_offset(affine)
     size_x, size_y, size_z = fixed.GetSize()
     base = field_image(field, fixed) if isinstance(field, sitk.Image) else None  # alive while its view is used
     if field is None:
