@@ -26,6 +26,8 @@ the whole-body CT, bound 7.8); registration 0.6 GB + 120 bytes per fixed voxel (
 the fixed grid, in up to three copies while it is composed and applied) + 120 per 2 mm voxel + 16 per moving voxel
 (7.3 GB with a 512×512×300 fixed image, bound 9.9; 37 GB for 512×512×1200, stopped at the cap). The options that
 keep more maps (uncertainty, difference) add what their arrays take, counted from the code, not measured.
+Since the OpenVINO CPU path the bases of deepbet (1.5 GB) and synthesis (1.5 GB) are higher than the measurements
+above gave (1.86 and 2.1 GB peaks on a 1 mm 256³ head were measured with it).
 
 Available memory: ``$MIADL_AVAILABLE_MEMORY_GB`` when set (tests, or a site that wants a smaller share), else the
 system's own figure — psutil where it is installed (not guaranteed inside Slicer), else /proc/meminfo's MemAvailable
@@ -50,9 +52,12 @@ GB = 1024**3
 
 # Measured bounds (bytes; "per voxel" = per voxel of that grid). See the module docstring and README.md, Limits.
 BASE_BYTES = {
-    "deepbet_brain_extraction": 1.15 * GB,  # incl. the 256³ mask network's activations
+    # incl. the 256³ mask network's activations; + 0.35 GB since OpenVINO (engine/cpu_runtime.py): its first run on a
+    # computer holds PyTorch's and OpenVINO's buffers at once (1.86 GB peak on a 1 mm 256³ head, later runs 1.47)
+    "deepbet_brain_extraction": 1.5 * GB,
     "brain_tissue_segmentation": 0.8 * GB,
-    "thick_slice_super_resolution": 0.95 * GB,  # incl. the 96³ windows of the network
+    # incl. the 96³ windows of the network; + 0.55 GB since OpenVINO: 2.1 GB peak for a 5 mm 256x256x51 input -> 1 mm
+    "thick_slice_super_resolution": 1.5 * GB,
     "synthmorph_registration": 0.6 * GB,
 }
 INPUT_BYTES_PER_VOXEL = {  # on top of the input's own pixel bytes
