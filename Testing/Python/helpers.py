@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 # Resources/Models/models.json, in order
 SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue", "brain-registration", "sequence-type", "brain-lesion")
@@ -337,3 +338,17 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     env.pop("MIADL_EXTRA_MODELS_DIRS", None)
     return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
                           env=env, cwd=str(cwd) if cwd else None, timeout=timeout, check=False)
+
+
+class IntensityBands(torch.nn.Module):
+    """Logits that make the class the intensity band of the normalised input, voxel by voxel (flip-equivariant): a
+    stand-in tissue network whose answer the tests can predict."""
+
+    size_multiple = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]).view(1, 4, 1, 1, 1))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return -(((inputs.float() - self.centres) / 0.08) ** 2)

@@ -21,6 +21,7 @@ import torch
 from helpers import (
     DIRECTIONS,
     TISSUE_MODEL_ID,
+    IntensityBands,
     dice,
     physical_points,
     write_tissue_package,
@@ -48,19 +49,6 @@ INTENSITY = {3: 300.0, 2: 200.0, 1: 100.0, 0: 0.0}
 
 def _no_progress(stage: str, fraction: float, message: str) -> None:
     """Progress sink."""
-
-
-class IntensityBands(torch.nn.Module):
-    """Logits that make the class the intensity band of the normalised input, voxel by voxel (flip-equivariant)."""
-
-    size_multiple = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("centres", torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]).view(1, 4, 1, 1, 1))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return -(((inputs.float() - self.centres) / 0.08) ** 2)
 
 
 def _phantom(size, spacing, direction: np.ndarray) -> tuple[sitk.Image, np.ndarray, np.ndarray]:

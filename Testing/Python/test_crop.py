@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import DIRECTIONS, physical_points, write_tissue_weights
+from helpers import DIRECTIONS, IntensityBands, physical_points, write_tissue_weights
 
 from MIADeepLearningLib.engine import brain_tissue, crop, synthesis
 from MIADeepLearningLib.engine.errors import ModelError
@@ -257,19 +257,6 @@ class EverywhereGrayMatter(torch.nn.Module):
         logits = torch.zeros(inputs.shape[0], 4, *inputs.shape[2:])
         logits[:, 2] = 5.0
         return logits
-
-
-class IntensityBands(torch.nn.Module):
-    """Class = intensity band of the normalised input, voxel by voxel (as in test_brain_tissue_engine.py)."""
-
-    size_multiple = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("centres", torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]).view(1, 4, 1, 1, 1))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return -(((inputs.float() - self.centres) / 0.08) ** 2)
 
 
 def _tissue_head(direction: np.ndarray, spacing=(1.3, 1.1, 2.5), size=(120, 140, 60)) -> sitk.Image:
