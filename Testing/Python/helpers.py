@@ -328,15 +328,16 @@ def thick_blob_volume(name: str, slices: int = 8, spacing_mm: float = 5.0):
     return volume_from_array(thick_blob_voxels(slices, spacing_mm), matrix, name)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m MIADeepLearningLib ARGS` in a process of its own, as a user runs it (library on PYTHONPATH, no extra
-    model folders from the test session)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            module: str = "MIADeepLearningLib") -> subprocess.CompletedProcess:
+    """`python -m MIADeepLearningLib ARGS` (or another `module` of the library) in a process of its own, as a user
+    runs it (library on PYTHONPATH, no extra model folders from the test session)."""
     from MIADeepLearningLib.paths import library_parent_dir
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(library_parent_dir()), env.get("PYTHONPATH", "")]))
     env.pop("MIADL_EXTRA_MODELS_DIRS", None)
-    return subprocess.run([sys.executable, "-m", "MIADeepLearningLib", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           env=env, cwd=str(cwd) if cwd else None, timeout=timeout, check=False)
 
 
