@@ -308,8 +308,37 @@ def _remove_stale(paths: list[Path]) -> None:
             path.unlink()
 
 
+def _config_value(text: str) -> Any:
+    """A --config value: JSON when it parses (numbers, true, lists, objects), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def segment_run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--config KEY=VALUE (MONAI's override syntax, "network_def#in_channels=2") and --weights NAME as run options
+    of a MONAI bundle (engine/bundles.py records both in the provenance)."""
+    options: dict[str, Any] = {}
+    overrides = {}
+    for item in getattr(args, "config", None) or []:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise UsageError(f"--config {item} must be KEY=VALUE (for example network_def#in_channels=2).")
+        overrides[key.strip()] = _config_value(value)
+    if overrides:
+        options["overrides"] = overrides
+    if getattr(args, "weights", None):
+        options["weights"] = args.weights
+    return options
+
+
 def command_segment(args: argparse.Namespace) -> int:
+    args.run_options = segment_run_options(args)
     if Path(args.input).is_dir():
+        if args.extra_input:
+            raise UsageError("--extra-input is for a single input file (the further channels of one case), not for "
+                             "a folder input.")
         return segment_folder(args)
     if args.report:
         raise UsageError("--report is for a folder input (-i FOLDER); a single file reports on stderr.")
@@ -372,9 +401,10 @@ def segment_file(args: argparse.Namespace, output: Path, masked: Path | None, un
     from MIADeepLearningLib.engine.tasks import segment_image
 
     options = with_copies(args, {"uncertainty": True} if uncertainty is not None else None)
+    options = {**(options or {}), **getattr(args, "run_options", {})} or None
     result = segment_image(args.input, args.model, device=args.device, options=options,
                            create_masked_volume=masked is not None, progress=_progress_printer(args.quiet),
-                           type_check=_type_check(args))
+                           type_check=_type_check(args), extra_image_paths=getattr(args, "extra_input", None))
     imageio.write_image(result.label, output)
     if masked is not None:
         imageio.write_image(result.masked, masked)
@@ -531,6 +561,7 @@ def segment_folder(args: argparse.Namespace) -> int:
         columns.insert(columns.index("masked_output") + 1, UNCERTAINTY_COLUMN)
     report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv", columns)
     options = with_copies(args, {"uncertainty": True} if uncertainty_suffix else None)
+    options = {**(options or {}), **getattr(args, "run_options", {})} or None
     progress = BatchProgress(len(cases), quiet=args.quiet)
     pipeline_cache: dict = {}
     provenance: dict[str, Any] = {}
@@ -872,33 +903,119 @@ def _download_printer(model_id: str, quiet: bool, stream: TextIO | None = None) 
 
 
 def _describe(model) -> str:
-    return f"{model.id}\t{model.task}\t{model.title} (v{model.version}, {model.license})"
+    details = ", ".join(filter(None, [f"v{model.version}", model.license,
+                                      "imported" if model.origin_kind == "imported" else ""]))
+    return f"{model.id}\t{model.task}\t{model.title} ({details})"
 
 
-def command_models(args: argparse.Namespace) -> int:
-    from MIADeepLearningLib.engine.registry import list_models
+def _confirm(question: str) -> bool | None:
+    """Ask y/N on the terminal; None when there is no terminal to ask on (then a flag must confirm)."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return None
+    sys.stderr.write(f"{question}\nImport it and allow its code to run? [y/N] ")
+    sys.stderr.flush()
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
-    if args.download or args.import_path:
+
+def _import_with_confirmation(args: argparse.Namespace):
+    from MIADeepLearningLib.engine import model_store
+
+    try:
+        return model_store.import_model(args.import_path, trust_code=args.trust is True, replace=args.replace)
+    except model_store.ConfirmationNeeded as needed:
+        answer = _confirm(str(needed))
+        if answer is None:
+            raise ModelError(
+                f"{model_store.confirmation_text(needed.description)}; add --trust to confirm that it may run "
+                "(there is no terminal to ask on)."
+            ) from None
+        if not answer:
+            raise ModelError(f"Nothing was imported from {args.import_path} (its code was not confirmed).") from None
+    return model_store.import_model(args.import_path, trust_code=True, replace=args.replace)
+
+
+def _models_action(args: argparse.Namespace) -> str | None:
+    """The one thing `models` was asked to do besides listing, or an error for a mix that makes no sense."""
+    trust_id = args.trust if isinstance(args.trust, str) else None
+    actions = [name for name, value in (("--download", args.download), ("--import", args.import_path),
+                                        ("--remove", args.remove), ("--segments", args.segments),
+                                        ("--trust ID", trust_id)) if value]
+    if len(actions) > 1:
+        raise InputError(f"models takes one of --download, --import, --remove, --segments and --trust ID, not "
+                         f"{' and '.join(actions)}.")
+    if args.replace and actions != ["--import"]:
+        raise InputError("--replace goes with --import PATH (it replaces the installed copy of that model).")
+    if args.trust is True and actions != ["--import"]:
+        raise InputError("--trust without an id goes with --import PATH (use --trust ID for an installed model).")
+    return actions[0] if actions else None
+
+
+def _models(args: argparse.Namespace) -> int:
+    from MIADeepLearningLib.engine import registry
+
+    action = _models_action(args)
+    if action in ("--download", "--import", "--segments", "--trust ID"):
         from MIADeepLearningLib.engine import model_store
 
-        if args.download:
+        if action == "--download":
             model = model_store.download_model(args.download, progress=_download_printer(args.download, args.quiet))
+            done = f"installed {model.id} v{model.version} in {model.package_dir}"
+        elif action == "--import":
+            model = _import_with_confirmation(args)
+            done = f"installed {model.id} v{model.version} in {model.package_dir}"
+        elif action == "--segments":
+            model = model_store.set_segments(*args.segments)
+            done = f"segments of {model.id}: " + ", ".join(
+                f"{segment['value']} {segment['name']}" for segment in model.segments)
         else:
-            model = model_store.import_model(args.import_path)
+            model = model_store.trust_model(args.trust)
+            done = f"confirmed: the code of {model.id} v{model.version} ({model.package_dir}) may run"
         if args.json:
             print(json.dumps(model.summary(), indent=2))
         else:
             print(_describe(model))
         if not args.quiet:
-            sys.stderr.write(f"installed {model.id} v{model.version} in {model.package_dir}\n")
+            sys.stderr.write(done + "\n")
         return EXIT_OK
-    models = list_models(task=args.task)
+    if action == "--remove":
+        from MIADeepLearningLib.engine import model_store
+
+        removed = model_store.remove_model(args.remove)
+        if args.json:
+            print(json.dumps({"id": args.remove, "removed": [str(folder) for folder in removed]}, indent=2))
+        elif not args.quiet:
+            for folder in removed:
+                sys.stderr.write(f"removed {folder}\n")
+        return EXIT_OK
+    models = registry.list_models(task=args.task)
     if args.json:
         print(json.dumps([model.summary() for model in models], indent=2))
     else:
         for model in models:
-            print(_describe(model))
-    return 0
+            untrusted = registry.trust_problem(model)
+            print(_describe(model) + (f"\t(code not confirmed: {registry.TRUST_HINT} {model.id})" if untrusted
+                                      else ""))
+    return EXIT_OK
+
+
+def command_models(args: argparse.Namespace) -> int:
+    """List, download, import, remove, confirm or correct models; every failure is one sentence, never a
+    traceback (a file system error is named, anything else is reported as unexpected)."""
+    try:
+        return _models(args)
+    except MIADLError:
+        raise
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise ModelError(f"A file operation on the model cache failed: {error.strerror or error}{where}.") from error
+    except Exception as error:  # the user gets one line that names the cause
+        detail = " ".join(str(error).split())[:200]
+        sys.stderr.write(f"error: Unexpected error ({type(error).__name__}: {detail}).\n")
+        return EXIT_UNEXPECTED
 
 
 def command_device(args: argparse.Namespace) -> int:
@@ -969,6 +1086,34 @@ exit codes:
   1  unexpected failure (nothing was written; one line on stderr)
 """
 
+MODELS_EPILOG = """\
+import:
+  --import PATH           a folder or .zip: a model package of this extension, or a MONAI Model Zoo bundle exactly
+                          as downloaded (configs/metadata.json + configs/inference.json or .yaml, models/model.pt,
+                          large_files.yml); the zoo's md5/sha1/sha256 of each weight file is checked, the sha256 of
+                          every weight file is recorded, the network is built and its weights loaded before it is
+                          installed; detection, classification and generative bundles are refused
+  trust                   a bundle's configuration is code that runs on this computer: importing a model is like
+                          installing software; the import asks (y/N) on a terminal, otherwise needs --trust;
+                          models --trust ID confirms a model imported before; built-in and registry models need no
+                          confirmation
+
+segments file (--segments ID FILE.json), applied over the model's own segments by label value:
+  [{"value": 1, "name": "Liver", "color": [221, 130, 101], "terminology": "..."}, {"value": 2, "name": "Spleen"}]
+  value        the label value in the output (1, 2, ...)
+  name         the segment name shown in Slicer
+  color        red, green, blue, each 0-255 (optional)
+  terminology  a Slicer terminology string (optional), e.g. "Segmentation category and type - 3D Slicer General
+               Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM
+               master list~^^~^^" (one line)
+  an empty list [] removes the corrections
+
+exit codes:
+  0  done
+  2  bad command line, package or model (nothing was changed; one line on stderr)
+  1  unexpected failure (one line on stderr)
+"""
+
 TYPE_CHECK_HELP = ("skip the input type check (the sequence-type classifier, when installed, warns when the volume "
                    "looks like a type the model was not made for; also: environment variable MIADL_TYPE_CHECK=0)")
 
@@ -981,6 +1126,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=SEGMENT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     segment.add_argument("--model", required=True, help="model id (see `models`)")
     segment.add_argument("-i", "--input", required=True, help="input image file, or a folder of image files")
+    segment.add_argument("--extra-input", action="append", metavar="FILE",
+                         help="one input file: a further input channel of a multi-channel model, on the first "
+                              "input's grid (repeat it, in the order `models` lists the model's input channels)")
+    segment.add_argument("--config", action="append", metavar="KEY=VALUE",
+                         help="MONAI bundles: override a setting of the bundle's inference config (MONAI's syntax, "
+                              "e.g. network_def#in_channels=2; the value is read as JSON, else as text; repeatable)")
+    segment.add_argument("--weights", metavar="NAME",
+                         help="MONAI bundles: the verified weight file (or role) to use, e.g. model_lowres.pt")
     segment.add_argument("-o", "--output", required=True,
                          help="output label file (same grid as the input), or a folder")
     segment.add_argument("--masked", help="one input file: also write the input with everything outside the "
@@ -1093,15 +1246,29 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     detect.set_defaults(handler=command_detect)
 
-    models = commands.add_parser("models", help="list, download or import models")
+    models = commands.add_parser(
+        "models", help="list, download, import, remove, confirm or correct models",
+        description="List the models (built in, downloaded, imported), or change what is installed.",
+        epilog=MODELS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.add_argument("--task", choices=MODEL_TASKS, help="only models of this task")
     install = models.add_mutually_exclusive_group()
     install.add_argument("--download", metavar="ID",
                          help="download a registered model into the user cache (sha256-verified before use)")
     install.add_argument("--import", dest="import_path", metavar="PATH",
-                         help="install a model package from a local folder or .zip (sites without internet)")
-    models.add_argument("-q", "--quiet", action="store_true", help="no download progress")
+                         help="install a model package or a MONAI Model Zoo bundle as downloaded, from a local "
+                              "folder or .zip (sites without internet)")
+    install.add_argument("--remove", metavar="ID", help="delete the downloaded or imported copies of a model")
+    install.add_argument("--segments", nargs=2, metavar=("ID", "FILE.json"),
+                         help="correct the segment names, colours and terminology of an installed model (format "
+                              "below)")
+    models.add_argument("--trust", nargs="?", const=True, default=None, metavar="ID",
+                        help="with --import: confirm that the package's code may run (needed when there is no "
+                             "terminal to ask on); alone with an id: confirm an imported model")
+    models.add_argument("--replace", action="store_true",
+                        help="with --import: replace the installed copy of that model (any version); the old copy "
+                             "stays if the new one fails its checks")
+    models.add_argument("-q", "--quiet", action="store_true", help="no progress or confirmation lines on stderr")
     models.set_defaults(handler=command_models)
 
     device = commands.add_parser("device", help="report the compute device and why a GPU is or is not used")

@@ -9,7 +9,8 @@ object with a ``"stage"`` key is an :class:`Event`; any other line is plain log 
 Outputs are written under ``<folder>/.partial`` and moved into ``<folder>/outputs`` only when the whole job
 succeeded, so a cancelled or crashed job never leaves a half-written result that could be mistaken for one.
 
-Tasks (``Job.task``): ``segment``, ``synthesize``, ``register`` (see Docs/Developers.md), ``device`` (the device
+Tasks (``Job.task``): ``segment`` (``inputs`` ``image``, and ``image2``, ``image3``, ... for the further input
+channels of a multi-channel model), ``synthesize``, ``register`` (see Docs/Developers.md), ``device`` (the device
 report) and ``classify``: ``inputs`` = {key: path} of any number of volumes, ``outputs`` = {"saliency_<key>":
 file name} only for the saliency maps wanted (each on its input's grid), ``options`` = {"input_names": {key: node
 name}}; ``result["classifications"]`` = {key: {"label": a class name or None, "probabilities": {class: p}, "ood":
@@ -89,6 +90,7 @@ class Event:
     result: dict[str, Any] | None = None
     traceback: str | None = None
     error_type: str | None = None
+    requirements: list[str] | None = None  # MissingPackages: the pip specs the model needs (offered for install)
     job: str | None = None  # warm worker: the job.json path the event belongs to, exactly as the client sent it
 
     @property

@@ -142,8 +142,9 @@ def _type_check(job: jobs.Job) -> bool | None:
 
 
 def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
-    """Segment ``job.inputs['image']``; write the label (and, when job.outputs asks for them, the masked volume and
-    the uncertainty map) via .partial -> outputs.
+    """Segment ``job.inputs['image']`` (with ``image2``, ``image3``, ...: the further input channels of a
+    multi-channel model, on the first one's grid); write the label (and, when job.outputs asks for them, the masked
+    volume and the uncertainty map) via .partial -> outputs.
 
     With a `pipeline_cache` (warm worker) a model loaded by an earlier job is reused; ``model_cached`` in the
     result says whether that happened.
@@ -155,10 +156,12 @@ def run_segment_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | No
     options = dict(job.options.get("model_options") or {})
     if "uncertainty" in job.outputs:
         options["uncertainty"] = True
+    keys = detect_input_keys(job.inputs)  # image, then image2, image3, ...: the channels of a multi-channel model
     output = segment_image(
         job.inputs["image"], job.model, device=job.device, options=options or None,
         create_masked_volume="masked" in job.outputs, progress=reporter.progress,
         input_name=job.options.get("input_name"), pipeline_cache=pipeline_cache, type_check=_type_check(job),
+        extra_image_paths=[job.inputs[key] for key in keys[1:]] or None,
     )
     images = {"label": output.label, "masked": output.masked, "uncertainty": output.uncertainty}
     outputs = _write_outputs(job, reporter, images, {"label": "label.nrrd"})
@@ -332,8 +335,34 @@ def run_device_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | Non
     return result
 
 
+def run_import_job(job: jobs.Job, reporter: Reporter, pipeline_cache: dict | None = None) -> dict[str, Any]:
+    """Check and import a model package (inputs["package"]: a .zip or folder) into the user's model cache, for the
+    Slicer module: a MONAI bundle's check builds its configs and network and loads its weights, which needs torch
+    and MONAI, so it runs here and not in Slicer. options["trust_code"] is the user's confirmation that the
+    package's code may run (asked by the module before the job starts); options["replace"] swaps an imported model
+    of the same id."""
+    started = time.perf_counter()
+    package = job.inputs.get("package")
+    if not package:
+        raise MIADLError("An import job needs an input 'package' (a .zip or a folder).")
+    from MIADeepLearningLib.engine import model_store
+
+    reporter.progress("import", 0.1, f"Checking the model package {Path(package).name}")
+    model = model_store.import_model(package, trust_code=bool(job.options.get("trust_code")),
+                                     replace=bool(job.options.get("replace")))
+    if pipeline_cache is not None:  # a replaced model must not run from a pipeline built from its old copy
+        for key in [key for key in pipeline_cache if isinstance(key, tuple) and key and key[0] == model.id]:
+            pipeline_cache.pop(key)
+    reporter.progress("import", 1.0, f"Imported model '{model.title}' (version {model.version})")
+    result = {"outputs": {}, "model": model.summary(), "provenance": {}, "warnings": [],
+              "timings": {"import": round(time.perf_counter() - started, 3)}}
+    (Path(job.folder) / jobs.RESULT_FILE_NAME).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
 TASKS = {"segment": run_segment_job, "synthesize": run_synthesize_job, "register": run_register_job,
-         "classify": run_classify_job, "detect": run_detect_job, "device": run_device_job}
+         "classify": run_classify_job, "detect": run_detect_job, "device": run_device_job,
+         "import": run_import_job}
 
 
 def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: dict | None = None,
@@ -366,7 +395,8 @@ def run(job_path: str | Path, reporter: Reporter | None = None, pipeline_cache: 
             announce_stopping(reporter, "The warm worker stops after this unexpected error; the next job starts a "
                                         "new one.")
         reporter.emit(jobs.Event(stage=jobs.STAGE_ERROR, message=message, error_type=type(error).__name__,
-                                 traceback=traceback.format_exc()))
+                                 traceback=traceback.format_exc(),
+                                 requirements=list(getattr(error, "requirements", None) or []) or None))
         return 2 if user_facing else 1
 
 

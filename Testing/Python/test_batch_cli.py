@@ -350,8 +350,8 @@ def test_models_download_and_import_call_the_model_store(monkeypatch, capsys, tm
             progress(done, 10 << 20)
         return model
 
-    def import_model(path):
-        calls.append(("import", path))
+    def import_model(path, trust_code=False, replace=False):
+        calls.append(("import", path, trust_code, replace))
         return model
 
     monkeypatch.setattr(model_store, "download_model", download_model)
@@ -362,7 +362,7 @@ def test_models_download_and_import_call_the_model_store(monkeypatch, capsys, tm
     assert captured.err.splitlines() == [
         "downloading tiny: 0.0 / 10.0 MiB (  0%)", "downloading tiny: 5.0 / 10.0 MiB ( 50%)",
         "downloading tiny: 10.0 / 10.0 MiB (100%)", f"installed tiny v2.0 in {tmp_path / 'tiny'}"]
-    assert cli.main(["models", "--import", str(tmp_path / "tiny.zip"), "--json", "-q"]) == 0
+    assert cli.main(["models", "--import", str(tmp_path / "tiny.zip"), "--json", "-q", "--trust", "--replace"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["id"] == "tiny" and captured.err == ""
-    assert calls == [("download", "tiny"), ("import", str(tmp_path / "tiny.zip"))]
+    assert calls == [("download", "tiny"), ("import", str(tmp_path / "tiny.zip"), True, True)]

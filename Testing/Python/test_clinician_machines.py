@@ -184,7 +184,7 @@ def _run_tasks(clinic: Clinic, scene) -> None:
 
     # Segmentation: a model imported (from another filesystem) into the cache under the user's home folder
     def segment(on_event):
-        model_store.import_model(clinic.package_source)
+        model_store.import_model(clinic.package_source, trust_code=True)
         volume = thick_blob_volume(NODE_NAME, slices=10, spacing_mm=4.0)
         with runner.WarmWorker() as warm:  # its cwd: the temp folder
             logic = SegmentationLogic(warm_worker=warm)  # job folders in the temp folder

@@ -489,6 +489,7 @@ def test_brain_extraction_on_the_robex_head(robex):
 
     provenance = output.provenance
     assert provenance["model_id"] == "deepbet" and provenance["model_version"] == "1.0.2"
+    assert provenance["model_origin"] == "built-in", "provenance says whether the model was built in or imported"
     model = registry.get_model("deepbet")
     assert provenance["weights_sha256"] == {weight.role: weight.sha256 for weight in model.weights}
     assert set(provenance["weights_sha256"]) == {"bbox_model", "mask_model"}

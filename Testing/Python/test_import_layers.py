@@ -73,6 +73,15 @@ MRML = Layer(
         "engine.downloads", "engine.model_store", "engine.filecheck", "engine.candidates",
     ),
 )
+# The zoo-shaped test bundle builder (issue 18): the DLSegmentation self-test builds a bundle inside Slicer, so it is
+# library code, but writing random weights needs torch and MONAI. It runs as its own process in the worker's Python
+# (python -m MIADeepLearningLib.testing.zoo_shaped); importing it (the scenario reads its phantom) pulls numpy only.
+TESTING_BUNDLES = Layer(
+    name="zoo-shaped test bundle builder (testing/zoo_shaped.py)",
+    forbidden=("slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *MODULE_FILES),
+    allowed_lib=(),
+    forbidden_at_import=("torch", "monai", "SimpleITK", "yaml", "itk"),
+)
 STDLIB_ONLY = Layer(
     name="stdlib-only layer (runner.py, jobs.py, paths.py, versions.py, __init__.py)",
     forbidden=_lib("gui"),
@@ -88,11 +97,11 @@ ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, training/)", f
 ENGINE_CORE = Layer(name="engine (engine/)", forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")))
 # Imported by the Slicer side, which has no torch: importing them must not pull torch (engine/__init__ runs first).
 ENGINE_TORCH_FREE = Layer(
-    name="torch-free engine part (engine/__init__.py, errors.py, registry.py, downloads.py, model_store.py)",
+    name="torch-free engine part (engine/__init__.py, errors.py, registry.py, downloads.py, model_store.py, zoo.py)",
     forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")),
     forbidden_at_import=("torch", "monai", "SimpleITK", "numpy", "itk"),
     allowed_lib_at_import=_lib(
-        "engine.errors", "engine.registry", "engine.downloads", "engine.model_store", "paths", "jobs"
+        "engine.errors", "engine.registry", "engine.downloads", "engine.model_store", "engine.zoo", "paths", "jobs"
     ),
 )
 
@@ -124,6 +133,8 @@ def layer_of(relpath: str) -> Layer | None:
     if parts[0] != LIB:
         return None
     inner = parts[1:]
+    if inner == ["testing", "zoo_shaped.py"]:
+        return TESTING_BUNDLES
     if inner[0] in ("mrml", "testing") and len(inner) > 1:
         return MRML
     if inner[0] == "gui" and len(inner) > 1:
@@ -131,7 +142,7 @@ def layer_of(relpath: str) -> Layer | None:
     if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["versions.py"], ["__init__.py"]):
         return STDLIB_ONLY
     if inner[0] == "engine" and inner[1:] in (
-        ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"]
+        ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"], ["zoo.py"]
     ):
         return ENGINE_TORCH_FREE
     if inner == ["engine", "filecheck.py"]:
@@ -416,6 +427,17 @@ def test_classification_files_have_their_layers(relpath: str, layer: Layer) -> N
 def test_detection_files_have_their_layers(relpath: str, layer: Layer) -> None:
     assert (SOURCE_DIR / relpath).is_file(), relpath
     assert layer_of(relpath) is layer
+
+
+def test_zoo_bundle_builder_has_its_layer() -> None:
+    """Torch and MONAI inside its functions only; no Slicer, no other part of the library."""
+    relpath = f"{LIB}/testing/zoo_shaped.py"
+    assert (SOURCE_DIR / relpath).is_file() and layer_of(relpath) is TESTING_BUNDLES
+    assert check_source("def f():\n    import torch\n    from monai.bundle import ConfigParser\n", relpath) == []
+    assert "torch" in check_source("import torch\n", relpath)[0]
+    assert "slicer" in check_source("def f():\n    import slicer\n", relpath)[0]
+    assert f"{LIB}.mrml" in check_source("from MIADeepLearningLib.mrml import volumes\n", relpath)[0]
+    assert layer_of(f"{LIB}/testing/scenarios.py") is MRML
 
 
 def test_checker_refuses_files_outside_every_layer() -> None:

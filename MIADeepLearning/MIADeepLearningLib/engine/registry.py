@@ -15,7 +15,9 @@ Where models come from, in listing order:
 - package folders inside the folders named in ``$MIADL_EXTRA_MODELS_DIRS`` (os.pathsep-separated).
 
 Inside a present package, ``configs/metadata.json`` ``slicer.files`` is the per-file truth; a registry entry's
-``files`` must agree with it.
+``files`` must agree with it. A MONAI Model Zoo bundle imported as downloaded has no ``slicer`` section: the import
+derives one (engine.zoo) into SLICER_SIDECAR beside it, and load_package merges it in, so everything downstream
+reads ``ModelInfo.slicer`` the same way. The user's segment corrections (SEGMENTS_SIDECAR) apply over either.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from MIADeepLearningLib.engine import zoo
 from MIADeepLearningLib.engine.errors import ModelError
 from MIADeepLearningLib.paths import models_cache_dir, models_dir
 
@@ -42,7 +45,17 @@ MODEL_CARD_RELATIVE_PATH = Path("docs") / "README.md"
 LICENSE_RELATIVE_PATH = Path("LICENSE")
 # Written into each package folder of the cache by engine.model_store once the package verified.
 INSTALL_MARKER = ".miadl-install.json"
-DOWNLOAD_HINT = "python -m MIADeepLearningLib models --download"
+# In an installed copy of a bundle whose metadata.json has no slicer section (a MONAI Model Zoo bundle as
+# downloaded): the section derived at import. The bundle's own files are never modified; the install marker records
+# this file's sha256, so it is as tamper-evident as metadata.json.
+SLICER_SIDECAR = ".miadl-slicer.json"
+# In an installed copy: the user's corrections of segment names, colours and terminology (models --segments),
+# applied over the package's segments by label value.
+SEGMENTS_SIDECAR = ".miadl-segments.json"
+SIDECARS = (INSTALL_MARKER, SLICER_SIDECAR, SEGMENTS_SIDECAR)
+CLI = "python -m MIADeepLearningLib"
+DOWNLOAD_HINT = f"{CLI} models --download"
+TRUST_HINT = f"{CLI} models --trust"
 # The tasks a model can have: the enum of $defs/task in models.schema.json (a test keeps the two in step); each has
 # its task function in engine/tasks.py, its worker task and CLI command, and its Slicer module.
 MODEL_TASKS = ("segmentation", "registration", "synthesis", "classification", "detection")
@@ -71,6 +84,20 @@ class ModelInfo:
     weights: list[WeightFile] = field(default_factory=list)
     entry: dict[str, Any] = field(default_factory=dict)
     origin: str = "extra"  # builtin | pypi | url | import | extra
+    # Whether the slicer section came from SLICER_SIDECAR (derived at import) rather than metadata.json.
+    derived_slicer: bool = False
+
+    @property
+    def origin_kind(self) -> str:
+        """For provenance: "built-in" (ships with the extension), "registry" (downloaded from, or imported as, the
+        exact package a registry entry pins) or "imported" (its code was confirmed by a user, or its folder was
+        named in $MIADL_EXTRA_MODELS_DIRS by whoever set up the machine)."""
+        if self.origin in ("builtin", "pypi"):
+            return "built-in"
+        if self.origin == "url":
+            marker = read_install_marker(self.package_dir) or {}
+            return "registry" if marker.get("origin", "url") == "url" else "imported"
+        return "imported"
 
     @property
     def slicer(self) -> dict[str, Any]:
@@ -108,7 +135,7 @@ class ModelInfo:
     def pipeline(self) -> str:
         """The engine pipeline; a package without one but with a MONAI config runs as a MONAI bundle."""
         declared = self.slicer.get("pipeline", "")
-        if not declared and (self.package_dir / "configs" / "inference.json").is_file():
+        if not declared and zoo.inference_config_path(self.package_dir) is not None:
             return MONAI_BUNDLE_PIPELINE
         return declared
 
@@ -120,6 +147,14 @@ class ModelInfo:
     def optional_outputs(self) -> list[str]:
         """Outputs the user may ask for besides the main one (e.g. "uncertainty"), from slicer.optional_outputs."""
         return [str(name) for name in self.slicer.get("optional_outputs", [])]
+
+    @property
+    def input_channels(self) -> list[str]:
+        """Names of the images a MONAI bundle takes as channels (e.g. T1c, T1, T2, FLAIR), from what its check at
+        import found, else its metadata; empty for the other pipelines (they take one volume, or say otherwise)."""
+        if self.pipeline != MONAI_BUNDLE_PIPELINE:
+            return []
+        return [str(name) for name in self.slicer.get("input_channels") or zoo.input_channel_names(self.metadata)]
 
     @property
     def accepted_types(self) -> list[str]:
@@ -146,8 +181,13 @@ class ModelInfo:
     def pip_requirements(self) -> list[str]:
         """Python packages the worker needs for this model, installed with their dependencies (MONAI for bundles)."""
         requirements = list(self.slicer.get("requirements", []))
-        if self.pipeline == MONAI_BUNDLE_PIPELINE and not any(r.lower().startswith("monai") for r in requirements):
-            requirements.append(MONAI_REQUIREMENT)
+        if self.pipeline == MONAI_BUNDLE_PIPELINE:
+            if not any(r.lower().startswith("monai") for r in requirements):
+                requirements.append(MONAI_REQUIREMENT)
+            config = zoo.inference_config_path(self.package_dir)
+            yaml_config = config is not None and config.suffix.lower() in (".yaml", ".yml")
+            if yaml_config and not any(r.lower().startswith("pyyaml") for r in requirements):
+                requirements.append(zoo.PYYAML_REQUIREMENT)
         return requirements
 
     def summary(self) -> dict[str, Any]:
@@ -168,6 +208,7 @@ class ModelInfo:
             "requirements_no_deps": self.pip_requirements_no_deps,
             "package_dir": str(self.package_dir),
             "origin": self.origin,
+            "origin_kind": self.origin_kind,
             "runtimes": self.runtimes,
         }
 
@@ -205,6 +246,26 @@ def _json_path(parts) -> str:
 
 _warned_missing_jsonschema = False
 
+# What each pattern of the schema asks for, in words: a regular expression means nothing to a user.
+_PATTERN_WORDS = {
+    "relativePath": "is not a relative path inside the package (no '..', no leading '/' or '\\', no drive letter)",
+    "sha256": "is not a sha256 checksum (64 hexadecimal digits)",
+    "modelId": "is not a valid id (up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit)",
+    "version": "is not a valid version (up to 64 letters, digits, '.', '_', '+' or '-', starting with a letter or "
+               "digit)",
+}
+
+
+def _plain_problem(problem: Any) -> str:
+    """The first schema problem as words; a pattern mismatch says what was expected instead of the regex."""
+    if problem.validator == "pattern":
+        schema = _read_json(schema_path()).get("$defs", {})
+        for definition, words in _PATTERN_WORDS.items():
+            if schema.get(definition, {}).get("pattern") == problem.validator_value:
+                return f"{problem.instance!r} {words}"
+        return f"{problem.instance!r} does not have the form this field needs"
+    return " ".join(problem.message.split()).rstrip(".")
+
 
 def validate(instance: Any, definition: str, where: str, strict: bool = True) -> None:
     """Check ``instance`` against ``$defs/<definition>`` of models.schema.json; ModelError names the first problem.
@@ -235,7 +296,7 @@ def validate(instance: Any, definition: str, where: str, strict: bool = True) ->
     problem = best_match(validator.iter_errors(instance))
     if problem is None:
         return
-    message = " ".join(problem.message.split()).rstrip(".")
+    message = _plain_problem(problem)
     if len(message) > 160:
         message = message[:157] + "…"
     raise ModelError(f"{where} does not match the model schema at {_json_path(problem.absolute_path)}: {message}.")
@@ -314,7 +375,21 @@ def load_package(
     package_dir = Path(package_dir)
     metadata_path = package_dir / METADATA_RELATIVE_PATH
     metadata = _read_json(metadata_path, label)
+    derived = "slicer" not in metadata and (package_dir / SLICER_SIDECAR).is_file()
+    if derived:
+        metadata["slicer"] = _read_json(package_dir / SLICER_SIDECAR, f"The derived description {SLICER_SIDECAR} "
+                                                                      f"of model package {package_dir}")
+    elif "slicer" not in metadata and isinstance(metadata, dict) and metadata.get("network_data_format"):
+        where = label or f"The model description {metadata_path}"
+        raise ModelError(
+            f"{where} is a MONAI bundle as downloaded, which must be imported first (the import derives what the "
+            f"extension needs): {CLI} models --import FOLDER_OR_ZIP."
+        )
     validate(metadata, "packageMetadata", label or f"The model description {metadata_path}", strict=strict)
+    corrections = segment_corrections(package_dir)
+    if corrections:
+        metadata["slicer"] = {**metadata["slicer"],
+                              "segments": merge_segments(metadata["slicer"].get("segments", []), corrections)}
     weights = []
     for item in metadata.get("slicer", {}).get("files", []):
         try:
@@ -339,7 +414,46 @@ def load_package(
         weights=weights,
         entry=dict(entry or {}),
         origin=origin,
+        derived_slicer=derived,
     )
+
+
+def merge_segments(segments: list[dict[str, Any]], corrections: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The package's segments with the user's corrections applied by label value (new values are added)."""
+    merged = {int(segment["value"]): dict(segment) for segment in segments}
+    for correction in corrections:
+        value = int(correction["value"])
+        merged[value] = {**merged.get(value, {}), **correction}
+    return [merged[value] for value in sorted(merged)]
+
+
+def check_segment_corrections(content: Any, where: str) -> list[dict[str, Any]]:
+    """A segments file (a list of {"value", "name", "color"?, "terminology"?}, or {"segments": [...]}) checked
+    against the schema; the list, or ModelError in one sentence."""
+    segments = content.get("segments") if isinstance(content, dict) else content
+    if not isinstance(segments, list) or not segments:
+        raise ModelError(
+            f"{where} is not a list of segments (expected [{{\"value\": 1, \"name\": \"Liver\", \"color\": "
+            "[r, g, b], \"terminology\": \"...\"}, ...])."
+        )
+    for index, segment in enumerate(segments):
+        validate(segment, "segment", f"{where} (segment {index + 1})")
+    values = [segment["value"] for segment in segments]
+    if len(set(values)) != len(values):
+        raise ModelError(f"{where} names a label value more than once.")
+    return [dict(segment) for segment in segments]
+
+
+def segment_corrections(package_dir: Path) -> list[dict[str, Any]]:
+    """The user's segment corrections stored in an installed copy ([] when none or unreadable: logged)."""
+    path = Path(package_dir) / SEGMENTS_SIDECAR
+    if not path.is_file():
+        return []
+    try:
+        return check_segment_corrections(_read_json(path), f"The segment corrections {path}")
+    except ModelError as error:
+        _log.warning("Segment corrections ignored: %s", error)
+        return []
 
 
 # ------------------------------------------------------------------------------------------ cached (installed) models
@@ -362,6 +476,24 @@ def _sha256_bytes(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+CODE_DIRS = ("configs", "scripts")
+
+
+def code_digest(package_dir: str | Path) -> str:
+    """One sha256 over the files that make a package's code (configs/, scripts/, any .py; not __pycache__), so an
+    installed copy whose code changed after the user confirmed it is noticed; small files, cheap to re-hash."""
+    package_dir = Path(package_dir)
+    digest = hashlib.sha256()
+    files = [path for path in package_dir.rglob("*") if path.is_file() and not path.is_symlink()]
+    for path in sorted(files):
+        relative = path.relative_to(package_dir).as_posix()
+        if "__pycache__" in relative.split("/") or path.suffix == ".pyc":  # written when the scripts are imported
+            continue
+        if relative.split("/")[0] in CODE_DIRS or path.suffix == ".py":
+            digest.update(f"{relative}\0{_sha256_bytes(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def installed_package_problem(model: ModelInfo, marker: dict[str, Any]) -> str | None:
     """Why a cached package no longer verifies (changed metadata, missing or modified weight), or None.
 
@@ -371,6 +503,11 @@ def installed_package_problem(model: ModelInfo, marker: dict[str, Any]) -> str |
     metadata_path = model.package_dir / METADATA_RELATIVE_PATH
     if marker.get("metadata_sha256") != _sha256_bytes(metadata_path):
         return "its configs/metadata.json was changed after it was installed"
+    if model.derived_slicer and marker.get("slicer_sidecar_sha256") != _sha256_bytes(
+            model.package_dir / SLICER_SIDECAR):
+        return f"its {SLICER_SIDECAR} (what the import derived) was changed after it was installed"
+    if marker.get("code_sha256") and marker["code_sha256"] != code_digest(model.package_dir):
+        return "its configs or scripts were changed after it was installed"
     stamps = marker.get("files", {})
     for weight in model.weights:
         if weight.source.get("type", "package") != "package":
@@ -519,8 +656,36 @@ def resolve_weight_path(model: ModelInfo, weight: WeightFile) -> Path:
     raise ModelError(f"Model {model.id}: unsupported weight source '{source_type}'.")
 
 
+def trust_problem(model: ModelInfo) -> str | None:
+    """Why an installed package may not run yet (its code was never confirmed), or None.
+
+    Built-in models, packages downloaded from (or imported as) the exact zip a registry entry pins, and folders of
+    $MIADL_EXTRA_MODELS_DIRS need no confirmation; every other imported package does (a bundle config is code).
+    """
+    if model.origin not in ("import", "url"):
+        return None
+    marker = read_install_marker(model.package_dir) or {}
+    if marker.get("origin", "url") == "url" and model.origin == "url":
+        return None
+    if (marker.get("trust") or {}).get("confirmed"):
+        return None
+    return (
+        f"Model '{model.title}' was imported without confirming that its code may run on this computer (importing "
+        f"a model is like installing software); confirm it with {TRUST_HINT} {model.id}, or import it again."
+    )
+
+
+def refuse_untrusted(model: ModelInfo) -> None:
+    """One sentence, before any work, for an imported package whose code was never confirmed."""
+    problem = trust_problem(model)
+    if problem:
+        raise ModelError(problem)
+
+
 def verified_weight_paths(model: ModelInfo) -> dict[str, Path]:
-    """Every weight file of the model by role, each checked against its sha256 before anyone loads it."""
+    """Every weight file of the model by role, each checked against its sha256 before anyone loads it; an imported
+    package whose code was never confirmed is refused first."""
+    refuse_untrusted(model)
     paths = {}
     for weight in model.weights:
         path = resolve_weight_path(model, weight)

@@ -154,12 +154,20 @@ def _check_memory(loaded: _LoadedPipeline, paths: dict[str, str | Path | None]) 
 
 def _read_and_check(image_path: str | Path, model: registry.ModelInfo, progress: ProgressCallback,
                     timings: dict[str, float], warnings: list[str], name: str = "The input volume",
-                    fractions: tuple[float, float] = (0.08, 0.1)) -> sitk.Image:
+                    fractions: tuple[float, float] = (0.08, 0.1), channel_paths: Sequence[str | Path] = (),
+                    slices_2d: bool = False) -> sitk.Image:
     """Read one input and run the structure checks (InputError sentences start with `name`); timings add up over
-    the inputs of a run; progress at `fractions` (reading, checks)."""
+    the inputs of a run; progress at `fractions` (reading, checks). `channel_paths`: more images that are further
+    channels of the same input (a multi-channel bundle), each on the first one's grid; they are stacked into one
+    multi-component volume before the checks, which then see the channels the model's metadata asks for."""
     mark = time.perf_counter()
     progress("read_input", fractions[0], "Reading the input image")
     image = imageio.read_image(image_path)
+    if image.GetDimension() == 2 and slices_2d:
+        raise InputError(f"{name} is a single 2-D image; model '{model.title}' runs its 2-D network slice by slice "
+                         "over a 3-D volume, so give it the stack of slices as one volume.")
+    if channel_paths:
+        image = stack_channels(image, [imageio.read_image(path) for path in channel_paths], name)
     timings["read_input"] = timings.get("read_input", 0.0) + time.perf_counter() - mark
     mark = time.perf_counter()
     progress("checks", fractions[1], "Checking the input against what the model expects")
@@ -168,6 +176,21 @@ def _read_and_check(image_path: str | Path, model: registry.ModelInfo, progress:
         progress("checks", fractions[1], f"Warning: {warning}")
     timings["checks"] = timings.get("checks", 0.0) + time.perf_counter() - mark
     return image
+
+
+def stack_channels(first: sitk.Image, others: Sequence[sitk.Image], name: str = "The input volume") -> sitk.Image:
+    """One multi-component float32 volume from scalar images on one grid (a bundle's list of input files); an image
+    on another grid is refused in one sentence (the model sees voxels, so the channels must line up voxel for
+    voxel, and resampling them silently would hide a wrong pick)."""
+    images = [first, *others]
+    for index, image in enumerate(images, start=1):
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"Input image {index} of {name.lower()} has several components per voxel; give one "
+                             "scalar volume per channel.")
+        if index > 1 and not imageio.same_grid(first, image, tolerance=1e-4):
+            raise InputError(f"Input image {index} is not on the grid of the first input image (size, spacing, "
+                             "origin and direction must be the same); resample it onto the first one first.")
+    return sitk.Compose([sitk.Cast(image, sitk.sitkFloat32) for image in images])
 
 
 def _run_with_cpu_fallback(loaded: _LoadedPipeline, run: Callable[[Any], dict[str, Any]], progress: ProgressCallback,
@@ -205,6 +228,9 @@ def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: 
         "model_id": model.id,
         "model_title": model.title,
         "model_version": model.version,
+        # built-in (shipped), registry (downloaded, checksums pinned in the extension) or imported (code the user
+        # confirmed when importing it)
+        "model_origin": model.origin_kind,
         "weights_sha256": {weight.role: weight.sha256 for weight in model.weights},
         "device": str(device_used),
         "device_reason": loaded.choice.reason,
@@ -225,11 +251,13 @@ def _provenance(loaded: _LoadedPipeline, device_used: torch.device, input_name: 
 
 def _run_model(task: str, image_path: str | Path, model_id: str, device: str, options: dict | None,
                progress: ProgressCallback, pipeline_cache: PipelineCache | None, requested: tuple[str, ...] = (),
-               type_check: bool | None = None, extra_paths: Sequence[tuple[str, str | Path]] = ()
+               type_check: bool | None = None, extra_paths: Sequence[tuple[str, str | Path]] = (),
+               channel_paths: Sequence[str | Path] = ()
                ) -> tuple[_LoadedPipeline, sitk.Image, dict[str, Any], torch.device, list[str], dict[str, float]]:
     """Load (or reuse) the model, read and check the input (its type too), predict with the OOM fallback; timings
     per stage. outputs["input_type"]: what the type check found, when it ran. `extra_paths` (name, path): more
-    inputs for the pipeline (detection), read and checked as the first one; the type check sees the first only."""
+    inputs for the pipeline (detection), read and checked as the first one; the type check sees the first only.
+    `channel_paths`: further channels of the first input (see `_read_and_check`)."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
     started = time.perf_counter()
@@ -237,7 +265,8 @@ def _run_model(task: str, image_path: str | Path, model_id: str, device: str, op
     loaded = _load_pipeline(model_id, task, device, options, pipeline_cache, requested)
     timings["load_model"] = time.perf_counter() - started
     _check_memory(loaded, {"image": image_path})
-    image = _read_and_check(image_path, loaded.model, progress, timings, warnings)
+    image = _read_and_check(image_path, loaded.model, progress, timings, warnings, channel_paths=channel_paths,
+                            slices_2d=bool(getattr(loaded.pipeline, "slices_2d", False)))
     extra_images = [(name, _read_and_check(path, loaded.model, progress, timings, warnings,
                                            f"The extra input {name}", (0.1, 0.1))) for name, path in extra_paths]
     input_type = check_input_type(loaded, {"image": image}, progress, warnings, timings, pipeline_cache, type_check)
@@ -253,21 +282,30 @@ def _run_model(task: str, image_path: str | Path, model_id: str, device: str, op
 def segment_image(image_path: str | Path, model_id: str, device: str = "auto", options: dict | None = None,
                   create_masked_volume: bool = False, progress: ProgressCallback = _no_progress,
                   input_name: str | None = None, pipeline_cache: PipelineCache | None = None,
-                  type_check: bool | None = None) -> SegmentationOutput:
+                  type_check: bool | None = None, extra_image_paths: Sequence[str | Path] | None = None
+                  ) -> SegmentationOutput:
     """Run a segmentation model on one image file; outputs are on the input's grid.
 
     `options` may ask for an uncertainty map ({"uncertainty": True}) from a model that lists "uncertainty" in its
     slicer.optional_outputs. With a `pipeline_cache`, a model loaded (and verified) by an earlier call on the same
     device is reused. `type_check`: False skips the input type check (None: on unless MIADL_TYPE_CHECK=0).
+    `extra_image_paths`: the further input channels of a multi-channel model (a MONAI bundle's list of files, in
+    the order of its metadata's channel names), each on the first image's grid or refused in one sentence.
     """
     requested = ("uncertainty",) if (options or {}).get("uncertainty") else ()
+    extra = [Path(path) for path in (extra_image_paths or ())]
     loaded, image, outputs, device_used, warnings, timings = _run_model(
-        "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested, type_check)
+        "segmentation", image_path, model_id, device, options, progress, pipeline_cache, requested, type_check,
+        channel_paths=extra)
     if requested and outputs.get("uncertainty") is None:  # metadata that promises what its pipeline cannot make
         raise ModelError(f"Model '{loaded.model.title}' lists an uncertainty map, but its pipeline made none.")
+    if extra:  # the masked volume is of the first image, not of the stacked channels
+        image = sitk.VectorIndexSelectionCast(image, 0)
     masked = masked_volume(image, outputs["label"]) if create_masked_volume else None
-    provenance = _provenance(loaded, device_used, input_name or Path(image_path).name, warnings, outputs)
-    segments = getattr(loaded.pipeline, "segments", None) or loaded.model.segments
+    names = [input_name or Path(image_path).name, *(path.name for path in extra)]
+    provenance = _provenance(loaded, device_used, names[0] if not extra else ", ".join(names), warnings, outputs)
+    # the run's own segments first (a bundle names every value its output holds), then the pipeline's, the model's
+    segments = outputs.get("segments") or getattr(loaded.pipeline, "segments", None) or loaded.model.segments
     return SegmentationOutput(outputs["label"], masked, segments, provenance, warnings, timings,
                               outputs.get("uncertainty"))
 
