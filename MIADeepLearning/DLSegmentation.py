@@ -10,6 +10,7 @@ task modules through MIADeepLearningLib.gui.
 
 from __future__ import annotations
 
+import traceback
 from typing import TYPE_CHECKING, Annotated
 
 import qt
@@ -26,11 +27,12 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MIADeepLearningLib import versions
+from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled, ensureImportDependencies
 from MIADeepLearningLib.gui.task_logic import TaskLogicMixin
-from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, TaskWidgetMixin
+from MIADeepLearningLib.gui.task_widget import DEVICE_CHOICES, JOB_MODEL_IMPORT, TaskWidgetMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from MIADeepLearningLib.jobs import Event
     from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic, SegmentationResult, SegmentationRun
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 README_URL = "https://github.com/MIADeepLearning/SlicerMIADeepLearning#readme"
 DEFAULT_MODEL_ID = "deepbet"
+MAX_CHANNELS = 4  # input volume + extraVolume1-3 (BraTS-style bundles take 4 images)
 
 
 #
@@ -85,10 +88,14 @@ class DLSegmentationParameterNode:
     """What the user chose; saved with the scene.
 
     Annotations are evaluated at runtime by the wrapper (Python 3.9 in Slicer 5.8): no ``X | None`` here.
-    outputSegmentation None means "create a new segmentation".
+    outputSegmentation None means "create a new segmentation". extraVolume1-3: the further input channels of a
+    model that takes several images (shown only for such models).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    extraVolume1: vtkMRMLScalarVolumeNode
+    extraVolume2: vtkMRMLScalarVolumeNode
+    extraVolume3: vtkMRMLScalarVolumeNode
     modelId: str = DEFAULT_MODEL_ID
     device: Annotated[str, Choice(DEVICE_CHOICES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
@@ -114,13 +121,15 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         self.logic: DLSegmentationLogic | None = None
         self._parameterNode: DLSegmentationParameterNode | None = None
         self._run: SegmentationRun | None = None
+        self._modelInputChannels: dict[str, list] = {}
 
     def setup(self) -> None:
         """Build the GUI. Installs nothing, downloads nothing and never imports torch (generic tests call this)."""
         ScriptedLoadableModuleWidget.setup(self)
         self._setupTaskWidget("UI/DLSegmentation.ui", DLSegmentationLogic())
-        self.ui.importModelZipButton.connect("clicked(bool)", lambda: self.onImportModel(folder=False))
-        self.ui.importModelFolderButton.connect("clicked(bool)", lambda: self.onImportModel(folder=True))
+        self.ui.importModelZipButton.connect("clicked(bool)", self.onImportModelZip)
+        self.ui.importModelFolderButton.connect("clicked(bool)", self.onImportModelFolder)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self._showVolumeTable(None)  # the Results section appears with the first table
         self.initializeParameterNode()
 
@@ -133,15 +142,58 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         return _("Segmentation failed: {error}").format(error=error)
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Also show the uncertainty option only when the selected model makes an uncertainty map."""
+        """Also show the uncertainty option only when the selected model makes an uncertainty map, and one volume
+        selector per further input channel of the selected model, labelled with the channel's name."""
         TaskWidgetMixin._onParameterNodeModified(self, caller, event)
         self.ui.createUncertaintyCheckBox.visible = self._modelOffers("uncertainty")
+        channels = self._modelChannels()
+        self.ui.inputVolumeLabel.text = (_("Input volume ({channel}):").format(channel=channels[0]) if len(channels) > 1
+                                         else _("Input volume:"))
+        for index in range(1, MAX_CHANNELS):
+            shown = index < len(channels)
+            getattr(self.ui, f"extraVolume{index}Label").visible = shown
+            getattr(self.ui, f"extraVolume{index}Selector").visible = shown
+            if shown:
+                getattr(self.ui, f"extraVolume{index}Label").text = _("{channel}:").format(channel=channels[index])
+
+    def _modelChannels(self) -> list:
+        """Names of the selected model's input channels (empty or one name: it takes one volume)."""
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        return self._modelInputChannels.get(modelId, [])
+
+    def _populateModelComboBox(self) -> None:
+        """Also remember each model's input channels (from its metadata: no torch)."""
+        TaskWidgetMixin._populateModelComboBox(self)
+        self._modelInputChannels = {}
+        try:
+            for model in self.logic.availableModels():
+                self._modelInputChannels[model.id] = list(getattr(model, "input_channels", []))
+        except Exception:  # already reported by the mixin's listing
+            pass
+
+    def _extraVolumes(self, params: DLSegmentationParameterNode) -> list:
+        """The selected volumes of the further channels the model takes, in its order (None where unselected)."""
+        count = max(len(self._modelChannels()) - 1, 0)
+        return [getattr(params, f"extraVolume{index}") for index in range(1, count + 1)]
+
+    def _inputProblem(self, params: DLSegmentationParameterNode) -> str | None:
+        """A model that takes several images needs one volume per channel, each a different one."""
+        channels = self._modelChannels()
+        extras = self._extraVolumes(params)
+        for name, node in zip(channels[1:], extras):
+            if node is None:
+                return _("Select the volume for the channel '{channel}'.").format(channel=name)
+        nodes = [params.inputVolume, *extras]
+        if len({id(node) for node in nodes}) != len(nodes):
+            return _("The same volume is selected for two channels; each channel needs a volume of its own.")
+        return None
 
     def _startRun(self, params: DLSegmentationParameterNode) -> SegmentationRun:
         return self.logic.start(
             params.inputVolume,
             params.modelId,
             device=params.device,
+            extraVolumes=self._extraVolumes(params),
             outputSegmentation=params.outputSegmentation,
             createMaskedVolume=params.createMaskedVolume,
             createUncertainty=params.createUncertainty and self._modelOffers("uncertainty"),
@@ -182,25 +234,115 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
 
     # Advanced: model import (the device report is TaskWidgetMixin's: a background job like a run)
 
+    def onImportModelZip(self) -> None:
+        self.onImportModel(folder=False)
+
+    def onImportModelFolder(self) -> None:
+        self.onImportModel(folder=True)
+
     def onImportModel(self, folder: bool) -> None:
-        """Add a model package from a .zip or a folder (air-gapped sites); it is verified before it is listed."""
+        """Add a model package from a .zip or a folder (a zoo bundle as downloaded, or our own format): show where it
+        comes from and ask, since its configuration is code; then check and import it in a worker process."""
         if folder:
             path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model package folder"))
         else:
             path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Model package"), "",
                                                   _("Model package (*.zip)"))
-        if not path:
+        if not path or self._run is not None:
             return
         with slicer.util.tryWithErrorDisplay(_("The model could not be imported."), waitCursor=True):
-            model = DLSegmentationLogic.importModel(path)
+            package = DLSegmentationLogic.describePackage(path)
+            if not slicer.util.confirmYesNoDisplay(importQuestion(package), windowTitle=_("Import model"),
+                                                   detailedText=importDetails(package)):
+                return
+            replace = False
+            installed = DLSegmentationLogic.installedCopy(package.get("id", ""))
+            if installed is not None:
+                replace = slicer.util.confirmYesNoDisplay(
+                    _("Model '{id}' is already imported (version {version}). Replace it with this package? The old "
+                      "copy is kept if the new one fails its checks.").format(id=package.get("id", ""),
+                                                                             version=installed.version),
+                    windowTitle=_("Import model"))
+                if not replace:
+                    return
+            self._startModelImport(path, replace, DLSegmentationLogic.importRequirements(package))
+
+    def _startModelImport(self, path: str, replace: bool, requirements: list) -> None:
+        """Install what the check needs (asking first), then check and import in a worker process."""
+        self._installing = True
+        self._updateButtons()
+        try:
+            ensureImportDependencies(self.resourcePath("requirements.txt"), requirements)
+        except DependenciesNotInstalled as error:
+            self._setStatus(str(error))
+            self._log(str(error))
+            return
+        finally:
+            self._installing = False
+            self._updateButtons()
+        self.ui.progressBar.value = 0
+        self._setStatus(_("Checking and importing the model (configs, network, weights)..."))
+        self._pendingImport = (path, replace, requirements)
+        run = self.logic.startModelImport(path, replace=replace)
+        self._log(_("Importing model package {path}.").format(path=path))
+        self._startPolling(run, JOB_MODEL_IMPORT, None)
+
+    def _offerPackagesAndRetry(self, error: Exception) -> bool:
+        """The import's check found Python packages the bundle needs (its optional_packages_version): offer to
+        install them and import again. Returns whether it took over the error."""
+        requirements = list(getattr(error, "requirements", []) or [])
+        pending = getattr(self, "_pendingImport", None)
+        if not requirements or pending is None:
+            return False
+        path, replace, known = pending
+        if all(requirement in known for requirement in requirements):
+            return False  # installed before and still missing: report the error instead of asking again
+        self._log(str(error))
+        try:
+            self._startModelImport(path, replace, list(known) + requirements)
+        except Exception as retryError:  # on a poll-timer tick: nothing above would show it
+            self._reportError(retryError, traceback.format_exc(), [],
+                              _("The model could not be imported: {error}").format(error=retryError))
+        return True
+
+    def onRemoveModel(self) -> None:
+        """Delete the selected model's imported or downloaded copy after asking; built-in models stay."""
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        if not modelId or self._run is not None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The model could not be removed."), waitCursor=True):
+            installed = DLSegmentationLogic.installedCopy(modelId)
+            if installed is None:  # a refusal, not a failure: one sentence, no traceback
+                message = _("Model '{id}' is built into the extension; only imported or downloaded models can be "
+                            "removed.").format(id=modelId)
+                slicer.util.warningDisplay(message, windowTitle=_("Remove model"))
+                self._setStatus(message)
+                return
+            if not slicer.util.confirmYesNoDisplay(
+                    _("Remove model '{title}' (version {version}) from this computer?").format(
+                        title=installed.title, version=installed.version), windowTitle=_("Remove model")):
+                return
+            DLSegmentationLogic.removeModel(modelId)
+            self.logic.shutdownWarmWorker()  # a warm worker may still hold the removed model
             self._populateModelComboBox()
-            if self._parameterNode and model.task == "segmentation":
-                self._parameterNode.modelId = model.id
-            self._onParameterNodeModified()
-            message = _("Imported model '{title}' (version {version}).").format(title=model.title,
-                                                                                 version=model.version)
+            self._parameterNode.modelId = DEFAULT_MODEL_ID
+            message = _("Removed model '{title}'.").format(title=installed.title)
             self._setStatus(message)
             self._log(message)
+
+
+def importQuestion(package: dict) -> str:
+    """The confirmation asked before a package is imported: what it is, where it comes from, and that its
+    configuration is code (importing a model is like installing software); the engine's own wording."""
+    from MIADeepLearningLib.engine import model_store
+
+    return _("{question}.\n\nThe checksums only prove that the files are the ones the package lists, not who made "
+             "it. Import this model?").format(question=model_store.confirmation_text(package))
+
+
+def importDetails(package: dict) -> str:
+    """Everything describe_package found, for the dialog's details."""
+    return "\n".join(f"{key}: {value}" for key, value in package.items())
 
 
 def _resetThreeDViewFocalPoint() -> None:
@@ -246,11 +388,54 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         return self.taskLogic(keepModelLoaded)
 
     @staticmethod
-    def importModel(path: str):
-        """Verify and add a model package from a folder or .zip to the user's model cache (torch-free)."""
+    def describePackage(path: str) -> dict:
+        """What a package says about itself (title, version, authors, origin, kind), read from its metadata only:
+        nothing of it runs (torch-free); shown to the user before the import is confirmed."""
         from MIADeepLearningLib.engine import model_store
 
-        return model_store.import_model(path)
+        return model_store.describe_package(path)
+
+    @staticmethod
+    def importRequirements(package: dict) -> list:
+        """pip specs the worker needs to check a package: MONAI for a bundle, PyYAML when its config is YAML."""
+        from MIADeepLearningLib.engine import registry
+
+        config = str(package.get("inference_config") or "")
+        if not package.get("carries_code") and not config:
+            return []
+        return [registry.MONAI_REQUIREMENT] + (["pyyaml>=5.4"] if config.endswith((".yaml", ".yml")) else [])
+
+    @staticmethod
+    def installedCopy(modelId: str):
+        """The imported or downloaded copy of a model (its ModelInfo), None for built-in or unknown ids."""
+        from MIADeepLearningLib.engine import registry
+
+        for model in registry.list_models():
+            if model.id == modelId and getattr(model, "origin_kind", "built-in") != "built-in":
+                return model
+        return None
+
+    @staticmethod
+    def removeModel(modelId: str) -> list:
+        """Delete every imported or downloaded copy of a model (torch-free)."""
+        from MIADeepLearningLib.engine import model_store
+
+        return model_store.remove_model(modelId)
+
+    def startModelImport(self, path: str, replace: bool = False, onEvent: Callable[[Event], None] | None = None):
+        """Check and import a package in a worker process (its code may run: the user confirmed); poll the returned
+        run like a model run, finish() returns the model's summary."""
+        from MIADeepLearningLib.gui.dependencies import requirePythonSlicer
+        from MIADeepLearningLib.mrml.model_import import start_model_import
+
+        return start_model_import(path, replace=replace, python_executable=requirePythonSlicer(), on_event=onEvent)
+
+    def importModel(self, path: str, replace: bool = False) -> dict:
+        """Blocking import for scripts and the Python console (the module uses startModelImport); the caller
+        confirms that the package's code may run."""
+        run = self.startModelImport(path, replace=replace)
+        run.wait()
+        return run.finish()
 
     def start(
         self,
@@ -264,8 +449,10 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         keepModelLoaded: bool = False,
         createUncertainty: bool = False,
         createVolumeTable: bool = False,
+        extraVolumes: Sequence[vtkMRMLScalarVolumeNode] = (),
     ) -> SegmentationRun:
-        """Start a background run and return at once; poll the returned run, then call its finish()."""
+        """Start a background run and return at once; poll the returned run, then call its finish().
+        `extraVolumes`: the further input channels of a model that takes several images, in its order."""
         return self.segmentationLogic(keepModelLoaded).start(
             inputVolume,
             modelId,
@@ -276,6 +463,7 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
             on_event=onEvent,
             create_uncertainty=createUncertainty,
             create_volume_table=createVolumeTable,
+            extra_volumes=list(extraVolumes),
         )
 
     def process(
@@ -289,10 +477,12 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         onEvent: Callable[[Event], None] | None = None,
         createUncertainty: bool = False,
         createVolumeTable: bool = False,
+        extraVolumes: Sequence[vtkMRMLScalarVolumeNode] = (),
     ) -> SegmentationResult:
         """Blocking run for scripts (the GUI uses start() so Slicer stays responsive)."""
         run = self.start(inputVolume, modelId, device, outputSegmentation, createMaskedVolume, timeoutS, onEvent,
-                         createUncertainty=createUncertainty, createVolumeTable=createVolumeTable)
+                         createUncertainty=createUncertainty, createVolumeTable=createVolumeTable,
+                         extraVolumes=extraVolumes)
         run.wait()
         return run.finish()
 

@@ -15,6 +15,7 @@ test_detection_module.py.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import types
@@ -192,6 +193,15 @@ def install_stubs(recorder: Recorder) -> types.ModuleType:
             self.active = False
 
     module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(ToolTipRole=3), QFileDialog=None)
+
+    @contextlib.contextmanager
+    def try_with_error_display(message: str | None = None, show: bool = True, waitCursor: bool = False) -> Any:
+        """Like slicer.util.tryWithErrorDisplay: the message and the error in a dialog, then the error re-raised."""
+        try:
+            yield
+        except Exception as error:
+            recorder("errorDisplay")(f"{message}\n\n{error}" if message else str(error))
+            raise
     module("ctk")
     module("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent="ModifiedEvent"))
 
@@ -233,6 +243,9 @@ def install_stubs(recorder: Recorder) -> types.ModuleType:
         infoDisplay=recorder("infoDisplay"),
         setSliceViewerLayers=recorder("setSliceViewerLayers"),
         confirmOkCancelDisplay=recorder("confirmOkCancelDisplay", False),
+        confirmYesNoDisplay=recorder("confirmYesNoDisplay", False),
+        tryWithErrorDisplay=try_with_error_display,
+        mainWindow=lambda: None,
         pip_install=recorder("pip_install"),
     )
 
@@ -425,8 +438,8 @@ _DETECTION_RESULT = types.SimpleNamespace(
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
-        "start_kwargs": {"outputSegmentation": None, "createMaskedVolume": False, "createUncertainty": False,
-                         "createVolumeTable": True, "keepModelLoaded": True},
+        "start_kwargs": {"extraVolumes": [], "outputSegmentation": None, "createMaskedVolume": False,
+                         "createUncertainty": False, "createVolumeTable": True, "keepModelLoaded": True},
         "result": _SEGMENTATION_RESULT, "done": "Done: segmentation 'brain' (1 warning(s), see the log).",
     },
     "DLSynthesis": {
@@ -927,12 +940,291 @@ def case_reload_leaves_the_other_modules_working(name: str) -> None:
     assert cancelled_after is cancelled_before, "engine.errors must survive a reload (gui.task_widget.KEPT_ON_RELOAD)"
 
 
+def _channel_model(model_id: str, channels: list[str]) -> Any:
+    """A model that takes several images as channels (like an imported BraTS bundle)."""
+    return types.SimpleNamespace(**vars(_model(model_id)), input_channels=list(channels))
+
+
+def _answers(recorder: Recorder, name: str, replies: list[Any]) -> Callable:
+    """A dialog that records its calls under `name` and gives the next of `replies` (then False)."""
+    def reply(*args: Any, **kwargs: Any) -> Any:
+        recorder.calls.append((name, args, kwargs))
+        return replies.pop(0) if replies else False
+
+    return reply
+
+
+def case_segmentation_model_channels(name: str) -> None:
+    """One volume selector per further input channel of the selected model, labelled with the channel's name and
+    hidden for a one-channel model; Apply is refused until every channel has a volume of its own, and the volumes
+    are passed on in the model's order (none for a one-channel model)."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    brats = _channel_model("tiny-brats", ["T1c", "T1", "T2", "FLAIR"])
+    widget = _widget(modules[name], name, [_model("deepbet"), brats])
+    ui, params = widget.ui, widget._parameterNode
+    selectors = [(getattr(ui, f"extraVolume{index}Label"), getattr(ui, f"extraVolume{index}Selector"))
+                 for index in (1, 2, 3)]
+    assert params.modelId == "deepbet" and ui.inputVolumeLabel.text == "Input volume:"
+    assert not any(label.visible or selector.visible for label, selector in selectors)
+
+    volumes = [FakeNode(f"case {channel}", f"vtkMRMLScalarVolumeNode{index + 1}")
+               for index, channel in enumerate(brats.input_channels)]
+    slicer.mrmlScene.nodes.extend(volumes)
+    params.inputVolume = volumes[0]
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+    params.modelId = "tiny-brats"
+    assert ui.inputVolumeLabel.text == "Input volume (T1c):"
+    assert all(label.visible and selector.visible for label, selector in selectors)
+    assert [label.text for label, _ in selectors] == ["T1:", "T2:", "FLAIR:"]
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select the volume for the channel 'T1'."
+    params.extraVolume1, params.extraVolume2 = volumes[1], volumes[2]
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == "Select the volume for the channel 'FLAIR'."
+    params.extraVolume3 = volumes[1]
+    assert not ui.applyButton.enabled and "same volume is selected for two channels" in ui.applyButton.toolTip
+    params.extraVolume3 = volumes[0]  # the input volume again
+    assert not ui.applyButton.enabled and "same volume" in ui.applyButton.toolTip
+    params.extraVolume3 = volumes[3]
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+
+    task_widget.ensureDependencies = lambda *args: None
+    started: list[tuple] = []
+    widget.logic.start = lambda *args, **kwargs: started.append((args, kwargs)) or FakeRun(
+        [[]], result=_SEGMENTATION_RESULT)
+    widget.onApplyButton()
+    widget._onPollTimer()
+    ((args, kwargs),) = started
+    assert args == (volumes[0], "tiny-brats") and kwargs["extraVolumes"] == volumes[1:], kwargs
+
+    # back to a one-channel model: the selectors hide, their volumes are neither required nor passed on
+    params.modelId = "deepbet"
+    assert not any(label.visible or selector.visible for label, selector in selectors)
+    assert ui.inputVolumeLabel.text == "Input volume:" and ui.applyButton.enabled
+    params.extraVolume1 = volumes[0]
+    assert ui.applyButton.enabled, "a hidden selector refused Apply"
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert started[-1][1]["extraVolumes"] == [], started[-1]
+
+
+def case_segmentation_import_model(name: str) -> None:
+    """Import model: the package is described and the user asked (No starts nothing); Yes installs what the check
+    needs and starts the import job, whose end lists and selects the model; an id already imported asks to replace
+    it; packages the bundle needs are offered and the import started again with them."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import qt
+
+    import MIADeepLearningLib.gui.task_widget as task_widget
+    from MIADeepLearningLib.engine import registry
+    from MIADeepLearningLib.engine.errors import MissingPackages
+    from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled
+    from MIADeepLearningLib.jobs import Event
+
+    module = modules[name]
+    models = [_model("deepbet")]
+    widget = _widget(module, name, models)
+    ui, params = widget.ui, widget._parameterNode
+    logic_class = module.DLSegmentationLogic
+    assert ui.importModelZipButton.connections["clicked(bool)"] == widget.onImportModelZip
+    assert ui.removeModelButton.connections["clicked(bool)"] == widget.onRemoveModel
+
+    qt.QFileDialog = types.SimpleNamespace(getOpenFileName=lambda *args: "/data/tiny_brats.zip",
+                                           getExistingDirectory=lambda *args: "/data/tiny_brats")
+    package = {"id": "tiny_brats", "title": "Tiny BraTS", "version": "0.2.0", "authors": "The tests",
+               "origin": "/data/tiny_brats.zip", "python_files": [], "carries_code": True, "zoo_bundle": True,
+               "inference_config": "configs/inference.yaml", "kind": "segmentation"}
+    described: list[str] = []
+    logic_class.describePackage = staticmethod(lambda path: described.append(path) or dict(package))
+    installed: list[Any] = [None]
+    logic_class.installedCopy = staticmethod(lambda modelId: installed[0])
+    ensured: list[tuple] = []
+    module.ensureImportDependencies = lambda *args: ensured.append(args)
+    started: list[tuple] = []
+    runs: list[FakeRun] = []
+    widget.logic.startModelImport = lambda *args, **kwargs: started.append((args, kwargs)) or runs.pop(0)
+    replies: list[Any] = []
+    slicer.util.confirmYesNoDisplay = _answers(recorder, "confirmYesNoDisplay", replies)
+    requirements = [registry.MONAI_REQUIREMENT, "pyyaml>=5.4"]  # a YAML bundle
+
+    # 1. the user says No: nothing is installed or started
+    replies.append(False)
+    widget.onImportModelZip()
+    assert described == ["/data/tiny_brats.zip"]
+    ((args, kwargs),) = recorder.named("confirmYesNoDisplay")
+    assert "/data/tiny_brats.zip ('Tiny BraTS' version 0.2.0 by The tests)" in args[0], args[0]
+    assert "importing a model is like installing software" in args[0] and "Import this model?" in args[0]
+    assert kwargs["windowTitle"] == "Import model" and "kind: segmentation" in kwargs["detailedText"]
+    assert not ensured and not started and widget._run is None
+
+    # 2. Yes: the check's packages (asked for by ensureImportDependencies), then the import job in the background
+    brats = _channel_model("tiny_brats", ["T1c", "T1", "T2", "FLAIR"])
+    brats.title = "Tiny BraTS"
+    summary = {"id": "tiny_brats", "title": "Tiny BraTS", "version": "0.2.0", "task": "segmentation",
+               "origin_kind": "imported"}
+    runs.append(FakeRun([[Event(stage="import", progress=0.1, message="Checking the model package")], []],
+                        result=summary))
+    replies.append(True)
+    widget.onImportModelZip()
+    assert ensured == [(str(ROOT / "Resources" / "requirements.txt"), requirements)]
+    assert started == [(("/data/tiny_brats.zip",), {"replace": False})]
+    assert widget._run is not None and widget._runKind == task_widget.JOB_MODEL_IMPORT
+    busy = "A model is being checked and imported; wait for it."
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip == busy
+    assert not ui.importModelZipButton.enabled and not ui.removeModelButton.enabled
+    assert widget._pollTimer.active
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Checking the model package" and ui.progressBar.value == 10
+    models.append(brats)  # what the registry lists once the worker has imported it
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert widget._run is None and not widget._pollTimer.active
+    assert ui.modelComboBox.findData("tiny_brats") == 1 and params.modelId == "tiny_brats"
+    assert ui.statusLabel.text == "Imported model 'Tiny BraTS' (version 0.2.0)." and ui.progressBar.value == 100
+    assert ui.extraVolume3Selector.visible and ui.extraVolume3Label.text == "FLAIR:"
+    assert ui.importModelZipButton.enabled and ui.removeModelButton.enabled
+    assert not recorder.named("errorDisplay")
+
+    # 3. the id is imported already: a second question; No leaves it, Yes replaces it
+    installed[0] = types.SimpleNamespace(id="tiny_brats", title="Tiny BraTS", version="0.1.0")
+    replies.extend([True, False])
+    widget.onImportModelFolder()
+    question = recorder.named("confirmYesNoDisplay")[-1][0][0]
+    assert question.startswith("Model 'tiny_brats' is already imported (version 0.1.0). Replace it"), question
+    assert len(started) == 1 and widget._run is None
+    runs.append(FakeRun([[]], result=summary))
+    replies.extend([True, True])
+    widget.onImportModelFolder()
+    assert started[-1] == (("/data/tiny_brats",), {"replace": True})
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Imported model 'Tiny BraTS' (version 0.2.0)."
+
+    # 4. the bundle needs a package that is not installed: offered (ensureImportDependencies asks), imported again
+    installed[0] = None
+    missing = MissingPackages("Model 'Tiny BraTS' needs the Python package einops.", ["einops>=0.6"])
+    runs.append(FakeRun([[]], error=missing))
+    runs.append(FakeRun([[]], result=summary))
+    replies.append(True)
+    ensured.clear()
+    widget.onImportModelZip()
+    widget._onPollTimer()
+    assert ensured == [(str(ROOT / "Resources" / "requirements.txt"), requirements),
+                       (str(ROOT / "Resources" / "requirements.txt"), [*requirements, "einops>=0.6"])]
+    assert started[-1] == (("/data/tiny_brats.zip",), {"replace": False}) and len(started) == 4
+    assert "Model 'Tiny BraTS' needs the Python package einops." in ui.logTextEdit.lines
+    assert widget._run is not None and not recorder.named("errorDisplay")
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Imported model 'Tiny BraTS' (version 0.2.0)."
+
+    # 5. still missing after the install: one sentence, not asked again
+    runs.extend([FakeRun([[]], error=missing), FakeRun([[]], error=missing)])
+    replies.append(True)
+    widget.onImportModelZip()
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert len(started) == 6 and widget._run is None
+    ((args, kwargs),) = recorder.named("errorDisplay")
+    assert args == ("The model could not be imported: Model 'Tiny BraTS' needs the Python package einops.",), args
+
+    # 6. the offered packages are declined: nothing more is started, the module is usable again
+    runs.append(FakeRun([[]], error=missing))
+    replies.append(True)
+    calls = iter([None, DependenciesNotInstalled("The packages were not installed. Nothing was changed.")])
+
+    def ensure_then_decline(*args: Any) -> None:
+        ensured.append(args)
+        error = next(calls)
+        if error is not None:
+            raise error
+
+    module.ensureImportDependencies = ensure_then_decline
+    widget.onImportModelZip()
+    widget._onPollTimer()
+    widget._onPollTimer()
+    assert len(started) == 7 and widget._run is None and len(recorder.named("errorDisplay")) == 1
+    assert ui.statusLabel.text == "The packages were not installed. Nothing was changed."
+    assert ui.importModelZipButton.enabled and ui.applyButton.toolTip != busy
+
+    # 7. the second start itself fails (on the poll timer's tick): one sentence in the dialog, not a lost traceback
+    module.ensureImportDependencies = lambda *args: None
+    runs.append(FakeRun([[]], error=missing))
+    replies.append(True)
+    widget.onImportModelZip()
+
+    def no_launcher(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("PythonSlicer was not found")
+
+    widget.logic.startModelImport = no_launcher
+    widget._onPollTimer()
+    assert widget._run is None and len(recorder.named("errorDisplay")) == 2
+    assert recorder.named("errorDisplay")[-1][0] == ("The model could not be imported: PythonSlicer was not found",)
+    assert ui.importModelZipButton.enabled and ui.applyButton.toolTip != busy
+
+
+def case_segmentation_remove_model(name: str) -> None:
+    """Remove model: a built-in model is refused in one sentence; an imported one is removed after asking, the warm
+    worker is ended and the list is read again."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    module = modules[name]
+    spleen = _model("tiny_spleen")
+    models = [_model("deepbet"), spleen]
+    widget = _widget(module, name, models)
+    ui, params = widget.ui, widget._parameterNode
+    logic_class = module.DLSegmentationLogic
+    logic_class.installedCopy = staticmethod(
+        lambda modelId: types.SimpleNamespace(id=modelId, title="Tiny spleen", version="0.1.0")
+        if modelId == "tiny_spleen" else None)
+    removed: list[str] = []
+
+    def remove(modelId: str) -> list:
+        removed.append(modelId)
+        models.remove(spleen)
+        return []
+
+    logic_class.removeModel = staticmethod(remove)
+    shutdowns: list[int] = []
+    widget.logic.shutdownWarmWorker = lambda: shutdowns.append(1)
+    replies: list[Any] = []
+    slicer.util.confirmYesNoDisplay = _answers(recorder, "confirmYesNoDisplay", replies)
+
+    assert params.modelId == "deepbet"
+    widget.onRemoveModel()
+    ((args, kwargs),) = recorder.named("warningDisplay")
+    refusal = "Model 'deepbet' is built into the extension; only imported or downloaded models can be removed."
+    assert args == (refusal,) and kwargs["windowTitle"] == "Remove model" and ui.statusLabel.text == refusal
+    assert not recorder.named("errorDisplay")
+    assert not recorder.named("confirmYesNoDisplay") and not removed and not shutdowns
+
+    params.modelId = "tiny_spleen"
+    replies.append(False)
+    widget.onRemoveModel()
+    ((args, kwargs),) = recorder.named("confirmYesNoDisplay")
+    assert args == ("Remove model 'Tiny spleen' (version 0.1.0) from this computer?",) and \
+        kwargs["windowTitle"] == "Remove model"
+    assert not removed and ui.modelComboBox.findData("tiny_spleen") == 1
+
+    replies.append(True)
+    widget.onRemoveModel()
+    assert removed == ["tiny_spleen"] and shutdowns == [1]
+    assert ui.modelComboBox.findData("tiny_spleen") == -1 and ui.modelComboBox.count == 1
+    assert params.modelId == "deepbet" and ui.modelComboBox.currentIndex == 0
+    assert ui.statusLabel.text == "Removed model 'Tiny spleen'."
+    assert "Removed model 'Tiny spleen'." in ui.logTextEdit.lines
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
     for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
                      case_segmentation_optional_outputs, case_registration_inputs_and_report,
                      case_one_job_or_install_at_a_time, case_unsupported_slicer_torch_or_launcher,
-                     case_device_report_in_the_background, case_reload_leaves_the_other_modules_working)
+                     case_device_report_in_the_background, case_reload_leaves_the_other_modules_working,
+                     case_segmentation_model_channels, case_segmentation_import_model,
+                     case_segmentation_remove_model)
 }
 
 
@@ -941,6 +1233,9 @@ CASE_FUNCTIONS = {
 
 MODULE_CASES = {  # cases for some modules only
     "case_segmentation_optional_outputs": ("DLSegmentation",),
+    "case_segmentation_model_channels": ("DLSegmentation",),
+    "case_segmentation_import_model": ("DLSegmentation",),
+    "case_segmentation_remove_model": ("DLSegmentation",),
     "case_registration_inputs_and_report": ("DLRegistration",),
 }
 

@@ -37,12 +37,24 @@ def ensureDependencies(modelId: str, requirementsPath: str) -> None:
     while one is installing (any module: Slicer's pip helpers process GUI events while pip runs) is refused rather
     than nested.
     """
-    global _installing
     from MIADeepLearningLib.mrml import compat
 
     problem = compat.slicer_version_problem()
     if problem:
         raise DependenciesNotInstalled(problem)
+    _ensureWorkerPackages(requirementsPath, lambda: _ensureModelPackages(modelId))
+
+
+def ensureImportDependencies(requirementsPath: str, requirements: list[str]) -> None:
+    """What checking a model package at import needs in the worker: PyTorch, the extension's requirements and
+    `requirements` (MONAI for bundles, PyYAML for YAML configs); each install asks first."""
+    _ensureWorkerPackages(requirementsPath, lambda: ensurePackages(requirements, _("Checking this model package")))
+
+
+def _ensureWorkerPackages(requirementsPath: str, last_step) -> None:
+    """PyTorch, the extension's requirements, then `last_step`; one installation at a time (a second call while one
+    is installing is refused rather than nested)."""
+    global _installing
     if _installing:
         raise DependenciesNotInstalled(_(
             "MIADeepLearning is still installing Python packages for another Apply; wait until it has finished."))
@@ -50,9 +62,24 @@ def ensureDependencies(modelId: str, requirementsPath: str) -> None:
     try:
         _ensureTorch()
         _ensureRequirementsFile(requirementsPath)
-        _ensureModelPackages(modelId)
+        last_step()
     finally:
         _installing = False
+
+
+def ensurePackages(requirements: list[str], purpose: str) -> None:
+    """Install the pip specs that are not satisfied yet (with their dependencies), after asking; `purpose` says
+    what needs them (e.g. a bundle's optional packages). Declining raises DependenciesNotInstalled."""
+    missing = [requirement for requirement in requirements if not _requirementSatisfied(requirement)]
+    if not missing:
+        return
+    question = _(
+        "{purpose} needs the Python package(s) {packages}, which will be downloaded and installed now with their "
+        "dependencies. Continue?"
+    ).format(purpose=purpose, packages=", ".join(missing))
+    if not slicer.util.confirmOkCancelDisplay(question, windowTitle=_("MIADeepLearning - install packages")):
+        raise DependenciesNotInstalled(_("The packages were not installed. Nothing was changed."))
+    slicer.util.pip_install(missing)
 
 
 def installationInProgress() -> bool:

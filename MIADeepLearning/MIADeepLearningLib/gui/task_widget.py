@@ -22,8 +22,13 @@ import slicer
 import vtk
 from slicer.i18n import tr as _
 
-from MIADeepLearningLib.engine.errors import CancelledError, MIADLError
-from MIADeepLearningLib.gui.dependencies import DependenciesNotInstalled, ensureDependencies, installationInProgress
+from MIADeepLearningLib.engine.errors import CancelledError, MIADLError, MissingPackages
+from MIADeepLearningLib.gui.dependencies import (
+    DependenciesNotInstalled,
+    ensureDependencies,
+    ensurePackages,
+    installationInProgress,
+)
 
 if TYPE_CHECKING:
     from MIADeepLearningLib.jobs import Event
@@ -33,11 +38,12 @@ if TYPE_CHECKING:
 # own namespace: parameterNodeWrapper resolves the string annotations (typing.get_type_hints) in the module's globals.
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 POLL_INTERVAL_MS = 100
-# What the one background job of a module is: a model run (Apply) or the device report (Advanced).
+# What the one background job of a module is: a model run (Apply), the device report or a model import (Advanced).
 JOB_RUN = "run"
 JOB_DEVICE_REPORT = "device report"
+JOB_MODEL_IMPORT = "model import"
 # Buttons of a module's .ui (when it has them) that start something: disabled while any job or install is going on.
-ACTION_BUTTONS = ("deviceReportButton", "importModelZipButton", "importModelFolderButton")
+ACTION_BUTTONS = ("deviceReportButton", "importModelZipButton", "importModelFolderButton", "removeModelButton")
 # Library modules a Developer Reload keeps: the exception classes every module's widget catches. Reloading them
 # would give the modules that are not reloaded (and still catch the old classes) errors they cannot recognise, e.g.
 # a Cancel reported as a failure. Edit them, then restart Slicer.
@@ -275,7 +281,9 @@ class TaskWidgetMixin:
             self.ui.applyButton.enabled = not self._cancelRequested
             return
         self.ui.applyButton.text = _("Apply")
-        if running:
+        if running and self._runKind == JOB_MODEL_IMPORT:
+            refusal = _("A model is being checked and imported; wait for it.")
+        elif running:
             refusal = _("The device report is being made; wait for it or cancel it.")
         elif installing:
             refusal = _("Python packages are being installed; wait until the installation has finished.")
@@ -423,14 +431,22 @@ class TaskWidgetMixin:
         except Exception as error:
             if cancelRequested:
                 self._reportCancelled(kind, f" ({error})")
+            elif kind == JOB_MODEL_IMPORT and isinstance(error, MissingPackages) and self._offerPackagesAndRetry(error):
+                return
+            elif kind == JOB_RUN and isinstance(error, MissingPackages) and error.requirements:
+                self._offerPackagesForNextRun(error)
             else:
                 message = None
                 if kind == JOB_DEVICE_REPORT:
                     message = _("The device report could not be made: {error}").format(error=error)
+                elif kind == JOB_MODEL_IMPORT:
+                    message = _("The model could not be imported: {error}").format(error=error)
                 self._reportError(error, traceback.format_exc(), list(getattr(run, "log_lines", [])), message)
         else:
             if kind == JOB_DEVICE_REPORT:
                 self._showDeviceReport(result)
+            elif kind == JOB_MODEL_IMPORT:
+                self._showImportedModel(result)
             else:
                 self._showResult(result, inputVolume)
         self._updateButtons()
@@ -438,6 +454,8 @@ class TaskWidgetMixin:
     def _reportCancelled(self, kind: str | None, detail: str) -> None:
         if kind == JOB_DEVICE_REPORT:
             self._setStatus(_("Device report cancelled."))
+        elif kind == JOB_MODEL_IMPORT:
+            self._setStatus(_("Model import cancelled; nothing was imported."))
         else:
             self._setStatus(_("Cancelled; nothing was added to the scene."))
         self._log(_("Cancelled") + detail)
@@ -454,6 +472,42 @@ class TaskWidgetMixin:
             summary = f"{summary} {report['torch_problem']}".strip()
         self._setStatus(summary)
         slicer.util.infoDisplay(summary, windowTitle=_("Device report"), detailedText="\n".join(lines))
+
+    def _offerPackagesForNextRun(self, error: MissingPackages) -> None:
+        """A run stopped because the model needs Python packages Slicer lacks (a bundle's optional packages): say
+        so, offer to install them (asking first), and leave the next Apply to the user."""
+        self._setStatus(str(error))
+        self._log(str(error))
+        self._installing = True
+        self._updateButtons()
+        try:
+            ensurePackages(list(error.requirements), _("This model"))
+        except DependenciesNotInstalled as declined:
+            self._log(str(declined))
+            return
+        finally:
+            self._installing = False
+            self._updateButtons()
+        message = _("Installed {packages}; press Apply again.").format(packages=", ".join(error.requirements))
+        self._setStatus(message)
+        self._log(message)
+
+    def _offerPackagesAndRetry(self, error: Exception) -> bool:
+        """A module that imports models may install the packages a failed import named and try again (True)."""
+        return False
+
+    def _showImportedModel(self, summary: dict) -> None:
+        """A model import finished: list it, select it when it belongs to this module, say so."""
+        self.ui.progressBar.value = 100
+        self._populateModelComboBox()
+        modelId = summary.get("id", "")
+        if self._parameterNode and modelId and self.ui.modelComboBox.findData(modelId) >= 0:
+            self._parameterNode.modelId = modelId
+        self._onParameterNodeModified()
+        message = _("Imported model '{title}' (version {version}).").format(
+            title=summary.get("title", modelId), version=summary.get("version", ""))
+        self._setStatus(message)
+        self._log(message)
 
     def _reportError(self, error: Exception, details: str, logLines: list[str], message: str | None = None) -> None:
         """One sentence in the dialog; the traceback and the worker's own output in the log."""

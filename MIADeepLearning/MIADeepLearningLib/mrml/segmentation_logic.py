@@ -14,7 +14,9 @@ start-up and the model load on every run after the first; the files, events and 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from MIADeepLearningLib import runner
@@ -23,8 +25,9 @@ from MIADeepLearningLib.mrml.provenance import set_provenance
 from MIADeepLearningLib.mrml.scene_guard import SceneGuard
 from MIADeepLearningLib.mrml.segment_volumes import volume_table
 from MIADeepLearningLib.mrml.segmentations import segmentation_from_label_file
-from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun
-from MIADeepLearningLib.mrml.volumes import read_volume_file
+from MIADeepLearningLib.mrml.source_files import verify_source_file
+from MIADeepLearningLib.mrml.task_run import EventCallback, TaskLogic, TaskRun, launch
+from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume, read_volume_file
 
 
 @dataclass
@@ -44,8 +47,9 @@ class SegmentationRun(TaskRun):
 
     def __init__(self, worker: runner.WorkerProcess | runner.WarmJob, input_volume, model: registry.ModelInfo,
                  output_segmentation, create_masked_volume: bool, started_at: float, export_seconds: float,
-                 create_volume_table: bool = False):
+                 create_volume_table: bool = False, extra_volumes: Sequence[Any] = ()):
         super().__init__(worker, input_volume, model, started_at, export_seconds)
+        self.extra_volumes = list(extra_volumes)
         self.output_segmentation = output_segmentation
         self.create_masked_volume = create_masked_volume
         self.create_volume_table = create_volume_table
@@ -78,6 +82,8 @@ class SegmentationRun(TaskRun):
             timings = self._timings(result, import_started)
             provenance["timings_s"] = timings
             provenance["input_node"] = input_name
+            if self.extra_volumes:
+                provenance["extra_input_nodes"] = [node.GetName() for node in self.extra_volumes]
             for node in filter(None, [segmentation, masked_node, uncertainty_node, table_node]):
                 set_provenance(node, provenance)
         return SegmentationResult(segmentation, masked_node, provenance, list(result.get("warnings", [])), timings,
@@ -105,9 +111,12 @@ class SegmentationLogic(TaskLogic):
     def start(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
               create_masked_volume: bool = False, timeout_s: float | None = None,
               on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
-              create_uncertainty: bool = False, create_volume_table: bool = False) -> SegmentationRun:
+              create_uncertainty: bool = False, create_volume_table: bool = False,
+              extra_volumes: Sequence[Any] | None = None) -> SegmentationRun:
         """Validate, export and launch; raises InputError/ModelError before anything is started or created.
 
+        `extra_volumes`: the model's further input channels, in its order (a BraTS bundle: T1, T2, FLAIR after the
+        input's T1c), each on the input's grid; a model that takes several channels needs exactly that many.
         `create_uncertainty` needs a model that lists "uncertainty" in slicer.optional_outputs; `create_volume_table`
         adds a table of segment volumes after the import. `worker_env` (tests: fault injection) needs a worker
         process of its own, so it cannot go with a warm worker.
@@ -123,17 +132,47 @@ class SegmentationLogic(TaskLogic):
             outputs["masked"] = "masked.nrrd"
         if create_uncertainty:
             outputs["uncertainty"] = "uncertainty.nrrd"
-        worker, export_seconds = self._launch("segment", input_volume, model, outputs, device, timeout_s, on_event,
-                                              worker_env)
+        extras = self._checked_channels(input_volume, model, extra_volumes)
+        roles = {"image": input_volume, **{f"image{index}": node for index, node in enumerate(extras, start=2)}}
+
+        def export(folder: Path) -> dict[str, str]:
+            return {role: str(export_volume(node, folder / f"{role}.nrrd")) for role, node in roles.items()}
+
+        options = {"input_names": {role: node.GetName() for role, node in roles.items()}} if extras else {}
+        worker, export_seconds = launch("segment", input_volume, model, outputs, device, options, self.jobs_root,
+                                        self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
+                                        export_inputs=export if extras else None)
         return SegmentationRun(worker, input_volume, model, output_segmentation, create_masked_volume,
-                               started_at, export_seconds, create_volume_table)
+                               started_at, export_seconds, create_volume_table, extras)
+
+    @staticmethod
+    def _checked_channels(input_volume, model: registry.ModelInfo, extra_volumes: Sequence[Any] | None) -> list[Any]:
+        """The extra channel volumes as sent: as many as the model takes besides the input, each another volume
+        than the input and the others, unchanged since loaded (the engine checks they share the input's grid)."""
+        extras = [node for node in extra_volumes or () if node is not None]
+        channels = model.input_channels
+        needed = max(len(channels) - 1, 0)
+        if len(extras) != needed:
+            if needed == 0:
+                raise errors.InputError(f"Model '{model.title}' takes one volume; remove the extra input volumes.")
+            raise errors.InputError(
+                f"Model '{model.title}' takes {len(channels)} volumes ({', '.join(channels)}): select the input "
+                f"({channels[0]}) and {needed} more ({', '.join(channels[1:])}), {len(extras)} given.")
+        for index, node in enumerate(extras):
+            if node is input_volume or any(node is other for other in extras[:index]):
+                raise errors.InputError(f"'{node.GetName()}' is selected twice; each channel of the model needs a "
+                                        "volume of its own.")
+            check_input_volume(node)
+            verify_source_file(node, role=f"input channel '{channels[index + 1]}'")
+        return extras
 
     def run(self, input_volume, model_id: str, device: str = "auto", output_segmentation=None,
             create_masked_volume: bool = False, timeout_s: float | None = None,
             on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
-            create_uncertainty: bool = False, create_volume_table: bool = False) -> SegmentationResult:
+            create_uncertainty: bool = False, create_volume_table: bool = False,
+            extra_volumes: Sequence[Any] | None = None) -> SegmentationResult:
         """Blocking variant for scripts, tests and the demo."""
         run = self.start(input_volume, model_id, device, output_segmentation, create_masked_volume, timeout_s,
-                         on_event, worker_env, create_uncertainty, create_volume_table)
+                         on_event, worker_env, create_uncertainty, create_volume_table, extra_volumes)
         run.wait()
         return run.finish()

