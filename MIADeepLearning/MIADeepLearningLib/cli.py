@@ -25,6 +25,12 @@ WL] [--fixed-labels FL] [--report report.json] [--fixed-mask FM] [--moving-mask 
 one pair; every output lies on the fixed grid, the transform is an ITK/Slicer .h5 displacement field; all outputs are
 written, or none.
 
+Cohorts: `synthesize -i FOLDER -o FOLDER` and `register --pairs PAIRS.csv -o FOLDER` (fixed,moving[,name] per line)
+are folder runs like `segment -i FOLDER`, through one runner (cohort.py): `--engine local` (default) or `--engine ray
+[--ray-address ADDRESS] [--workers N] [--cpus-per-worker C] [--gpus-per-worker G]` (a pool of Ray actors, each
+loading the model once); a case already done (outputs + sidecar with matching input and weight sha256) is skipped,
+a failing case or dead worker is retried once; report.csv also has worker and attempts.
+
 `classify [--model sequence-type] -i IN [-i IN ...] [--json OUT.json] [--csv OUT.csv] [--saliency-dir DIR]` names
 each volume's scan type (t1w, t1c, t2w, flair, pdw, dwi, ct, other) with its class probabilities; -i takes files and
 folders (every image file directly in a folder); the model is loaded once and a volume that fails is reported while
@@ -58,11 +64,12 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from MIADeepLearningLib import cohort
+from MIADeepLearningLib.cohort import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
 from MIADeepLearningLib.engine.errors import InputError, MIADLError, ModelError
 from MIADeepLearningLib.engine.registry import MODEL_TASKS
 
@@ -74,10 +81,14 @@ EXIT_INTERRUPTED = 130
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # longest match first
 OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
-REPORT_COLUMNS = ["case", "input", "status", "seconds", "output", "masked_output", "warnings", "error"]
+REPORT_COLUMNS = ["case", "input", "status", "seconds", "output", "masked_output", "warnings", "error", "worker",
+                  "attempts"]
 UNCERTAINTY_COLUMN = "uncertainty_output"  # after masked_output, only in reports of runs that ask for the map
 DEFAULT_UNCERTAINTY_SUFFIX = "uncertainty"
-STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+SYNTHESIZE_REPORT_COLUMNS = ["case", "input", "status", "seconds", "output", "uncertainty_output",
+                             "difference_output", "warnings", "error", "worker", "attempts"]
+REGISTER_REPORT_COLUMNS = ["case", "fixed", "moving", "status", "seconds", "output", "transform", "report",
+                           "warnings", "error", "worker", "attempts"]
 
 
 class UsageError(MIADLError):
@@ -308,24 +319,16 @@ def _remove_stale(paths: list[Path]) -> None:
             path.unlink()
 
 
-def _config_value(text: str) -> Any:
-    """A --config value: JSON when it parses (numbers, true, lists, objects), else the text itself."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def segment_run_options(args: argparse.Namespace) -> dict[str, Any]:
     """--config KEY=VALUE (MONAI's override syntax, "network_def#in_channels=2") and --weights NAME as run options
     of a MONAI bundle (engine/bundles.py records both in the provenance)."""
+    from MIADeepLearningLib.engine import zoo
+
     options: dict[str, Any] = {}
-    overrides = {}
-    for item in getattr(args, "config", None) or []:
-        key, separator, value = item.partition("=")
-        if not separator or not key.strip():
-            raise UsageError(f"--config {item} must be KEY=VALUE (for example network_def#in_channels=2).")
-        overrides[key.strip()] = _config_value(value)
+    try:
+        overrides = zoo.parse_overrides(getattr(args, "config", None) or [])
+    except ValueError as error:
+        raise UsageError(f"--config {error}") from error
     if overrides:
         options["overrides"] = overrides
     if getattr(args, "weights", None):
@@ -342,6 +345,7 @@ def command_segment(args: argparse.Namespace) -> int:
         return segment_folder(args)
     if args.report:
         raise UsageError("--report is for a folder input (-i FOLDER); a single file reports on stderr.")
+    _refuse_cohort_options(args)
     output = Path(args.output)
     masked = Path(args.masked) if args.masked else None
     uncertainty = Path(args.uncertainty) if args.uncertainty else None
@@ -424,8 +428,16 @@ def command_synthesize(args: argparse.Namespace) -> int:
     from MIADeepLearningLib.engine.tasks import synthesize_image
 
     source = Path(args.input)
+    if source.is_dir():
+        return synthesize_folder(args)
     if not source.is_file():
-        raise InputError(f"The input {source} is not a file (synthesize takes one image file).")
+        raise InputError(f"The input {source} is not a file or a folder of image files.")
+    folder_only = [option for option, value in (("--report", args.report), ("--suffix", args.suffix),
+                                                ("--uncertainty-suffix", args.uncertainty_suffix),
+                                                ("--difference-suffix", args.difference_suffix)) if value is not None]
+    if folder_only:
+        raise UsageError(f"{folder_only[0]} is for a folder input (-i FOLDER -o FOLDER).")
+    _refuse_cohort_options(args)
     targets = {"output": Path(args.output), "uncertainty": args.uncertainty, "difference": args.difference}
     targets = {role: Path(path) for role, path in targets.items() if path}
     for role, path in targets.items():
@@ -457,6 +469,11 @@ def command_register(args: argparse.Namespace) -> int:
     from MIADeepLearningLib.engine import displacement
     from MIADeepLearningLib.engine.tasks import register_images
 
+    if args.pairs:
+        return register_pairs(args)
+    if not (args.fixed and args.moving):
+        raise UsageError("register needs --fixed and --moving (one pair), or --pairs PAIRS.csv -o FOLDER.")
+    _refuse_cohort_options(args)
     inputs = {"fixed": args.fixed, "moving": args.moving, "fixed-mask": args.fixed_mask,
               "moving-mask": args.moving_mask, "moving-labels": args.moving_labels, "fixed-labels": args.fixed_labels}
     inputs = {role: Path(path) for role, path in inputs.items() if path}
@@ -536,109 +553,219 @@ def _suffixes(args: argparse.Namespace, model) -> tuple[str, str | None, str | N
     return suffix, masked_suffix, uncertainty_suffix
 
 
+def _refuse_cohort_options(args: argparse.Namespace) -> None:
+    """The engine options are for folders (cohorts); one file always runs here."""
+    given = [option for option, value in (("--engine ray", args.engine == "ray" or None),
+                                          ("--ray-address", args.ray_address), ("--workers", args.workers),
+                                          ("--cpus-per-worker", args.cpus_per_worker),
+                                          ("--gpus-per-worker", args.gpus_per_worker),
+                                          ("--no-resume", args.no_resume or None)) if value is not None]
+    if given:
+        raise UsageError(f"{given[0]} is for a cohort (a folder input, or register --pairs), not a single case.")
+
+
+def cohort_choice(args: argparse.Namespace) -> cohort.EngineChoice:
+    """--engine and the Ray options, checked before anything runs (exit code 2)."""
+    choice = cohort.EngineChoice(engine=args.engine, ray_address=args.ray_address, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker or 0.0)
+    if choice.engine == "local":
+        given = [option for option, value in (("--ray-address", args.ray_address), ("--workers", args.workers),
+                                              ("--gpus-per-worker", args.gpus_per_worker)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with --engine ray.")
+    if choice.workers is not None and choice.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, not {choice.workers}.")
+    if choice.cpus_per_worker is not None and not choice.cpus_per_worker > 0:
+        raise UsageError(f"--cpus-per-worker must be more than 0, not {choice.cpus_per_worker:g}.")
+    if not choice.gpus_per_worker >= 0:
+        raise UsageError(f"--gpus-per-worker must be 0 or more, not {choice.gpus_per_worker:g}.")
+    if choice.engine == "ray":
+        cohort._import_ray(local=not choice.ray_address)  # a missing Ray is named before the model is checked
+        if choice.ray_address:
+            cohort.check_ray_address(choice.ray_address)  # and an unreachable cluster before anything is written
+    return choice
+
+
+def _check_output_folder(input_dir: Path | None, output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"The output {output_dir} is a file; for a folder input, -o must be a folder.")
+    if input_dir is not None and output_dir.resolve() == input_dir.resolve():
+        raise UsageError("Choose an output folder other than the input folder, so outputs are never taken as inputs.")
+
+
+def _folder_cases(input_dir: Path) -> list[tuple[str, Path]]:
+    cases = find_cases(input_dir)
+    if not cases:
+        raise InputError(f"The folder {input_dir} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    return cases
+
+
+def run_folder(args: argparse.Namespace, cases: list[cohort.Case], spec: cohort.TaskSpec, columns: list[str],
+               columns_of: dict[str, str], row_of: Callable[[cohort.Case], dict[str, Any]], output_dir: Path,
+               choice: cohort.EngineChoice, provenance_of: Callable[[Any], Any] = lambda record: record) -> int:
+    """The shared tail of every folder run: the report, the cohort runner, the summary and the exit code (0 all
+    done, 3 some failed, 2 the model failed to load)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = CsvReport(Path(args.report) if getattr(args, "report", None) else output_dir / "report.csv", columns)
+    outcome = None
+    try:
+        outcome = cohort.run_cohort(cases, spec, choice, report, row_of, columns_of, quiet=args.quiet,
+                                    resume=not args.no_resume)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ninterrupted; the report so far is in {report.path} (run the same command again to "
+                         "continue)\n")
+        return EXIT_INTERRUPTED
+    finally:
+        report.close()
+        if args.provenance and outcome is not None:
+            Path(args.provenance).write_text(json.dumps({case.name: provenance_of(outcome.provenance[case.name])
+                                                         for case in cases if case.name in outcome.provenance},
+                                                        indent=2), encoding="utf-8")
+    if outcome.model_problem is not None:
+        sys.stderr.write(f"error: {outcome.model_problem}\n")
+        return EXIT_USAGE
+    failed = [row for row in report.rows if row["status"] == STATUS_FAILED]
+    skipped = sum(row["status"] == STATUS_SKIPPED for row in report.rows)
+    if failed or not args.quiet:
+        summary = f"{len(cases) - len(failed)} of {len(cases)} cases succeeded"
+        if skipped:
+            summary += f" ({skipped} already done)"
+        if failed:
+            summary += f", {len(failed)} failed ({', '.join(row['case'] for row in failed)})"
+        sys.stderr.write(f"{summary} in {_format_duration(outcome.seconds)}; report: {report.path}\n")
+    return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
+
+
+def _weights(model) -> dict[str, str]:
+    return {weight.role: weight.sha256 for weight in getattr(model, "weights", [])}
+
+
 def segment_folder(args: argparse.Namespace) -> int:
     """Run every image of a folder; returns 0 when all cases succeeded, 3 when some failed."""
-    from MIADeepLearningLib.engine.tasks import segment_image
-
     input_dir, output_dir = Path(args.input), Path(args.output)
     if args.masked:
         raise UsageError("--masked FILE is for a single input file; for a folder use --masked-suffix.")
     if args.uncertainty:
         raise UsageError("--uncertainty FILE is for a single input file; for a folder use --uncertainty-suffix.")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"The output {output_dir} is a file; for a folder input, -o must be a folder.")
-    if output_dir.resolve() == input_dir.resolve():
-        raise UsageError("Choose an output folder other than the input folder, so outputs are never taken as inputs.")
-    cases = find_cases(input_dir)
-    if not cases:
-        raise InputError(f"The folder {input_dir} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
+    _check_output_folder(input_dir, output_dir)
+    found = _folder_cases(input_dir)
+    choice = cohort_choice(args)
     model = check_model(args.model, args.device)
     check_optional_outputs(model, args)
     suffix, masked_suffix, uncertainty_suffix = _suffixes(args, model)
-    output_dir.mkdir(parents=True, exist_ok=True)
     columns = list(REPORT_COLUMNS)
     if uncertainty_suffix:
         columns.insert(columns.index("masked_output") + 1, UNCERTAINTY_COLUMN)
-    report = CsvReport(Path(args.report) if args.report else output_dir / "report.csv", columns)
     options = with_copies(args, {"uncertainty": True} if uncertainty_suffix else None)
     options = {**(options or {}), **getattr(args, "run_options", {})} or None
-    progress = BatchProgress(len(cases), quiet=args.quiet)
-    pipeline_cache: dict = {}
-    provenance: dict[str, Any] = {}
-    staging = output_dir / ".partial"
-    model_problem: MIADLError | None = None
-    try:
-        for index, (case, path) in enumerate(cases, start=1):
-            if model_problem is not None:
-                report.add({"case": case, "input": path, "status": STATUS_SKIPPED,
-                            "error": f"Not run: {model_problem}"})
-                continue
-            progress.case_started(index, case)
-            extension = output_extension(path, args.format)
-            label_path = output_dir / f"{case}_{suffix}{extension}"
-            masked_path = output_dir / f"{case}_{masked_suffix}{extension}" if masked_suffix else None
-            uncertainty_path = output_dir / f"{case}_{uncertainty_suffix}{extension}" if uncertainty_suffix else None
-            row: dict[str, Any] = {"case": case, "input": path}
-            started = time.perf_counter()
-            cached_before = set(pipeline_cache)
-            load_seconds = None
-            try:
-                result = segment_image(path, model.id, device=args.device, options=options,
-                                       create_masked_volume=masked_path is not None, progress=progress.stage,
-                                       input_name=path.name, pipeline_cache=pipeline_cache,
-                                       type_check=_type_check(args))
-                images = {label_path: result.label}
-                if masked_path is not None:
-                    images[masked_path] = result.masked
-                if uncertainty_path is not None:
-                    images[uncertainty_path] = result.uncertainty
-                load_seconds = result.timings.get("load_model")
-                _write_outputs(images, staging)
-                row.update(status=STATUS_OK, output=label_path, masked_output=masked_path,
-                           warnings="; ".join(result.warnings), **{UNCERTAINTY_COLUMN: uncertainty_path})
-                provenance[case] = {"segments": result.segments, **result.provenance}
-            except MIADLError as error:
-                row.update(status=STATUS_FAILED, error=str(error))
-                if isinstance(error, ModelError):  # every later case would fail the same way
-                    model_problem = error
-            except Exception as error:  # a bad case must not end the batch
-                row.update(status=STATUS_FAILED, error=f"Unexpected error ({type(error).__name__}: {error}).")
-                if not args.quiet:
-                    progress.line(traceback.format_exc().rstrip())
-            seconds = time.perf_counter() - started
-            row["seconds"] = f"{seconds:.2f}"
-            if row["status"] != STATUS_OK:
-                _remove_stale([label_path, *filter(None, [masked_path, uncertainty_path])])
-            detail = ""
-            if set(pipeline_cache) - cached_before:  # shows in the log that the model is loaded once per batch
-                took = f" in {load_seconds:.1f} s" if load_seconds is not None else ""
-                detail = f" (model {model.id} loaded{took})"
-            if row["status"] != STATUS_OK:
-                detail += f": {row['error']}"
-            elif row.get("warnings"):
-                detail += f" (warnings: {row['warnings']})"
-            progress.case_finished(row["status"], seconds, detail)
-            report.add(row)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\ninterrupted; the report so far is in {report.path}\n")
-        return EXIT_INTERRUPTED
-    finally:
-        report.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        if args.provenance:
-            Path(args.provenance).write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+    cases = []
+    for case, path in found:
+        extension = output_extension(path, args.format)
+        outputs = {"output": output_dir / f"{case}_{suffix}{extension}"}
+        if masked_suffix:
+            outputs["masked"] = output_dir / f"{case}_{masked_suffix}{extension}"
+        if uncertainty_suffix:
+            outputs["uncertainty"] = output_dir / f"{case}_{uncertainty_suffix}{extension}"
+        cases.append(cohort.Case(case, {"image": path}, outputs))
+    spec = cohort.TaskSpec("segment", model.id, args.device, options, _type_check(args), _weights(model))
+    return run_folder(args, cases, spec, columns,
+                      {"output": "output", "masked": "masked_output", "uncertainty": UNCERTAINTY_COLUMN},
+                      lambda case: {"input": case.inputs["image"]}, output_dir, choice)
 
-    failed = [row for row in report.rows if row["status"] != STATUS_OK]
-    if model_problem is not None:
-        sys.stderr.write(f"error: {model_problem}\n")
-        return EXIT_USAGE
-    if failed or not args.quiet:
-        summary = f"{len(cases) - len(failed)} of {len(cases)} cases succeeded"
-        if failed:
-            summary += f", {len(failed)} failed ({', '.join(row['case'] for row in failed)})"
-        sys.stderr.write(f"{summary} in {_format_duration(time.perf_counter() - progress.started)}; "
-                         f"report: {report.path}\n")
-    return EXIT_SOME_CASES_FAILED if failed else EXIT_OK
+
+def synthesize_folder(args: argparse.Namespace) -> int:
+    """Every image of a folder through a synthesis model: <case>_<suffix><ext> (and the optional maps) per case."""
+    input_dir, output_dir = Path(args.input), Path(args.output)
+    if args.uncertainty or args.difference:
+        raise UsageError("--uncertainty and --difference name files for a single input; for a folder use "
+                         "--uncertainty-suffix and --difference-suffix.")
+    _check_output_folder(input_dir, output_dir)
+    found = _folder_cases(input_dir)
+    choice = cohort_choice(args)
+    model = check_model(args.model, args.device, task="synthesis")
+    suffixes = {"output": args.suffix or model.slicer.get("output_name_suffix") or model.id}
+    if args.uncertainty_suffix is not None:
+        suffixes["uncertainty"] = args.uncertainty_suffix or DEFAULT_UNCERTAINTY_SUFFIX
+    if args.difference_suffix is not None:
+        suffixes["difference"] = args.difference_suffix or "difference"
+    for name in suffixes.values():
+        if any(character in name for character in "/\\") or name.startswith("."):
+            raise UsageError(f"The suffix '{name}' must be a plain name (no folders, not starting with a dot).")
+    if len(set(suffixes.values())) != len(suffixes):
+        raise UsageError(f"The outputs of a case need different suffixes, not {', '.join(suffixes.values())}.")
+    cases = [cohort.Case(case, {"image": path},
+                         {role: output_dir / f"{case}_{name}{output_extension(path, args.format)}"
+                          for role, name in suffixes.items()}) for case, path in found]
+    columns = [column for column in SYNTHESIZE_REPORT_COLUMNS
+               if column not in ("uncertainty_output", "difference_output") or column[:-7] in suffixes]
+    spec = cohort.TaskSpec("synthesize", model.id, args.device, None, _type_check(args), _weights(model))
+    return run_folder(args, cases, spec, columns,
+                      {"output": "output", "uncertainty": "uncertainty_output", "difference": "difference_output"},
+                      lambda case: {"input": case.inputs["image"]}, output_dir, choice)
+
+
+def read_pairs(path: Path) -> list[tuple[str, Path, Path]]:
+    """(name, fixed, moving) per row of a pairs CSV: fixed,moving[,name]; an optional header row, blank lines and
+    lines starting with # are ignored; relative paths are relative to the CSV's folder."""
+    if not path.is_file():
+        raise InputError(f"The pairs file {path} does not exist.")
+    pairs: list[tuple[str, Path, Path]] = []
+    with path.open(encoding="utf-8", newline="") as stream:
+        for number, row in enumerate(csv.reader(stream), start=1):
+            cells = [cell.strip() for cell in row]
+            if not any(cells) or cells[0].startswith("#"):
+                continue
+            if number == 1 and cells[0].lower() == "fixed":
+                continue
+            if len(cells) not in (2, 3) or not all(cells):
+                raise InputError(f"Line {number} of {path.name} must be fixed,moving or fixed,moving,name.")
+            fixed, moving = (Path(cell) if Path(cell).is_absolute() else path.parent / cell for cell in cells[:2])
+            for role, image in (("fixed", fixed), ("moving", moving)):
+                if not image.is_file():
+                    raise InputError(f"Line {number} of {path.name}: the {role} image {image} does not exist.")
+            name = cells[2] if len(cells) == 3 else f"{case_name(moving)}_to_{case_name(fixed)}"
+            if any(character in name for character in "/\\") or name.startswith("."):
+                raise InputError(f"Line {number} of {path.name}: the name '{name}' must be a plain name (no "
+                                 "folders, not starting with a dot).")
+            pairs.append((name, fixed, moving))
+    if not pairs:
+        raise InputError(f"The pairs file {path} lists no pairs (fixed,moving[,name] per line).")
+    names = [name for name, _, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"The pairs file {path.name} names several pairs {', '.join(repeated)}; add a third "
+                         "column with a name of its own for each.")
+    return pairs
+
+
+def register_pairs(args: argparse.Namespace) -> int:
+    """Every pair of a pairs CSV: <name>_warped<ext>, <name>_field.h5 and <name>_report.json on the fixed grid."""
+    if args.fixed or args.moving:
+        raise UsageError("--pairs replaces --fixed and --moving; give one or the other.")
+    single = [option for option, value in (("--transform", args.transform), ("--report", args.report),
+                                           ("--moving-labels", args.moving_labels), ("--fixed-mask", args.fixed_mask),
+                                           ("--moving-mask", args.moving_mask), ("--fixed-labels", args.fixed_labels),
+                                           ("--warped-labels", args.warped_labels)) if value]
+    if single:
+        raise UsageError(f"{', '.join(single)} {'are' if len(single) > 1 else 'is'} for a single pair; with --pairs "
+                         "each pair gets <name>_warped, <name>_field.h5 and <name>_report.json in the -o folder.")
+    if not args.output:
+        raise UsageError("--pairs needs -o FOLDER for the outputs of every pair.")
+    output_dir = Path(args.output)
+    _check_output_folder(None, output_dir)
+    pairs = read_pairs(Path(args.pairs))
+    choice = cohort_choice(args)
+    model = check_model(args.model, args.device, task="registration")
+    cases = [cohort.Case(name, {"fixed": fixed, "moving": moving},
+                         {"output": output_dir / f"{name}_warped{output_extension(fixed, args.format)}",
+                          "transform": output_dir / f"{name}_field.h5", "report": output_dir / f"{name}_report.json"})
+             for name, fixed, moving in pairs]
+    options = {"instance_steps": args.instance_steps} if args.instance_steps is not None else None
+    spec = cohort.TaskSpec("register", model.id, args.device, options, _type_check(args), _weights(model))
+    return run_folder(args, cases, spec, REGISTER_REPORT_COLUMNS,
+                      {"output": "output", "transform": "transform", "report": "report"},
+                      lambda case: {"fixed": case.inputs["fixed"], "moving": case.inputs["moving"]}, output_dir,
+                      choice)
 
 
 DEFAULT_CLASSIFIER = "sequence-type"
@@ -1118,6 +1245,25 @@ TYPE_CHECK_HELP = ("skip the input type check (the sequence-type classifier, whe
                    "looks like a type the model was not made for; also: environment variable MIADL_TYPE_CHECK=0)")
 
 
+def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the cases of a cohort (folder input, register --pairs) run; see cohort.py."""
+    group = parser.add_argument_group("cohorts (a folder input, register --pairs)")
+    group.add_argument("--engine", choices=cohort.ENGINES, default="local",
+                       help="local: one case after another in this process (default); ray: a pool of Ray actors, "
+                            "each loading the model once (a local Ray instance unless --ray-address)")
+    group.add_argument("--ray-address", metavar="ADDRESS",
+                       help="--engine ray: connect to this Ray cluster (e.g. ray://head:10001 or auto) instead of "
+                            "starting a local instance")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="--engine ray: how many actors (default: as many as the cluster's CPUs or GPUs hold)")
+    group.add_argument("--cpus-per-worker", type=float, metavar="C",
+                       help="CPUs per worker, also its torch threads (ray default 1; local: torch threads)")
+    group.add_argument("--gpus-per-worker", type=float, metavar="G",
+                       help="--engine ray: GPUs per worker (default 0; 1 puts one worker on every GPU)")
+    group.add_argument("--no-resume", action="store_true",
+                       help="run every case, even one whose outputs and sidecar say it is already done")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m MIADeepLearningLib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1157,19 +1303,32 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(a folder input: one entry per successful case)")
     segment.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_cohort_arguments(segment)
     segment.set_defaults(handler=command_segment)
 
-    synthesize = commands.add_parser("synthesize", help="run a synthesis model (e.g. thick slices -> 1 mm) on one file",
+    synthesize = commands.add_parser("synthesize", help="run a synthesis model (e.g. thick slices -> 1 mm) on one "
+                                                        "file or a folder of them",
                                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     synthesize.add_argument("--model", required=True, help="model id (see `models --task synthesis`)")
-    synthesize.add_argument("-i", "--input", required=True, help="input image file (NIfTI, NRRD, MHA)")
-    synthesize.add_argument("-o", "--output", required=True, help="output image file")
+    synthesize.add_argument("-i", "--input", required=True, help="input image file (NIfTI, NRRD, MHA), or a folder")
+    synthesize.add_argument("-o", "--output", required=True, help="output image file, or a folder")
     synthesize.add_argument("--uncertainty", help="also write the voxel-wise std over 4 in-plane flips (4x slower)")
     synthesize.add_argument("--difference", help="also write output minus B-spline interpolation of the input")
+    synthesize.add_argument("--suffix", help="output folder: the output's suffix (default: the model's)")
+    synthesize.add_argument("--uncertainty-suffix", nargs="?", const="", default=None, metavar="SUFFIX",
+                            help="output folder: also write the uncertainty as <case>_<SUFFIX><ext> (default "
+                                 f"{DEFAULT_UNCERTAINTY_SUFFIX})")
+    synthesize.add_argument("--difference-suffix", nargs="?", const="", default=None, metavar="SUFFIX",
+                            help="output folder: also write the difference as <case>_<SUFFIX><ext> (default "
+                                 "difference)")
+    synthesize.add_argument("--format", choices=OUTPUT_FORMATS, default="same",
+                            help="output folder: file format of the outputs (default: the input's own)")
+    synthesize.add_argument("--report", help="folder input: the CSV report (default <output folder>/report.csv)")
     synthesize.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     synthesize.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
     synthesize.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     synthesize.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_cohort_arguments(synthesize)
     synthesize.set_defaults(handler=command_synthesize)
 
     register = commands.add_parser(
@@ -1182,9 +1341,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--moving-labels and --fixed-labels). Nothing is written unless everything succeeded. Exit "
                     "codes: 0 success, 2 bad command line, input, model or device, 1 unexpected failure.")
     register.add_argument("--model", required=True, help="model id (see `models --task registration`)")
-    register.add_argument("--fixed", required=True, help="the fixed (reference) image file")
-    register.add_argument("--moving", required=True, help="the moving image file, aligned to the fixed one")
-    register.add_argument("-o", "--output", help="the warped moving image (linear, on the fixed grid)")
+    register.add_argument("--fixed", help="the fixed (reference) image file")
+    register.add_argument("--moving", help="the moving image file, aligned to the fixed one")
+    register.add_argument("--pairs", metavar="PAIRS.csv",
+                          help="a cohort: one pair per line, fixed,moving[,name] (paths relative to the CSV); with "
+                               "-o FOLDER: <name>_warped<ext>, <name>_field.h5, <name>_report.json and report.csv")
+    register.add_argument("-o", "--output", help="the warped moving image (linear, on the fixed grid); with --pairs "
+                                                 "the output folder")
+    register.add_argument("--format", choices=OUTPUT_FORMATS, default="same",
+                          help="--pairs: file format of the warped images (default: the fixed image's)")
     register.add_argument("--transform", help="the displacement field as an ITK transform file (.h5)")
     register.add_argument("--moving-labels", help="a label map on the moving image's grid, to propagate")
     register.add_argument("--warped-labels", help="the moving labels on the fixed grid (nearest neighbour)")
@@ -1200,6 +1365,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--provenance", help="write model, weights sha256, device and parameters as JSON here")
     register.add_argument("--no-type-check", action="store_true", help=TYPE_CHECK_HELP)
     register.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_cohort_arguments(register)
     register.set_defaults(handler=command_register)
 
     classify = commands.add_parser(
@@ -1274,6 +1440,14 @@ def build_parser() -> argparse.ArgumentParser:
     device = commands.add_parser("device", help="report the compute device and why a GPU is or is not used")
     device.add_argument("--json", action="store_true", help="machine-readable output")
     device.set_defaults(handler=command_device)
+
+    serve = commands.add_parser(
+        "serve", help="the inference server: Slicer workstations run their jobs on this computer's devices",
+        description="HTTP server (TLS and a token) running the same worker tasks; see server.py for the API.")
+    from MIADeepLearningLib import server  # light: FastAPI and uvicorn are imported only when it starts
+
+    server.build_parser(serve)
+    serve.set_defaults(handler=server.serve)
     return parser
 
 

@@ -83,8 +83,10 @@ def test_batch_exit_code_and_report(batch_folder, batch_run):
     assert by_case["head_flipped"]["output"] == str(output / "head_flipped_brain.nrrd")  # the input's own format
     assert by_case["head_flipped"]["masked_output"] == str(output / "head_flipped_skull-stripped.nrrd")
     assert sorted(path.name for path in output.iterdir()) == [
-        "head_a_brain.nii.gz", "head_a_skull-stripped.nii.gz", "head_flipped_brain.nrrd",
-        "head_flipped_skull-stripped.nrrd", "report.csv"]  # nothing for failed cases, no staging folder left
+        ".miadl-cohort", "head_a_brain.nii.gz", "head_a_skull-stripped.nii.gz", "head_flipped_brain.nrrd",
+        "head_flipped_skull-stripped.nrrd", "report.csv"]  # nothing for failed cases
+    assert sorted(path.name for path in (output / ".miadl-cohort").iterdir()) == [
+        "head_a.json", "head_flipped.json"]  # the provenance sidecars of the done cases, no staging folder left
     assert "2 of 4 cases succeeded, 2 failed (broken, single_slice)" in completed.stderr
 
 
@@ -134,7 +136,7 @@ def test_batch_all_ok_quiet_with_own_report_format_and_suffix(robex, tmp_path):
     rows = _read_report(report)
     assert [(row["case"], row["status"], row["output"]) for row in rows] == [
         ("only", "ok", str(tmp_path / "out" / "only_mask.nii.gz"))]
-    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["only_mask.nii.gz"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".miadl-cohort", "only_mask.nii.gz"]
 
 
 @pytest.mark.slow

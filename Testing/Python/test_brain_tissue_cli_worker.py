@@ -87,14 +87,15 @@ def test_cli_segment_folder_with_uncertainty_suffix(tissue_model, tmp_path, caps
     with (out / "report.csv").open(encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert list(rows[0]) == ["case", "input", "status", "seconds", "output", "masked_output", "uncertainty_output",
-                             "warnings", "error"]
+                             "warnings", "error", "worker", "attempts"]
     for index, row in enumerate(rows):
         assert row["status"] == "ok" and row["output"] == str(out / f"head{index}_tissue.nrrd"), row
         assert row["uncertainty_output"] == str(out / f"head{index}_uncertainty.nrrd")
         _assert_on_grid(Path(row["uncertainty_output"]), cases / f"head{index}.nrrd")
         _uncertainty_values(Path(row["uncertainty_output"]))
     assert sorted(path.name for path in out.iterdir()) == [
-        "head0_tissue.nrrd", "head0_uncertainty.nrrd", "head1_tissue.nrrd", "head1_uncertainty.nrrd", "report.csv"]
+        ".miadl-cohort", "head0_tissue.nrrd", "head0_uncertainty.nrrd", "head1_tissue.nrrd", "head1_uncertainty.nrrd",
+        "report.csv"]
 
     plain = tmp_path / "plain"
     assert cli.main(["segment", "--model", tissue_model, "-i", str(cases), "-o", str(plain), "--device", "cpu",

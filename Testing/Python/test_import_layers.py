@@ -49,7 +49,7 @@ def _lib(*names: str) -> tuple[str, ...]:
 MODULE_FILES = tuple(sorted(path.stem for path in SOURCE_DIR.glob("*.py")))
 _SLICER_SIDE_LIB = (
     "mrml", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry", "engine.downloads",
-    "engine.model_store", "engine.candidates", "testing",
+    "engine.model_store", "engine.candidates", "engine.zoo", "testing", "remote",
 )
 
 MODULE = Layer(
@@ -70,7 +70,7 @@ MRML = Layer(
     forbidden=("qt", "ctk", "torch", "monai", "SimpleITK", "sitkUtils", *_lib("gui")),
     allowed_lib=_lib(
         "mrml", "testing", "runner", "jobs", "paths", "versions", "engine.errors", "engine.registry",
-        "engine.downloads", "engine.model_store", "engine.filecheck", "engine.candidates",
+        "engine.downloads", "engine.model_store", "engine.filecheck", "engine.candidates", "remote",
     ),
 )
 # The zoo-shaped test bundle builder (issue 18): the DLSegmentation self-test builds a bundle inside Slicer, so it is
@@ -88,10 +88,22 @@ STDLIB_ONLY = Layer(
     allowed_lib=_lib("jobs", "paths", "versions"),
     stdlib_only=True,
 )
+# The inference server's client (issue 19): runs in Slicer's Python, which has no new package and no torch, so the
+# standard library only (http.client, ssl, json) and the stdlib-only parts of the library plus engine.errors.
+REMOTE_CLIENT = Layer(
+    name="inference server client (remote.py)",
+    forbidden=_lib("gui"),
+    allowed_lib=_lib("jobs", "paths", "versions", "runner", "engine.errors"),
+    stdlib_only=True,
+)
 _ENGINE_FORBIDDEN = (
     "slicer", "vtk", "vtkmodules", "qt", "ctk", "mrml", "sitkUtils", *_lib("mrml", "testing", "gui")
 )
 ENGINE = Layer(name="engine side (worker.py, cli.py, __main__.py, training/)", forbidden=_ENGINE_FORBIDDEN)
+# The cohort runner (cli.py imports it): Ray and tqdm only when a cohort uses them (neither exists inside Slicer),
+# torch and SimpleITK only inside the worker that runs a case.
+COHORT = Layer(name="cohort runner (cohort.py)", forbidden=_ENGINE_FORBIDDEN,
+               forbidden_at_import=("ray", "tqdm", "torch", "SimpleITK", "numpy"))
 # engine/ runs models; training/ builds on it (shared flows, networks, encodings), never the other way round, so the
 # engine ships and runs without the training code's dependencies.
 ENGINE_CORE = Layer(name="engine (engine/)", forbidden=(*_ENGINE_FORBIDDEN, *_lib("training")))
@@ -141,6 +153,8 @@ def layer_of(relpath: str) -> Layer | None:
         return GUI
     if inner in (["runner.py"], ["jobs.py"], ["paths.py"], ["versions.py"], ["__init__.py"]):
         return STDLIB_ONLY
+    if inner == ["remote.py"]:
+        return REMOTE_CLIENT
     if inner[0] == "engine" and inner[1:] in (
         ["__init__.py"], ["errors.py"], ["registry.py"], ["downloads.py"], ["model_store.py"], ["zoo.py"]
     ):
@@ -151,7 +165,11 @@ def layer_of(relpath: str) -> Layer | None:
         return ENGINE_CANDIDATES
     if inner[0] == "engine" and len(inner) > 1:
         return ENGINE_CORE
-    if inner in (["worker.py"], ["cli.py"], ["__main__.py"]) or (inner[0] == "training" and len(inner) > 1):
+    if inner == ["cohort.py"]:
+        return COHORT
+    if inner in (["worker.py"], ["cli.py"], ["__main__.py"], ["server.py"]) or (
+        inner[0] == "training" and len(inner) > 1
+    ):
         return ENGINE
     return None
 
@@ -427,6 +445,15 @@ def test_classification_files_have_their_layers(relpath: str, layer: Layer) -> N
 def test_detection_files_have_their_layers(relpath: str, layer: Layer) -> None:
     assert (SOURCE_DIR / relpath).is_file(), relpath
     assert layer_of(relpath) is layer
+
+
+def test_inference_server_files_have_their_layers() -> None:
+    """The server is engine side (FastAPI, uvicorn, SimpleITK); its client is stdlib only (Slicer's Python)."""
+    assert layer_of(f"{LIB}/server.py") is ENGINE and layer_of(f"{LIB}/remote.py") is REMOTE_CLIENT
+    assert "fastapi" in check_source("import fastapi\n", f"{LIB}/remote.py")[0]
+    assert f"{LIB}.worker" in check_source("from MIADeepLearningLib import worker\n", f"{LIB}/remote.py")[0]
+    assert "slicer" in check_source("def f():\n    import slicer\n", f"{LIB}/server.py")[0]
+    assert check_source("from MIADeepLearningLib import remote\n", f"{LIB}/mrml/task_run.py") == []
 
 
 def test_zoo_bundle_builder_has_its_layer() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -146,6 +146,25 @@ def input_channel_names(metadata: Mapping[str, Any], image_key: str = "image") -
     except (TypeError, ValueError):
         count = len(channel_def)
     return [str(channel_def.get(str(index), channel_def.get(index, f"channel {index}"))) for index in range(count)]
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Config overrides of a bundle run from "KEY=VALUE" items (MONAI's override syntax for the key, e.g.
+    "network_def#in_channels=2"; the value is read as JSON when it parses, else kept as text): the CLI's repeated
+    --config and the module's "Bundle settings" field (items separated by ";") both come here. ValueError (one
+    sentence) for an item that is not KEY=VALUE."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if not item.strip():
+            continue
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"'{item.strip()}' must be KEY=VALUE (for example network_def#in_channels=2).")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except ValueError:
+            overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def refuse_unless_runnable(kind: str, title: str) -> None:
