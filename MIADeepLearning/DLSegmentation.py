@@ -103,6 +103,8 @@ class DLSegmentationParameterNode:
     createUncertainty: bool = False  # offered only for models that list "uncertainty" in slicer.optional_outputs
     createVolumeTable: bool = True
     keepModelLoaded: bool = True
+    bundleSettings: str = ""  # an imported MONAI bundle's config overrides, "KEY=VALUE; KEY=VALUE"
+    bundleWeights: str = ""  # one of its verified weight files by name; "" = the bundle's default
 
 
 #
@@ -122,6 +124,8 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         self._parameterNode: DLSegmentationParameterNode | None = None
         self._run: SegmentationRun | None = None
         self._modelInputChannels: dict[str, list] = {}
+        self._modelWeightFiles: dict[str, list] = {}  # MONAI bundles only: their verified weight files by name
+        self._updatingWeightsCombo = False
 
     def setup(self) -> None:
         """Build the GUI. Installs nothing, downloads nothing and never imports torch (generic tests call this)."""
@@ -130,6 +134,7 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         self.ui.importModelZipButton.connect("clicked(bool)", self.onImportModelZip)
         self.ui.importModelFolderButton.connect("clicked(bool)", self.onImportModelFolder)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
+        self.ui.bundleWeightsComboBox.connect("currentIndexChanged(int)", self._onBundleWeightsChanged)
         self._showVolumeTable(None)  # the Results section appears with the first table
         self.initializeParameterNode()
 
@@ -155,6 +160,47 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
             getattr(self.ui, f"extraVolume{index}Selector").visible = shown
             if shown:
                 getattr(self.ui, f"extraVolume{index}Label").text = _("{channel}:").format(channel=channels[index])
+        self._updateBundleFields()
+
+    def _updateBundleFields(self) -> None:
+        """The bundle settings field for imported MONAI bundles, the weights choice for those with several files."""
+        modelId = self._parameterNode.modelId if self._parameterNode else ""
+        weights = self._modelWeightFiles.get(modelId)
+        self.ui.bundleSettingsLabel.visible = self.ui.bundleSettingsLineEdit.visible = weights is not None
+        several = bool(weights) and len(weights) > 1
+        self.ui.bundleWeightsLabel.visible = self.ui.bundleWeightsComboBox.visible = several
+        self._updatingWeightsCombo = True
+        try:
+            combo = self.ui.bundleWeightsComboBox
+            combo.clear()
+            combo.addItem(_("default"), "")
+            for name in weights or []:
+                combo.addItem(name, name)
+            chosen = self._parameterNode.bundleWeights if self._parameterNode else ""
+            combo.currentIndex = max(combo.findData(chosen), 0)
+        finally:
+            self._updatingWeightsCombo = False
+
+    def _onBundleWeightsChanged(self, index: int) -> None:
+        if self._updatingWeightsCombo or not self._parameterNode or index < 0:
+            return
+        self._parameterNode.bundleWeights = self.ui.bundleWeightsComboBox.itemData(index) or ""
+
+    def _bundleOptions(self, params: DLSegmentationParameterNode) -> dict:
+        """Run options of an imported MONAI bundle from the two fields (none for other models); ValueError (one
+        sentence) for settings that are not KEY=VALUE."""
+        weights = self._modelWeightFiles.get(params.modelId)
+        if weights is None:
+            return {}
+        from MIADeepLearningLib.engine import zoo
+
+        options = {}
+        overrides = zoo.parse_overrides(params.bundleSettings.split(";"))
+        if overrides:
+            options["overrides"] = overrides
+        if params.bundleWeights and params.bundleWeights in weights:
+            options["weights"] = params.bundleWeights
+        return options
 
     def _modelChannels(self) -> list:
         """Names of the selected model's input channels (empty or one name: it takes one volume)."""
@@ -164,10 +210,16 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
     def _populateModelComboBox(self) -> None:
         """Also remember each model's input channels (from its metadata: no torch)."""
         TaskWidgetMixin._populateModelComboBox(self)
+        from MIADeepLearningLib.engine.registry import MONAI_BUNDLE_PIPELINE
+
         self._modelInputChannels = {}
+        self._modelWeightFiles = {}
         try:
             for model in self.logic.availableModels():
                 self._modelInputChannels[model.id] = list(getattr(model, "input_channels", []))
+                if getattr(model, "pipeline", "") == MONAI_BUNDLE_PIPELINE:
+                    self._modelWeightFiles[model.id] = [weight.path.rsplit("/", 1)[-1]
+                                                        for weight in getattr(model, "weights", [])]
         except Exception:  # already reported by the mixin's listing
             pass
 
@@ -186,6 +238,10 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
         nodes = [params.inputVolume, *extras]
         if len({id(node) for node in nodes}) != len(nodes):
             return _("The same volume is selected for two channels; each channel needs a volume of its own.")
+        try:
+            self._bundleOptions(params)
+        except ValueError as error:
+            return _("Bundle settings: {error}").format(error=error)
         return None
 
     def _startRun(self, params: DLSegmentationParameterNode) -> SegmentationRun:
@@ -194,6 +250,7 @@ class DLSegmentationWidget(TaskWidgetMixin, ScriptedLoadableModuleWidget, VTKObs
             params.modelId,
             device=params.device,
             extraVolumes=self._extraVolumes(params),
+            modelOptions=self._bundleOptions(params),
             outputSegmentation=params.outputSegmentation,
             createMaskedVolume=params.createMaskedVolume,
             createUncertainty=params.createUncertainty and self._modelOffers("uncertainty"),
@@ -450,9 +507,11 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         createUncertainty: bool = False,
         createVolumeTable: bool = False,
         extraVolumes: Sequence[vtkMRMLScalarVolumeNode] = (),
+        modelOptions: dict | None = None,
     ) -> SegmentationRun:
         """Start a background run and return at once; poll the returned run, then call its finish().
-        `extraVolumes`: the further input channels of a model that takes several images, in its order."""
+        `extraVolumes`: the further input channels of a model that takes several images, in its order;
+        `modelOptions`: run options of the model (an imported bundle's "overrides" and "weights")."""
         return self.segmentationLogic(keepModelLoaded).start(
             inputVolume,
             modelId,
@@ -464,6 +523,7 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
             create_uncertainty=createUncertainty,
             create_volume_table=createVolumeTable,
             extra_volumes=list(extraVolumes),
+            model_options=modelOptions,
         )
 
     def process(
@@ -478,11 +538,12 @@ class DLSegmentationLogic(TaskLogicMixin, ScriptedLoadableModuleLogic):
         createUncertainty: bool = False,
         createVolumeTable: bool = False,
         extraVolumes: Sequence[vtkMRMLScalarVolumeNode] = (),
+        modelOptions: dict | None = None,
     ) -> SegmentationResult:
         """Blocking run for scripts (the GUI uses start() so Slicer stays responsive)."""
         run = self.start(inputVolume, modelId, device, outputSegmentation, createMaskedVolume, timeoutS, onEvent,
                          createUncertainty=createUncertainty, createVolumeTable=createVolumeTable,
-                         extraVolumes=extraVolumes)
+                         extraVolumes=extraVolumes, modelOptions=modelOptions)
         run.wait()
         return run.finish()
 

@@ -21,7 +21,7 @@ import sys
 import types
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import pytest
 
@@ -65,7 +65,7 @@ class FakeWidget:
     def clear(self) -> None:
         self.items, self._currentIndex, self.lines = [], -1, []
 
-    def addItem(self, title: str, data: Any) -> None:
+    def addItem(self, title: str, data: Any = None) -> None:
         self.items.append((title, data))
 
     def setItemData(self, index: int, value: Any, role: Any) -> None:
@@ -74,6 +74,9 @@ class FakeWidget:
     @property
     def count(self) -> int:
         return len(self.items)
+
+    def findText(self, text: str) -> int:
+        return next((index for index, (title, _) in enumerate(self.items) if title == text), -1)
 
     def findData(self, data: Any) -> int:
         return next((index for index, (_, item) in enumerate(self.items) if item == data), -1)
@@ -192,7 +195,18 @@ def install_stubs(recorder: Recorder) -> types.ModuleType:
         def stop(self) -> None:
             self.active = False
 
-    module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(ToolTipRole=3), QFileDialog=None)
+    class QSettings:
+        """Slicer's application settings: one store for every module in this process."""
+
+        store: ClassVar[dict[str, Any]] = {}
+
+        def value(self, key: str, default: Any = None) -> Any:
+            return self.store.get(key, default)
+
+        def setValue(self, key: str, value: Any) -> None:
+            self.store[key] = value
+
+    module("qt", QTimer=QTimer, Qt=types.SimpleNamespace(ToolTipRole=3), QFileDialog=None, QSettings=QSettings)
 
     @contextlib.contextmanager
     def try_with_error_display(message: str | None = None, show: bool = True, waitCursor: bool = False) -> Any:
@@ -247,6 +261,7 @@ def install_stubs(recorder: Recorder) -> types.ModuleType:
         tryWithErrorDisplay=try_with_error_display,
         mainWindow=lambda: None,
         pip_install=recorder("pip_install"),
+        WaitCursor=contextlib.nullcontext,
     )
 
     class ScriptedLoadableModule:
@@ -438,8 +453,9 @@ _DETECTION_RESULT = types.SimpleNamespace(
 CASES: dict[str, dict[str, Any]] = {
     "DLSegmentation": {
         "model": "deepbet", "title": "DL Segmentation", "failed": "Segmentation failed: boom",
-        "start_kwargs": {"extraVolumes": [], "outputSegmentation": None, "createMaskedVolume": False,
-                         "createUncertainty": False, "createVolumeTable": True, "keepModelLoaded": True},
+        "start_kwargs": {"extraVolumes": [], "modelOptions": {}, "outputSegmentation": None,
+                         "createMaskedVolume": False, "createUncertainty": False, "createVolumeTable": True,
+                         "keepModelLoaded": True},
         "result": _SEGMENTATION_RESULT, "done": "Done: segmentation 'brain' (1 warning(s), see the log).",
     },
     "DLSynthesis": {
@@ -481,7 +497,7 @@ def case_apply_poll_finish_cancel_errors(name: str) -> None:
 
     case = CASES[name]
     module = modules[name]
-    assert module.DEVICE_CHOICES == ["auto", "cpu", "cuda"]
+    assert module.DEVICE_CHOICES == ["auto", "cpu", "cuda", "remote"]
     widget = _widget(module, name, [_model(case["model"])])
     ui, params = widget.ui, widget._parameterNode
     assert params.device == "auto" and params.modelId == case["model"]
@@ -1217,6 +1233,109 @@ def case_segmentation_remove_model(name: str) -> None:
     assert "Removed model 'Tiny spleen'." in ui.logTextEdit.lines
 
 
+def case_segmentation_bundle_settings(name: str) -> None:
+    """An imported MONAI bundle shows its settings field (and a weights choice when it has several files); the
+    settings must read as KEY=VALUE (else Apply is refused with the reason) and reach the run as its options; other
+    models show neither and pass no options."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import MIADeepLearningLib.gui.task_widget as task_widget
+
+    weights = [types.SimpleNamespace(path="models/model.pt"), types.SimpleNamespace(path="models/model_lowres.pt")]
+    bundle = types.SimpleNamespace(**vars(_model("tiny-body")), pipeline="monai_bundle", weights=weights)
+    widget = _widget(modules[name], name, [_model("deepbet"), bundle])
+    ui, params = widget.ui, widget._parameterNode
+    fields = (ui.bundleSettingsLabel, ui.bundleSettingsLineEdit, ui.bundleWeightsLabel, ui.bundleWeightsComboBox)
+    assert not any(field.visible for field in fields), "bundle fields shown for a built-in model"
+    volume = FakeNode("ct", "vtkMRMLScalarVolumeNode1")
+    slicer.mrmlScene.nodes.append(volume)
+    params.inputVolume = volume
+    params.modelId = "tiny-body"
+    assert all(field.visible for field in fields)
+    combo = ui.bundleWeightsComboBox
+    assert [combo.itemData(index) for index in range(combo.count)] == ["", "model.pt", "model_lowres.pt"]
+    params.bundleSettings = "highres false"
+    assert not ui.applyButton.enabled and ui.applyButton.toolTip.startswith("Bundle settings: "), ui.applyButton.toolTip
+    params.bundleSettings = "highres=false; inferer#overlap=0.5;"
+    combo.currentIndex = 2  # the user picks the low-resolution weights (the stub emits no signal: call the slot)
+    combo.connections["currentIndexChanged(int)"](2)
+    assert params.bundleWeights == "model_lowres.pt" and ui.applyButton.enabled, ui.applyButton.toolTip
+
+    task_widget.ensureDependencies = lambda *args: None
+    started: list[tuple] = []
+    widget.logic.start = lambda *args, **kwargs: started.append((args, kwargs)) or FakeRun(
+        [[]], result=_SEGMENTATION_RESULT)
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert started[-1][1]["modelOptions"] == {"overrides": {"highres": False, "inferer#overlap": 0.5},
+                                              "weights": "model_lowres.pt"}, started[-1]
+    params.modelId = "deepbet"
+    assert not any(field.visible for field in fields)
+    widget.onApplyButton()
+    widget._onPollTimer()
+    assert started[-1][1]["modelOptions"] == {}, "a built-in model got a bundle's settings"
+
+
+def case_remote_device(name: str) -> None:
+    """Device "remote": Apply waits for the server's address and token (kept in the application settings, never in
+    the parameter node), then starts the run on that server without installing anything here; Test connection
+    reports the server or the one-sentence reason it cannot be used."""
+    recorder = Recorder()
+    slicer, modules = _import_modules(recorder, name)
+    import qt
+
+    import MIADeepLearningLib.gui.remote_settings as remote_settings
+    import MIADeepLearningLib.gui.task_widget as task_widget
+    from MIADeepLearningLib import remote
+
+    qt.QSettings.store.clear()
+    case = CASES[name]
+    widget = _widget(modules[name], name, [_model(case["model"])])
+    ui, params = widget.ui, widget._parameterNode
+    assert ui.deviceComboBox.findText("remote") >= 0, "no 'remote' device choice"
+    inputs = case.get("inputs", ("inputVolume",))
+    volumes = [FakeNode(f"head {index}", f"vtkMRMLScalarVolumeNode{index + 1}") for index in range(len(inputs))]
+    slicer.mrmlScene.nodes.extend(volumes)
+    for field, node in zip(inputs, volumes):
+        setattr(params, field, node)
+    params.device = "remote"
+    assert not ui.applyButton.enabled and "address and token" in ui.applyButton.toolTip, ui.applyButton.toolTip
+
+    ui.remoteUrlLineEdit.text, ui.remoteTokenLineEdit.text = "https://gpu.example.org:8443", "s3cret-token"
+    ui.remoteUrlLineEdit.connections["editingFinished()"]()
+    assert qt.QSettings.store[remote_settings.SETTINGS_TOKEN] == "s3cret-token"
+    assert "s3cret-token" not in repr(vars(params)), "the token went into the parameter node (the scene)"
+    assert ui.applyButton.enabled, ui.applyButton.toolTip
+
+    installs: list = []
+    task_widget.ensureDependencies = lambda *args: installs.append(args)
+    started: list = []
+    widget.logic.start = lambda *args, **kwargs: started.append((args, kwargs, widget.logic.remoteServer)) or \
+        FakeRun([[]], result=case["result"])
+    widget.onApplyButton()
+    ((_args, kwargs, server),) = started
+    assert not installs, "a remote run installed packages here"
+    assert isinstance(server, remote.RemoteServer) and server.url == "https://gpu.example.org:8443"
+    assert kwargs.get("device") == "remote", kwargs
+    widget._onPollTimer()
+
+    remote_settings.testConnection = lambda: "Connected to https://gpu.example.org:8443: MIADeepLearning 0.1, CPU."
+    widget.onTestConnection()
+    assert recorder.named("infoDisplay")[-1][0][0].startswith("Connected to"), recorder.named("infoDisplay")
+
+    def unreachable() -> str:
+        raise remote.RemoteError("The server at https://gpu.example.org:8443 cannot be reached (Connection refused).")
+
+    remote_settings.testConnection = unreachable
+    widget.onTestConnection()
+    warning = recorder.named("warningDisplay")[-1][0][0]
+    assert warning.endswith("(Connection refused).") and "\n" not in warning, warning
+
+    params.device = "auto"  # back to local: the server is no longer used
+    widget.onApplyButton()
+    assert installs and widget.logic.remoteServer is None
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
     for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
@@ -1224,7 +1343,7 @@ CASE_FUNCTIONS = {
                      case_one_job_or_install_at_a_time, case_unsupported_slicer_torch_or_launcher,
                      case_device_report_in_the_background, case_reload_leaves_the_other_modules_working,
                      case_segmentation_model_channels, case_segmentation_import_model,
-                     case_segmentation_remove_model)
+                     case_segmentation_remove_model, case_segmentation_bundle_settings, case_remote_device)
 }
 
 
@@ -1236,6 +1355,7 @@ MODULE_CASES = {  # cases for some modules only
     "case_segmentation_model_channels": ("DLSegmentation",),
     "case_segmentation_import_model": ("DLSegmentation",),
     "case_segmentation_remove_model": ("DLSegmentation",),
+    "case_segmentation_bundle_settings": ("DLSegmentation",),
     "case_registration_inputs_and_report": ("DLRegistration",),
 }
 

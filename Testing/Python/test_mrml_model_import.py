@@ -192,3 +192,19 @@ def test_imported_brats_bundle_segments_four_volumes(scene, tmp_path, cache):
         assert _one_sentence(message) and all(word in message for word in words), message
         assert not list(jobs_root.iterdir()), "a job was started"
         assert scene.GetNumberOfNodes() == nodes_before
+
+
+def test_bundle_settings_and_weights_reach_the_run_and_its_provenance(scene, tmp_path, cache):
+    """The module's "Bundle settings" and "Weights file" arrive as the run's model options: the bundle runs with
+    them and the provenance on the segmentation records both."""
+    from MIADeepLearningLib.mrml.provenance import get_provenance
+    from MIADeepLearningLib.mrml.segmentation_logic import SegmentationLogic
+
+    summary = _import(zoo_shaped.write_bundle(tmp_path / "downloads", "spleen", zip_release=True), tmp_path / "jobs")
+    (volume,) = _channel_volumes(1)
+    options = {"overrides": {"inferer#overlap": 0.5}, "weights": "model.pt"}
+    result = SegmentationLogic(jobs_root=tmp_path / "segment-jobs").run(
+        volume, summary["id"], device="cpu", model_options=options, timeout_s=WORKER_TIMEOUT_S)
+    pipeline = get_provenance(result.segmentation_node)["pipeline"]
+    assert pipeline["config_overrides"] == {"inferer#overlap": 0.5}, pipeline
+    assert pipeline["window"]["overlap"] == 0.5 and pipeline["weights_file"] == "model.pt", pipeline

@@ -25,6 +25,8 @@ class TaskLogicMixin:
         self._taskLogic: Any = None
         self._warmTaskLogic: Any = None
         self._warmWorker: WarmWorker | None = None
+        self._remoteTaskLogic: Any = None
+        self.remoteServer: Any = None  # a remote.RemoteServer while Device is "remote" (set by the widget)
 
     def createTaskLogic(self, pythonExecutable: str | None, warmWorker: WarmWorker | None) -> Any:
         """The module's Qt-free task logic (e.g. SegmentationLogic), imported inside, on first use."""
@@ -32,7 +34,13 @@ class TaskLogicMixin:
 
     def taskLogic(self, keepModelLoaded: bool = False) -> Any:
         """Created on first use. With keepModelLoaded, runs go through one worker process kept alive between runs
-        (model loaded once per session); without, each run starts a worker process of its own."""
+        (model loaded once per session); without, each run starts a worker process of its own. With `remoteServer`
+        set, runs go to that inference server (no local worker, no PyTorch needed here)."""
+        if self.remoteServer is not None:
+            if self._remoteTaskLogic is None or self._remoteTaskLogic.remote_server is not self.remoteServer:
+                self._remoteTaskLogic = self.createTaskLogic(None, None)
+                self._remoteTaskLogic.remote_server = self.remoteServer
+            return self._remoteTaskLogic
         if not keepModelLoaded:
             if self._taskLogic is None:
                 self._taskLogic = self.createTaskLogic(requirePythonSlicer(), None)

@@ -23,6 +23,7 @@ import vtk
 from slicer.i18n import tr as _
 
 from MIADeepLearningLib.engine.errors import CancelledError, MIADLError, MissingPackages
+from MIADeepLearningLib.gui import remote_settings
 from MIADeepLearningLib.gui.dependencies import (
     DependenciesNotInstalled,
     ensureDependencies,
@@ -36,10 +37,11 @@ if TYPE_CHECKING:
 
 # For a parameter node field `device: Annotated[str, Choice(DEVICE_CHOICES)]`. A module imports this name into its
 # own namespace: parameterNodeWrapper resolves the string annotations (typing.get_type_hints) in the module's globals.
-DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+DEVICE_CHOICES = ["auto", "cpu", "cuda", "remote"]  # remote: the inference server of Advanced → Remote server
 POLL_INTERVAL_MS = 100
 # What the one background job of a module is: a model run (Apply), the device report or a model import (Advanced).
 JOB_RUN = "run"
+REMOTE_DEVICE = "remote"
 JOB_DEVICE_REPORT = "device report"
 JOB_MODEL_IMPORT = "model import"
 # Buttons of a module's .ui (when it has them) that start something: disabled while any job or install is going on.
@@ -143,11 +145,45 @@ class TaskWidgetMixin:
         # modelId is bound by hand, not with SlicerParameterName: the combo shows titles and keeps ids as item data.
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelComboBoxChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self._setupRemoteServer()
         if hasattr(self.ui, "deviceReportButton"):
             self.ui.deviceReportButton.connect("clicked(bool)", self.onDeviceReportButton)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+    def _setupRemoteServer(self) -> None:
+        """The "remote" device choice and the Remote server fields (kept in Slicer's settings, not the scene)."""
+        combo = getattr(self.ui, "deviceComboBox", None)
+        if combo is not None and combo.findText(REMOTE_DEVICE) < 0:
+            combo.addItem(REMOTE_DEVICE)
+        if not hasattr(self.ui, "remoteUrlLineEdit"):
+            return
+        remote_settings.loadInto(self.ui)
+        for name, _key in remote_settings.FIELDS:
+            getattr(self.ui, name).connect("editingFinished()", self._onRemoteSettingsEdited)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+
+    def _onRemoteSettingsEdited(self) -> None:
+        remote_settings.saveFrom(self.ui)
+        self._updateButtons()
+
+    def onTestConnection(self) -> None:
+        """Ask the configured server for its version and device (a few seconds at most); say what came back."""
+        remote_settings.saveFrom(self.ui)
+        try:
+            with slicer.util.WaitCursor():
+                message = remote_settings.testConnection()
+        except Exception as error:  # RemoteError: one sentence; anything else: say it plainly
+            message = str(error) if isinstance(error, MIADLError) else _(
+                "The connection test failed: {error}").format(error=error)
+            self._setStatus(message)
+            self._log(message)
+            slicer.util.warningDisplay(message, windowTitle=_("Remote server"))
+            return
+        self._setStatus(message)
+        self._log(message)
+        slicer.util.infoDisplay(message, windowTitle=_("Remote server"))
 
     def cleanup(self) -> None:
         """Stop the worker and the timer when the module is unloaded (application exit or reload)."""
@@ -298,6 +334,8 @@ class TaskWidgetMixin:
         if not params:
             return _("Select an input volume.")
         refusal = self._missingInput(params) or self._inputProblem(params)
+        if not refusal and getattr(params, "device", "") == REMOTE_DEVICE:
+            refusal = remote_settings.missingSetting()
         if not refusal and self.ui.modelComboBox.currentIndex < 0:
             refusal = _("Select a model.")
         return refusal
@@ -323,6 +361,10 @@ class TaskWidgetMixin:
             return
         self.ui.logTextEdit.clear()
         self.ui.progressBar.value = 0
+        if params.device == REMOTE_DEVICE:
+            self._startRemoteRun(params)
+            return
+        self.logic.remoteServer = None
         self._setStatus(_("Checking the Python packages the model needs..."))
         self._installing = True
         self._updateButtons()
@@ -350,6 +392,19 @@ class TaskWidgetMixin:
             return
         self._log(_("Started model '{modelId}' on device '{device}'.").format(
             modelId=params.modelId, device=params.device))
+        self._startPolling(run, JOB_RUN, self._primaryInput(params))
+
+    def _startRemoteRun(self, params: Any) -> None:
+        """Device "remote": the model runs on the inference server, so nothing is installed here."""
+        try:
+            self.logic.remoteServer = remote_settings.server()
+            self._setStatus(_("Sending the job to {server}...").format(server=self.logic.remoteServer.url))
+            run = self._startRun(params)
+        except Exception as error:
+            self._reportError(error, traceback.format_exc(), [])
+            return
+        self._log(_("Started model '{modelId}' on the remote server {server}.").format(
+            modelId=params.modelId, server=self.logic.remoteServer.url))
         self._startPolling(run, JOB_RUN, self._primaryInput(params))
 
     def onDeviceReportButton(self) -> None:

@@ -381,7 +381,7 @@ class ClassificationLogic(TaskLogic):
 
         worker, export_seconds = launch(WORKER_TASK, sent[0].node, model, outputs, device, options, self.jobs_root,
                                         self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
-                                        export_inputs=export)
+                                        export_inputs=export, remote_server=self.remote_server)
         return ClassificationRun(worker, entries, model, create_saliency, started_at, export_seconds)
 
     @staticmethod

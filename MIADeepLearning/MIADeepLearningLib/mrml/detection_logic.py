@@ -720,7 +720,7 @@ class DetectionLogic(TaskLogic):
 
         worker, export_seconds = launch(WORKER_TASK, input_volume, model, dict(OUTPUT_FILES), device, options,
                                         self.jobs_root, self.python_executable, self.warm_worker, timeout_s,
-                                        on_event, worker_env, export_inputs=export)
+                                        on_event, worker_env, export_inputs=export, remote_server=self.remote_server)
         return DetectionRun(worker, input_volume, extras, model, threshold, output_segmentation, started_at,
                             export_seconds)
 

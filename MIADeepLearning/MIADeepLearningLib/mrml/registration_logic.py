@@ -425,7 +425,8 @@ class RegistrationLogic(TaskLogic):
         options = {"model_options": {"instance_steps": instance_steps}, "input_names": input_names}
         worker, export_seconds = launch(WORKER_TASK, fixed_volume, model, outputs, device, options, self.jobs_root,
                                         self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
-                                        export_inputs=_exporter(fixed_volume, moving_volume, prepared))
+                                        export_inputs=_exporter(fixed_volume, moving_volume, prepared),
+                                        remote_server=self.remote_server)
         return RegistrationRun(worker, fixed_volume, moving_volume, model, prepared, moving_segmentation, node_names,
                                instance_steps, started_at, export_seconds)
 

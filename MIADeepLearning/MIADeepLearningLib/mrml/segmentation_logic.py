@@ -112,11 +112,13 @@ class SegmentationLogic(TaskLogic):
               create_masked_volume: bool = False, timeout_s: float | None = None,
               on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
               create_uncertainty: bool = False, create_volume_table: bool = False,
-              extra_volumes: Sequence[Any] | None = None) -> SegmentationRun:
+              extra_volumes: Sequence[Any] | None = None, model_options: dict[str, Any] | None = None
+              ) -> SegmentationRun:
         """Validate, export and launch; raises InputError/ModelError before anything is started or created.
 
         `extra_volumes`: the model's further input channels, in its order (a BraTS bundle: T1, T2, FLAIR after the
         input's T1c), each on the input's grid; a model that takes several channels needs exactly that many.
+        `model_options`: run options of the model (an imported bundle's config "overrides" and "weights" file).
         `create_uncertainty` needs a model that lists "uncertainty" in slicer.optional_outputs; `create_volume_table`
         adds a table of segment volumes after the import. `worker_env` (tests: fault injection) needs a worker
         process of its own, so it cannot go with a warm worker.
@@ -138,10 +140,14 @@ class SegmentationLogic(TaskLogic):
         def export(folder: Path) -> dict[str, str]:
             return {role: str(export_volume(node, folder / f"{role}.nrrd")) for role, node in roles.items()}
 
-        options = {"input_names": {role: node.GetName() for role, node in roles.items()}} if extras else {}
+        options: dict[str, Any] = {}
+        if extras:
+            options["input_names"] = {role: node.GetName() for role, node in roles.items()}
+        if model_options:
+            options["model_options"] = dict(model_options)
         worker, export_seconds = launch("segment", input_volume, model, outputs, device, options, self.jobs_root,
                                         self.python_executable, self.warm_worker, timeout_s, on_event, worker_env,
-                                        export_inputs=export if extras else None)
+                                        export_inputs=export if extras else None, remote_server=self.remote_server)
         return SegmentationRun(worker, input_volume, model, output_segmentation, create_masked_volume,
                                started_at, export_seconds, create_volume_table, extras)
 
@@ -170,9 +176,10 @@ class SegmentationLogic(TaskLogic):
             create_masked_volume: bool = False, timeout_s: float | None = None,
             on_event: EventCallback | None = None, worker_env: dict[str, str] | None = None,
             create_uncertainty: bool = False, create_volume_table: bool = False,
-            extra_volumes: Sequence[Any] | None = None) -> SegmentationResult:
+            extra_volumes: Sequence[Any] | None = None, model_options: dict[str, Any] | None = None
+            ) -> SegmentationResult:
         """Blocking variant for scripts, tests and the demo."""
         run = self.start(input_volume, model_id, device, output_segmentation, create_masked_volume, timeout_s,
-                         on_event, worker_env, create_uncertainty, create_volume_table, extra_volumes)
+                         on_event, worker_env, create_uncertainty, create_volume_table, extra_volumes, model_options)
         run.wait()
         return run.finish()

@@ -17,6 +17,7 @@ from MIADeepLearningLib.mrml.source_files import verify_source_file
 from MIADeepLearningLib.mrml.volumes import check_input_volume, export_volume
 
 EventCallback = Callable[[jobs.Event], None]
+REMOTE_DEVICE = "remote"  # the modules' device choice that sends jobs to the inference server
 ExportInputs = Callable[[Path], dict[str, str]]
 
 _ERRORS_BY_TYPE = {
@@ -106,10 +107,11 @@ class TaskLogic:
     TASK = ""
 
     def __init__(self, python_executable: str | None = None, jobs_root: str | Path | None = None,
-                 warm_worker: runner.WarmWorker | None = None):
+                 warm_worker: runner.WarmWorker | None = None, remote_server: Any = None):
         self.python_executable = python_executable
         self.jobs_root = Path(jobs_root) if jobs_root else None
         self.warm_worker = warm_worker
+        self.remote_server = remote_server  # a remote.RemoteServer: jobs run there (device "remote")
 
     @classmethod
     def models(cls) -> list[registry.ModelInfo]:
@@ -129,21 +131,25 @@ class TaskLogic:
                 device: str, timeout_s: float | None, on_event: EventCallback | None,
                 worker_env: dict[str, str] | None) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
         return launch(worker_task, input_volume, model, outputs, device, {}, self.jobs_root, self.python_executable,
-                      self.warm_worker, timeout_s, on_event, worker_env)
+                      self.warm_worker, timeout_s, on_event, worker_env, remote_server=self.remote_server)
 
 
 def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str, str], device: str,
            options: dict[str, Any], jobs_root: Path | None, python_executable: str | None,
            warm_worker: runner.WarmWorker | None, timeout_s: float | None, on_event: EventCallback | None,
            worker_env: dict[str, str] | None, export_inputs: ExportInputs | None = None,
-           ) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
+           remote_server: Any = None) -> tuple[runner.WorkerProcess | runner.WarmJob, float]:
     """Export the input and start the job; (worker handle, export seconds). Nothing is left behind on failure.
 
     By default `input_volume` is the job's only input (role "image"); a task with several inputs (registration)
     passes `export_inputs`, which writes them into the job folder it is given and returns role -> absolute path.
     `worker_env` (tests: fault injection) needs a worker process of its own, so it cannot go with a warm worker.
+    With `remote_server` (a remote.RemoteServer) the job runs on that server instead (device "remote" lets the
+    server choose its own device); only the exported voxels and geometry are sent.
     """
     started_at = time.perf_counter()
+    if remote_server is not None and (warm_worker is not None or worker_env):
+        raise ValueError("A remote run goes to the server; it takes no warm worker and no worker_env.")
     if worker_env and warm_worker is not None:
         raise ValueError("worker_env applies to a new worker process; give the WarmWorker its env instead.")
     if jobs_root:
@@ -157,7 +163,13 @@ def launch(task: str, input_volume, model: registry.ModelInfo, outputs: dict[str
         job = jobs.Job(task=task, model=model.id, inputs=inputs, folder=str(folder),
                        outputs=outputs, device=device, options={"input_name": input_volume.GetName(), **options})
         export_seconds = time.perf_counter() - started_at
-        if warm_worker is not None:
+        if remote_server is not None:
+            from MIADeepLearningLib import remote
+
+            if job.device == REMOTE_DEVICE:
+                job.device = "auto"
+            worker = remote.start_remote(job, remote_server, on_event, timeout_s=timeout_s)
+        elif warm_worker is not None:
             worker = warm_worker.submit(job, on_event=on_event, timeout_s=timeout_s)
         else:
             worker = runner.start(job, python_executable=python_executable, on_event=on_event, timeout_s=timeout_s,
