@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -43,6 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "MIADeepLearning"
 sys.path.insert(0, str(LIBRARY))
+
+from MIADeepLearningLib.engine.devices import cpu_name  # noqa: E402  (after the library is on sys.path)
 
 TASKS = ("deepbet", "brain-tissue", "thick-slice-sr", "brain-registration", "export")
 BODY_SPACING = (0.7, 0.7, 0.6)  # x, y, z in mm
@@ -259,15 +260,6 @@ def preflight_estimate(task: str, body: Path, head: Path) -> str:
                                   sum(weight.size or 0 for weight in model.weights))
     return f"{found.total_gb:.1f}" if found is not None else ""
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1336,6 +1336,40 @@ def case_remote_device(name: str) -> None:
     assert installs and widget.logic.remoteServer is None
 
 
+def case_bundle_packages_through_slicer_packaging(name: str) -> None:
+    """A bundle's missing packages (gui.dependencies.ensurePackages): on a Slicer with slicer.packaging (5.12 and
+    later) its pip_ensure asks and installs, a decline is one sentence; on older Slicers our own question and
+    slicer.util.pip_install (the import case covers that branch)."""
+    recorder = Recorder()
+    slicer, _modules = _import_modules(recorder, name)
+    from packaging.requirements import Requirement
+
+    import MIADeepLearningLib.gui.dependencies as dependencies
+
+    dependencies._requirementSatisfied = lambda requirement: requirement.startswith("numpy")
+    ensured: list = []
+    packaging_module = types.ModuleType("slicer.packaging")
+    packaging_module.load_requirements = lambda path: []
+    packaging_module.pip_ensure = lambda requirements, requester=None: ensured.append((requirements, requester))
+    sys.modules["slicer.packaging"] = slicer.packaging = packaging_module
+    dependencies.ensurePackages(["einops>=0.7.0", "numpy>=1"], "This model")
+    ((requirements, requester),) = ensured
+    assert [str(item) for item in requirements] == [str(Requirement("einops>=0.7.0"))]
+    assert requester == "MIADeepLearning"
+    assert not recorder.named("pip_install") and not recorder.named("confirmOkCancelDisplay")
+
+    def decline(requirements: Any, requester: Any = None) -> None:
+        raise RuntimeError("the user declined")
+
+    packaging_module.pip_ensure = decline
+    try:
+        dependencies.ensurePackages(["einops>=0.7.0"], "This model")
+    except dependencies.DependenciesNotInstalled as error:
+        assert "not installed" in str(error) and "\n" not in str(error), error
+    else:
+        raise AssertionError("a declined install went on")
+
+
 CASE_FUNCTIONS = {
     function.__name__: function
     for function in (case_apply_poll_finish_cancel_errors, case_logic_warm_worker, case_parameter_node_hints,
@@ -1343,7 +1377,8 @@ CASE_FUNCTIONS = {
                      case_one_job_or_install_at_a_time, case_unsupported_slicer_torch_or_launcher,
                      case_device_report_in_the_background, case_reload_leaves_the_other_modules_working,
                      case_segmentation_model_channels, case_segmentation_import_model,
-                     case_segmentation_remove_model, case_segmentation_bundle_settings, case_remote_device)
+                     case_segmentation_remove_model, case_segmentation_bundle_settings, case_remote_device,
+                     case_bundle_packages_through_slicer_packaging)
 }
 
 
@@ -1356,6 +1391,7 @@ MODULE_CASES = {  # cases for some modules only
     "case_segmentation_import_model": ("DLSegmentation",),
     "case_segmentation_remove_model": ("DLSegmentation",),
     "case_segmentation_bundle_settings": ("DLSegmentation",),
+    "case_bundle_packages_through_slicer_packaging": ("DLSegmentation",),
     "case_registration_inputs_and_report": ("DLRegistration",),
 }
 

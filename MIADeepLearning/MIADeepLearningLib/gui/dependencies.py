@@ -73,6 +73,18 @@ def ensurePackages(requirements: list[str], purpose: str) -> None:
     missing = [requirement for requirement in requirements if not _requirementSatisfied(requirement)]
     if not missing:
         return
+    from MIADeepLearningLib.mrml import compat
+
+    slicerPackaging = compat.packaging_module()
+    if slicerPackaging is not None:  # Slicer's own question and installer (5.12 and later)
+        from packaging.requirements import Requirement
+
+        try:
+            slicerPackaging.pip_ensure([Requirement(spec) for spec in missing], requester=REQUESTER)
+        except RuntimeError as error:  # raised when the user declines
+            raise DependenciesNotInstalled(_(
+                "The packages were not installed ({error}). Nothing was changed.").format(error=error)) from error
+        return
     question = _(
         "{purpose} needs the Python package(s) {packages}, which will be downloaded and installed now with their "
         "dependencies. Continue?"
