@@ -304,7 +304,9 @@ def test_batch_reports_the_cut_case_as_failed_and_runs_the_good_one(tissue_model
     assert rows["cut"]["status"] == "failed" and rows["cut"]["output"] == ""
     _assert_one_sentence(rows["cut"]["error"], "Input image cut.nii.gz is damaged or cut short: ", SHAPE_TEXT)
     assert "1 of 2 cases succeeded, 1 failed (cut)" in err
-    assert sorted(path.name for path in out.iterdir()) == ["good_tissue.nrrd", "report.csv"]
+    assert sorted(path.name for path in out.iterdir()) == [".miadl-cohort", "good_tissue.nrrd", "report.csv"]
+    # the cohort's own folder: the provenance sidecar of the good case only, nothing staged left of the cut one
+    assert sorted(path.name for path in (out / ".miadl-cohort").iterdir()) == ["good.json"]
 
 
 # ------------------------------------------------------------------------------------------------ Slicer module
