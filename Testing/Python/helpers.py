@@ -11,17 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from MIADeepLearningLib.testing.zoo_shaped import rotation
+
 # Resources/Models/models.json, in order
 SHIPPED_IDS = ("deepbet", "thick-slice-sr", "brain-tissue", "brain-registration", "sequence-type", "brain-lesion")
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    """3x3 rotation about coordinate axis 0, 1 or 2, for oblique test grids."""
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    matrix = np.eye(3)
-    matrix[i, i], matrix[j, j], matrix[i, j], matrix[j, i] = c, c, -s, s
-    return matrix
 
 
 # Input orientations every geometry test goes through (directions as SimpleITK's 3x3 matrices, LPS)

@@ -382,7 +382,8 @@ def read_large_files(root: Path) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------------------ phantoms
 
 
-def _rotation(axis: int, degrees: float) -> np.ndarray:
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """3x3 rotation about coordinate axis 0, 1 or 2, for oblique test grids (also Testing/Python/helpers.py's)."""
     c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
     i, j = [a for a in range(3) if a != axis]
     matrix = np.eye(3)
@@ -393,8 +394,8 @@ def _rotation(axis: int, degrees: float) -> np.ndarray:
 DIRECTIONS = {
     "identity": np.eye(3),
     "flipped": np.diag([-1.0, -1.0, 1.0]),
-    "oblique": _rotation(0, 20.0) @ _rotation(1, -15.0) @ _rotation(2, 10.0),
-    "oblique-flipped": _rotation(0, 20.0) @ _rotation(1, -15.0) @ _rotation(2, 10.0) @ np.diag([-1.0, 1.0, -1.0]),
+    "oblique": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0),
+    "oblique-flipped": rotation(0, 20.0) @ rotation(1, -15.0) @ rotation(2, 10.0) @ np.diag([-1.0, 1.0, -1.0]),
 }
 
 
