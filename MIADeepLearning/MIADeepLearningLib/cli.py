@@ -259,25 +259,6 @@ class CsvReport:
         self._file.close()
 
 
-def _write_outputs(images: dict[Path, Any], staging: Path) -> None:
-    """Write into `staging`, then move into place: a case that fails while writing leaves no half-written file.
-
-    Everything the writer produced is moved (a .mhd/.nhdr header and its detached data file stay together).
-    """
-    from MIADeepLearningLib.engine import imageio
-
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        for target, image in images.items():
-            imageio.write_image(image, staging / target.name)
-        destination = next(iter(images)).parent
-        for written in sorted(staging.iterdir()):
-            os.replace(written, destination / written.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def _write_all(images: dict[Path, Any]) -> None:
     """Write every image into a staging folder beside its destination, then move them all into place: a failure
     while writing leaves none of the outputs (a .mhd/.nhdr header and its data file move together). A value may also

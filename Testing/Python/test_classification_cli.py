@@ -209,7 +209,6 @@ def test_no_type_check_reaches_the_task(monkeypatch, volumes, tmp_path):
         return Output()
 
     monkeypatch.setattr(tasks, "segment_image", fake_segment)
-    monkeypatch.setattr(cli, "_write_outputs", lambda images, staging: None)
     monkeypatch.setattr("MIADeepLearningLib.engine.imageio.write_image", lambda image, path, compress=True: path)
     cli.main(["segment", "--model", "deepbet", "-i", str(volumes["head"]), "-o", str(tmp_path / "l.nrrd"),
               "--no-type-check", "-q"])
